@@ -1,0 +1,1 @@
+//! dsnexec: renders templated commands from mounted secrets and runs them on change.

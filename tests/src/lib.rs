@@ -1,0 +1,1 @@
+//! Test harness shared by every crate: throwaway PostgreSQL clusters and kubelet-style Secret directories.

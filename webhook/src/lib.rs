@@ -1,0 +1,1 @@
+//! dbwebhook: injects dbproxy and dsnexec into labelled pods.

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("dbwebhook: not implemented yet (issue 7)");
+    std::process::exit(2);
+}
