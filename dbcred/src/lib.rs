@@ -1,1 +1,9 @@
 //! Credentials as a db-controller Secret delivers them: DSN parsing and watching mounted files.
+
+pub mod dsn;
+pub mod error;
+pub mod watch;
+
+pub use dsn::{Dsn, HostKind, SslMode, TargetHost};
+pub use error::DsnError;
+pub use watch::{FileWatcher, ReloadHandle, WatchConfig, WatchEvent};

@@ -1,1 +1,8 @@
 //! Test harness shared by every crate: throwaway PostgreSQL clusters and kubelet-style Secret directories.
+
+pub mod binaries;
+pub mod kubelet;
+pub mod postgres;
+
+pub use kubelet::SecretDir;
+pub use postgres::{PasswordKind, PgCluster};
