@@ -6,3 +6,4 @@ pub mod postgres;
 
 pub use kubelet::SecretDir;
 pub use postgres::{PasswordKind, PgCluster};
+pub mod load;

@@ -1,0 +1,1 @@
+//! Client workloads shared by the demo and the benchmark command.
