@@ -6,4 +6,4 @@ pub mod watch;
 
 pub use dsn::{Dsn, HostKind, SslMode, TargetHost};
 pub use error::DsnError;
-pub use watch::{FileWatcher, ReloadHandle, WatchConfig, WatchEvent};
+pub use watch::{FileWatcher, ReloadHandle, TimedEvent, WatchConfig, WatchEvent};
