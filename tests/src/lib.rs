@@ -5,5 +5,5 @@ pub mod kubelet;
 pub mod postgres;
 
 pub use kubelet::SecretDir;
-pub use postgres::{PasswordKind, PgCluster};
+pub use postgres::{AuthMethod, PasswordKind, PgCluster, PgOptions};
 pub mod load;
