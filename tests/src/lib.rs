@@ -7,3 +7,4 @@ pub mod postgres;
 pub use kubelet::SecretDir;
 pub use postgres::{AuthMethod, PasswordKind, PgCluster, PgOptions};
 pub mod load;
+pub mod tls;
