@@ -160,7 +160,7 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 }
 
 /// A whole config file after validation: the configs to run, in name order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConfigSet {
     /// Every config of the file, enabled or not.
     pub configs: Vec<Config>,
@@ -173,8 +173,9 @@ impl ConfigSet {
     }
 }
 
-/// One validated config.
-#[derive(Debug, Clone)]
+/// One validated config. Equal configs run identically, which is how a re-read config file
+/// tells which runners to restart.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub name: String,
     pub enabled: bool,
@@ -269,6 +270,16 @@ pub struct CommandSpec {
 /// Names given to `--enable`/`--disable` that the file does not have are ignored with a
 /// warning, as db-controller's dsnexec ignores them.
 pub fn load(path: &Path, enable: &[String], disable: &[String]) -> Result<ConfigSet> {
+    load_with(path, enable, disable, true)
+}
+
+/// [`load`] without the warnings about unknown `--enable`/`--disable` names: for re-reading
+/// the same file when it changes (the watcher also re-reads it periodically).
+pub fn reload(path: &Path, enable: &[String], disable: &[String]) -> Result<ConfigSet> {
+    load_with(path, enable, disable, false)
+}
+
+fn load_with(path: &Path, enable: &[String], disable: &[String], warn: bool) -> Result<ConfigSet> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigRead {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -280,7 +291,11 @@ pub fn load(path: &Path, enable: &[String], disable: &[String]) -> Result<Config
         },
         other => other,
     })?;
-    apply_flags(&mut set, enable, disable)?;
+    for (flag, name) in select(&mut set, enable, disable) {
+        if warn {
+            tracing::warn!(flag, config = %name, "no config with this name; ignoring the flag");
+        }
+    }
     validate_enabled(&set)?;
     Ok(set)
 }
@@ -300,22 +315,31 @@ pub fn parse(text: &str) -> Result<ConfigSet> {
 
 /// Applies `--enable` then `--disable` (so disable wins, as in db-controller).
 pub fn apply_flags(set: &mut ConfigSet, enable: &[String], disable: &[String]) -> Result<()> {
-    for (flag, names, enabled) in [("enable", enable, true), ("disable", disable, false)] {
-        for name in names {
-            match set.configs.iter_mut().find(|c| &c.name == name) {
-                Some(c) => c.enabled = enabled,
-                None => tracing::warn!(
-                    flag,
-                    config = %name,
-                    "no config with this name; ignoring the flag"
-                ),
-            }
-        }
+    for (flag, name) in select(set, enable, disable) {
+        tracing::warn!(flag, config = %name, "no config with this name; ignoring the flag");
     }
     Ok(())
 }
 
-/// Enabled configs must have sources' drivers, a destination and commands.
+/// Applies the flags; returns the names the file does not have, with their flag.
+fn select<'a>(
+    set: &mut ConfigSet,
+    enable: &'a [String],
+    disable: &'a [String],
+) -> Vec<(&'static str, &'a str)> {
+    let mut unknown = Vec::new();
+    for (flag, names, enabled) in [("enable", enable, true), ("disable", disable, false)] {
+        for name in names {
+            match set.configs.iter_mut().find(|c| &c.name == name) {
+                Some(c) => c.enabled = enabled,
+                None => unknown.push((flag, name.as_str())),
+            }
+        }
+    }
+    unknown
+}
+
+/// Enabled configs must have commands, a program for shelldb and a valid literal DSN.
 pub fn validate_enabled(set: &ConfigSet) -> Result<()> {
     for c in set.enabled() {
         if c.commands.is_empty() {
@@ -324,6 +348,20 @@ pub fn validate_enabled(set: &ConfigSet) -> Result<()> {
                 "commands",
                 "at least one command is required",
             ));
+        }
+        // Checked at load (and at every re-read), not only at the first run; the message
+        // never quotes the string.
+        if let DestinationSpec::Postgres {
+            dsn: DsnLocation::Literal(text),
+        } = &c.destination
+        {
+            dbcred::Dsn::parse(text).map_err(|e| {
+                field(
+                    &c.name,
+                    "destination.dsn",
+                    format!("invalid connection string: {e}"),
+                )
+            })?;
         }
         if let DestinationSpec::Shell { program } = &c.destination
             && program.is_empty()

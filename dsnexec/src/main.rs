@@ -2,15 +2,17 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use dbcred::{FileWatcher, WatchConfig, WatchEvent};
 use dsnexec::config;
 use dsnexec::runner::Runner;
 use dsnexec::status::Status;
+use dsnexec::supervisor::{Supervisor, load_checked};
 
 #[derive(Parser)]
 #[command(
@@ -135,14 +137,89 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let (addr, _ops) = dsnexec::ops::serve(args.ops_addr, status.clone(), Some(metrics)).await?;
     tracing::info!(ops = %addr, configs = runners.len(), "dsnexec started");
-    let mut tasks = tokio::task::JoinSet::new();
-    for r in runners {
-        tasks.spawn(r.run_forever(status.clone()));
+    let mut supervisor = Supervisor::new(status.clone());
+    supervisor.apply(runners);
+
+    // The config file is a mounted Secret too: follow it, apply a valid new version, keep the
+    // running one when the new version is invalid.
+    let sel = &args.selection;
+    let (enable, disable) = (sel.enable.clone(), sel.disable.clone());
+    let mut config_watch = match FileWatcher::spawn(
+        sel.config_file.clone(),
+        WatchConfig::default(),
+        move |p: &Path| load_checked(p, &enable, &disable),
+    ) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(file = %sel.config_file.display(), error = %e, "cannot watch the config file; changes to it need a restart");
+            None
+        }
+    };
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let event = async {
+            match config_watch.as_mut() {
+                Some(w) => w.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = event => match event {
+                Some(WatchEvent::Changed(configs)) => {
+                    apply_config_file(&mut supervisor, &sel.config_file, configs);
+                }
+                Some(WatchEvent::Rejected(reason)) => {
+                    metrics::counter!("dsnexec_config_reloads_total", "outcome" => "rejected").increment(1);
+                    tracing::error!(
+                        file = %sel.config_file.display(),
+                        reason = %reason,
+                        running = %supervisor.names().join(","),
+                        "config file rejected; the configs in force keep running"
+                    );
+                }
+                None => {
+                    tracing::warn!(file = %sel.config_file.display(), "config file watcher stopped; changes to it need a restart");
+                    config_watch = None;
+                }
+            },
+        }
     }
-    shutdown_signal().await;
     tracing::info!("shutting down");
-    tasks.shutdown().await;
+    supervisor.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies a validated new version of the config file (a no-op when nothing that runs changed,
+/// as for the watcher's first read).
+fn apply_config_file(supervisor: &mut Supervisor, file: &Path, configs: Vec<config::Config>) {
+    let mut runners = Vec::with_capacity(configs.len());
+    for c in configs {
+        match Runner::new(c) {
+            Ok(r) => runners.push(r),
+            Err(e) => {
+                // load_checked compiled them already; keep everything as it is if not.
+                metrics::counter!("dsnexec_config_reloads_total", "outcome" => "rejected")
+                    .increment(1);
+                tracing::error!(file = %file.display(), error = %e, "config file rejected; the configs in force keep running");
+                return;
+            }
+        }
+    }
+    let applied = supervisor.apply(runners);
+    if applied.is_noop() {
+        return;
+    }
+    metrics::counter!("dsnexec_config_reloads_total", "outcome" => "applied").increment(1);
+    tracing::info!(
+        file = %file.display(),
+        started = %applied.started.join(","),
+        restarted = %applied.restarted.join(","),
+        stopped = %applied.stopped.join(","),
+        unchanged = %applied.unchanged.join(","),
+        "config file changed; applied"
+    );
 }
 
 /// `--once`: each enabled config one attempt, all concurrently.

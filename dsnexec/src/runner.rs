@@ -180,9 +180,14 @@ impl Runner {
         Ok(out)
     }
 
-    /// Runs the config until the task is aborted: at start, on changes, and retries failures.
-    pub async fn run_forever(self, status: Status) {
+    /// Runs the config at start, on changes, and retries failures, until `stop` turns true (or
+    /// its sender is dropped). A run in progress is finished first (it is bounded by the
+    /// config's timeouts), so a replacement runner never overlaps with this one.
+    pub async fn run_forever(self, status: Status, mut stop: tokio::sync::watch::Receiver<bool>) {
         let name = self.config.name.clone();
+        if *stop.borrow_and_update() {
+            return;
+        }
         status.register(&name);
         // Present from the start, so a dashboard sees 0 rather than no series.
         metrics::counter!("dsnexec_runs_total", "config" => name.clone()).increment(0);
@@ -201,6 +206,9 @@ impl Runner {
         loop {
             if let Some(trigger) = pending.take() {
                 self.debounce(&mut watch, &name).await;
+                if stopped(&stop) {
+                    return;
+                }
                 let started = Instant::now();
                 tracing::info!(config = %name, trigger = trigger.as_str(), "run started");
                 let outcome = self.run_once().await;
@@ -273,6 +281,12 @@ impl Runner {
                     }
                 },
                 _ = retry => pending = Some(Trigger::Retry),
+                _ = stop.changed() => {
+                    if stopped(&stop) {
+                        tracing::debug!(config = %name, "runner stopped");
+                        return;
+                    }
+                }
             }
         }
     }
@@ -302,6 +316,11 @@ impl Runner {
             }
         }
     }
+}
+
+/// True once the stop flag is set or its sender is gone.
+fn stopped(stop: &tokio::sync::watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 fn report_rejected(name: &str, path: &std::path::Path, reason: &str) {

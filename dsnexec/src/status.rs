@@ -28,6 +28,13 @@ impl Status {
         });
     }
 
+    /// Forgets a config that no longer runs (removed or disabled by a new config file).
+    pub fn unregister(&self, name: &str) {
+        self.with(|m| {
+            m.remove(name);
+        });
+    }
+
     pub fn record_success(&self, name: &str) {
         self.with(|m| {
             let s = m.entry(name.to_owned()).or_default();

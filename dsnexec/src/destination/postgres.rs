@@ -4,16 +4,33 @@
 //! hold several statements (`DROP ...; CREATE ...;`) and DDL with rendered literals. A command
 //! with args is one statement sent through the extended protocol with every parameter in
 //! text format, as lib/pq sends them for db-controller's dsnexec.
+//!
+//! TLS follows the DSN as libpq reads it (`sslmode`, `sslrootcert`, `sslcert`/`sslkey`,
+//! `channel_binding`, ...: `dbcred::tls::ServerTlsPolicy`), including libpq's retry sequence
+//! for `allow` and `prefer`; the certificate files are read at every run, so rotated files are
+//! picked up by the next run.
 
 use std::error::Error as StdError;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::Client;
+use tokio_postgres::Socket;
+use tokio_postgres::config::{
+    ChannelBinding as TpChannelBinding, SslMode as TpSslMode, SslNegotiation,
+};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Client, NoTls};
 
-use dbcred::{Dsn, HostKind, SslMode};
+use dbcred::tls::{
+    Attempt, AttemptFailure, ChannelBinding, DsnTls, DsnTlsConnect, DsnTlsStream, ServerTlsPolicy,
+    TlsError,
+};
+use dbcred::{Dsn, HostKind};
 
 use crate::config::Config;
 use crate::destination::RenderedCommand;
@@ -35,10 +52,10 @@ pub async fn execute(
     if let Some(pw) = dsn.password() {
         redactor.add(pw);
     }
-    let pg = client_config(&dsn).map_err(dest_err)?;
+    let target = Target::from_dsn(&dsn).map_err(dest_err)?;
 
-    let connect = pg.connect(NoTls);
-    let (client, connection) = match tokio::time::timeout(config.timeout, connect).await {
+    let connect = target.connect(redactor);
+    let (client, connection, tls) = match tokio::time::timeout(config.timeout, connect).await {
         Err(_) => {
             return Err(Error::Timeout {
                 config: config.name.clone(),
@@ -46,34 +63,237 @@ pub async fn execute(
                 seconds: config.timeout.as_secs_f64(),
             });
         }
-        Ok(Err(e)) => {
-            return Err(dest_err(format!(
-                "cannot connect: {}",
-                describe(&e, redactor)
-            )));
-        }
-        Ok(Ok(pair)) => pair,
+        Ok(Err(reason)) => return Err(dest_err(reason)),
+        Ok(Ok(opened)) => opened,
     };
     let conn_task = tokio::spawn(async move {
         // Errors here surface through the client's calls; nothing to add.
         let _ = connection.await;
     });
 
-    let result = run_commands(config, &client, commands, redactor).await;
+    let result = run_commands(config, &client, &tls, commands, redactor).await;
     // Dropping the client closes the connection; an open transaction is rolled back by the server.
     drop(client);
     let _ = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
     result
 }
 
+/// A connection as tokio-postgres opened it, with the TLS connector its cancel requests need.
+type Opened = (
+    Client,
+    tokio_postgres::Connection<Socket, DsnTlsStream<Socket>>,
+    DsnTls,
+);
+
+/// Where and how to connect: the settings shared by every attempt, the hosts in order and
+/// the DSN's TLS policy (files read now, so a rotated CA or client certificate is used by the
+/// next run).
+struct Target {
+    base: tokio_postgres::Config,
+    hosts: Vec<HostEntry>,
+    policy: ServerTlsPolicy,
+}
+
+/// One `host`/`port`/`hostaddr` entry of the DSN.
+struct HostEntry {
+    host: HostKind,
+    port: u16,
+    hostaddr: Option<IpAddr>,
+}
+
+impl HostEntry {
+    fn label(&self) -> String {
+        match &self.host {
+            HostKind::Tcp(name) if name.contains(':') => format!("[{name}]:{}", self.port),
+            HostKind::Tcp(name) => format!("{name}:{}", self.port),
+            HostKind::Unix(dir) => format!("socket {}/.s.PGSQL.{}", dir.display(), self.port),
+        }
+    }
+}
+
+impl Target {
+    fn from_dsn(dsn: &Dsn) -> std::result::Result<Target, String> {
+        let policy = ServerTlsPolicy::from_dsn(dsn).map_err(|e| e.to_string())?;
+        let mut base = client_config(dsn)?;
+        base.channel_binding(match policy.channel_binding() {
+            ChannelBinding::Disable => TpChannelBinding::Disable,
+            ChannelBinding::Prefer => TpChannelBinding::Prefer,
+            ChannelBinding::Require => TpChannelBinding::Require,
+        });
+        if policy.direct() {
+            base.ssl_negotiation(SslNegotiation::Direct);
+        }
+        let hosts = host_entries(dsn)?;
+        Ok(Target {
+            base,
+            hosts,
+            policy,
+        })
+    }
+
+    /// Tries every host in order and, for each, libpq's sequence of plaintext and TLS attempts
+    /// for the DSN's `sslmode` (`allow`: plaintext, then TLS if the login was rejected;
+    /// `prefer`: TLS if offered, then plaintext if the handshake or the login over TLS failed).
+    /// The error names every host and why it failed, scrubbed of secrets.
+    async fn connect(&self, redactor: &Redactor) -> std::result::Result<Opened, String> {
+        let mut failures = Vec::new();
+        for h in &self.hosts {
+            let attempts = self.policy.attempts_for(&h.host);
+            let mut attempt = attempts.first().copied();
+            while let Some(a) = attempt {
+                let mut pg = self.base.clone();
+                match &h.host {
+                    HostKind::Tcp(name) => pg.host(name),
+                    HostKind::Unix(path) => pg.host_path(path),
+                };
+                pg.port(h.port);
+                if let Some(ip) = h.hostaddr {
+                    pg.hostaddr(ip);
+                }
+                pg.ssl_mode(match a {
+                    Attempt::Plain => TpSslMode::Disable,
+                    Attempt::TlsIfOffered => TpSslMode::Prefer,
+                    Attempt::TlsRequired => TpSslMode::Require,
+                });
+                let started = Arc::new(AtomicBool::new(false));
+                let tls = ObservedTls {
+                    inner: DsnTls::new(self.policy.clone()),
+                    handshake_started: started.clone(),
+                };
+                match pg.connect(tls).await {
+                    Ok((client, connection)) => {
+                        let over_tls = started.load(Ordering::Relaxed);
+                        tracing::debug!(host = %h.label(), tls = over_tls, "connected to the destination");
+                        return Ok((client, connection, DsnTls::new(self.policy.clone())));
+                    }
+                    Err(e) => {
+                        let over_tls = started.load(Ordering::Relaxed);
+                        let how = match tls_error(&e) {
+                            Some(t) => Some(AttemptFailure::Negotiation(t)),
+                            None if e.as_db_error().is_some() => {
+                                Some(AttemptFailure::Login { over_tls })
+                            }
+                            None => None,
+                        };
+                        let next = how.and_then(|how| self.policy.fallback(a, how));
+                        failures.push(format!(
+                            "{}{}: {}",
+                            h.label(),
+                            attempt_label(a, over_tls),
+                            self.explain(&e, a, over_tls, redactor)
+                        ));
+                        attempt = next;
+                    }
+                }
+            }
+        }
+        Err(format!("cannot connect: {}", failures.join("; ")))
+    }
+
+    /// A connection error in words a user can act on.
+    fn explain(
+        &self,
+        e: &tokio_postgres::Error,
+        attempt: Attempt,
+        over_tls: bool,
+        redactor: &Redactor,
+    ) -> String {
+        // tokio-postgres' own words for an `N` answer to the SSLRequest under sslmode=require.
+        if attempt == Attempt::TlsRequired
+            && !over_tls
+            && tls_error(e).is_none()
+            && with_causes(e).ends_with("server does not support TLS")
+        {
+            return format!(
+                "the server does not support TLS (it refused the SSLRequest) but sslmode={} \
+                 requires it: enable ssl on the server, or use sslmode=prefer or disable",
+                self.policy.sslmode()
+            );
+        }
+        match tls_error(e) {
+            Some(t) => redactor.scrub(&t.to_string()),
+            None => describe(e, redactor),
+        }
+    }
+}
+
+/// Which kind of attempt failed, when the sequence has more than one (for the error message).
+fn attempt_label(a: Attempt, over_tls: bool) -> &'static str {
+    match (a, over_tls) {
+        (Attempt::Plain, _) => " (without TLS)",
+        (_, true) => " (TLS)",
+        (Attempt::TlsIfOffered, false) => " (without TLS: the server offered none)",
+        (Attempt::TlsRequired, false) => "",
+    }
+}
+
+/// The TLS failure behind a tokio-postgres error, if the handshake was ours and failed.
+fn tls_error(e: &tokio_postgres::Error) -> Option<&TlsError> {
+    let mut source = StdError::source(e);
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<TlsError>() {
+            return Some(t);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// [`DsnTls`] that records whether a TLS handshake was started, so a failed login can be told
+/// apart as over TLS or not (libpq's `prefer` retries only the former in plaintext).
+#[derive(Clone)]
+struct ObservedTls {
+    inner: DsnTls,
+    handshake_started: Arc<AtomicBool>,
+}
+
+impl<S> MakeTlsConnect<S> for ObservedTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = DsnTlsStream<S>;
+    type TlsConnect = ObservedTlsConnect;
+    type Error = TlsError;
+
+    fn make_tls_connect(
+        &mut self,
+        domain: &str,
+    ) -> std::result::Result<ObservedTlsConnect, TlsError> {
+        Ok(ObservedTlsConnect {
+            inner: <DsnTls as MakeTlsConnect<S>>::make_tls_connect(&mut self.inner, domain)?,
+            handshake_started: self.handshake_started.clone(),
+        })
+    }
+}
+
+struct ObservedTlsConnect {
+    inner: DsnTlsConnect,
+    handshake_started: Arc<AtomicBool>,
+}
+
+impl<S> TlsConnect<S> for ObservedTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = DsnTlsStream<S>;
+    type Error = TlsError;
+    type Future = <DsnTlsConnect as TlsConnect<S>>::Future;
+
+    fn connect(self, stream: S) -> Self::Future {
+        self.handshake_started.store(true, Ordering::Relaxed);
+        self.inner.connect(stream)
+    }
+}
+
 async fn run_commands(
     config: &Config,
     client: &Client,
+    tls: &DsnTls,
     commands: &[RenderedCommand],
     redactor: &Redactor,
 ) -> Result<()> {
     if config.transaction {
-        with_timeout(config, client, "BEGIN", client.batch_execute("BEGIN"))
+        with_timeout(config, client, tls, "BEGIN", client.batch_execute("BEGIN"))
             .await
             .map_err(|r| Error::Destination {
                 config: config.name.clone(),
@@ -86,6 +306,7 @@ async fn run_commands(
                 with_timeout(
                     config,
                     client,
+                    tls,
                     &format!("commands[{}]", c.index),
                     client.batch_execute(&c.command),
                 )
@@ -99,7 +320,7 @@ async fn run_commands(
                         args.iter().map(|a| TextParam(a.as_text())).collect();
                     client.execute_raw(&statement, params).await.map(|_| ())
                 };
-                with_timeout(config, client, &format!("commands[{}]", c.index), fut).await
+                with_timeout(config, client, tls, &format!("commands[{}]", c.index), fut).await
             }
         };
         outcome.map_err(|r| match r {
@@ -112,12 +333,18 @@ async fn run_commands(
         })?;
     }
     if config.transaction {
-        with_timeout(config, client, "COMMIT", client.batch_execute("COMMIT"))
-            .await
-            .map_err(|r| Error::Destination {
-                config: config.name.clone(),
-                reason: format!("COMMIT failed: {}", r.describe(redactor)),
-            })?;
+        with_timeout(
+            config,
+            client,
+            tls,
+            "COMMIT",
+            client.batch_execute("COMMIT"),
+        )
+        .await
+        .map_err(|r| Error::Destination {
+            config: config.name.clone(),
+            reason: format!("COMMIT failed: {}", r.describe(redactor)),
+        })?;
     }
     Ok(())
 }
@@ -141,6 +368,7 @@ impl Failure {
 async fn with_timeout<T>(
     config: &Config,
     client: &Client,
+    tls: &DsnTls,
     what: &str,
     fut: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 ) -> std::result::Result<T, Failure> {
@@ -149,7 +377,8 @@ async fn with_timeout<T>(
         Ok(Err(e)) => Err(Failure::Pg(e)),
         Err(_) => {
             let token = client.cancel_token();
-            let _ = tokio::time::timeout(Duration::from_secs(5), token.cancel_query(NoTls)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), token.cancel_query(tls.clone())).await;
             Err(Failure::Timeout(Error::Timeout {
                 config: config.name.clone(),
                 what: what.to_owned(),
@@ -199,8 +428,21 @@ pub fn describe(e: &tokio_postgres::Error, redactor: &Redactor) -> String {
             };
             format!("{} SQLSTATE {code}: {message}", db.severity())
         }
-        None => redactor.scrub(&e.to_string()),
+        None => redactor.scrub(&with_causes(e)),
     }
+}
+
+/// An error and its chain of causes ("error connecting to server: Connection refused"):
+/// tokio-postgres' own message names only the kind.
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = StdError::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// SQLSTATEs whose message may repeat part of the statement or of a value.
@@ -212,7 +454,8 @@ fn quotes_input(code: &str) -> bool {
         || code == "XX000" // internal_error: anything
 }
 
-/// Translates a parsed DSN into tokio-postgres settings.
+/// Translates a parsed DSN into the tokio-postgres settings every attempt shares (hosts and
+/// TLS are set per attempt).
 fn client_config(dsn: &Dsn) -> std::result::Result<tokio_postgres::Config, String> {
     let mut pg = tokio_postgres::Config::new();
     match dsn.user() {
@@ -234,50 +477,41 @@ fn client_config(dsn: &Dsn) -> std::result::Result<tokio_postgres::Config, Strin
     if let Some(t) = dsn.connect_timeout() {
         pg.connect_timeout(t);
     }
-    match dsn.sslmode() {
-        SslMode::Disable => {
-            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        }
-        SslMode::Allow | SslMode::Prefer => {
-            // Without TLS support the connection is plaintext, as libpq's `prefer` falls back.
-            pg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
-        }
-        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-            return Err(
-                "sslmode require/verify-ca/verify-full is not supported for dsnexec destinations; \
-                 connect through the local dbproxy (sslmode=disable on 127.0.0.1) instead"
-                    .into(),
-            );
-        }
-    }
     if dsn.get("target_session_attrs") == Some("read-write") {
         pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     }
+    Ok(pg)
+}
+
+/// The DSN's hosts in order (`localhost:5432` when it names none).
+fn host_entries(dsn: &Dsn) -> std::result::Result<Vec<HostEntry>, String> {
     let hosts = dsn.hosts();
     if hosts.is_empty() {
-        pg.host("localhost");
-        pg.port(5432);
+        return Ok(vec![HostEntry {
+            host: HostKind::Tcp("localhost".into()),
+            port: 5432,
+            hostaddr: None,
+        }]);
     }
     let with_addr = hosts.iter().filter(|h| h.hostaddr.is_some()).count();
     if with_addr != 0 && with_addr != hosts.len() {
         return Err("give hostaddr for every host or for none".into());
     }
-    for h in &hosts {
-        match &h.host {
-            HostKind::Tcp(name) => {
-                pg.host(name);
-            }
-            HostKind::Unix(path) => {
-                pg.host_path(path);
-            }
-        }
-        pg.port(h.port);
-        if let Some(addr) = &h.hostaddr {
-            let ip: IpAddr = addr
-                .parse()
-                .map_err(|_| format!("hostaddr {addr:?} is not an IP address"))?;
-            pg.hostaddr(ip);
-        }
-    }
-    Ok(pg)
+    hosts
+        .iter()
+        .map(|h| {
+            let hostaddr = match &h.hostaddr {
+                Some(addr) => Some(
+                    addr.parse::<IpAddr>()
+                        .map_err(|_| format!("hostaddr {addr:?} is not an IP address"))?,
+                ),
+                None => None,
+            };
+            Ok(HostEntry {
+                host: h.host.clone(),
+                port: h.port,
+                hostaddr,
+            })
+        })
+        .collect()
 }
