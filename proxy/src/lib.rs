@@ -1,1 +1,36 @@
 //! dbproxy: a PostgreSQL proxy that logs in with whatever the mounted Secret holds now.
+//!
+//! A query's path: `listener` accepts, `client` reads the startup and authenticates,
+//! `pool` hands out a `server` connection logged in with the current `credentials`
+//! generation, `proxy` forwards bytes, and `pool` resets and keeps the server afterwards.
+
+/// Client-facing SCRAM-SHA-256 verification for non-loopback listeners.
+pub mod auth;
+/// Synthetic cancel keys and routing of CancelRequests to the right backend.
+pub mod cancel;
+/// A client's connection: startup, authentication, login replay, session, release.
+pub mod client;
+/// Command line flags and their defaults.
+pub mod config;
+/// Credential generations: watching, validating and publishing DSNs.
+pub mod credentials;
+/// The crate's error type.
+pub mod error;
+/// Binding listeners and accepting clients.
+pub mod listener;
+/// /healthz, /readyz and /metrics.
+pub mod ops;
+/// Server connections kept for reuse, limits, waiting and the janitor.
+pub mod pool;
+/// Wire protocol: startup packets, message framing, messages we read and write.
+pub mod protocol;
+/// The forwarding loop between a client and its server.
+pub mod proxy;
+/// Logging in to PostgreSQL, resetting and cancelling server connections.
+pub mod server;
+/// Startup and shutdown of the whole proxy.
+pub mod service;
+/// The shutdown signal passed to every task.
+pub mod shutdown;
+/// Metric handles.
+pub mod stats;

@@ -1,0 +1,203 @@
+//! Command line and environment: every knob of the proxy, with the defaults the chart relies on.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dbproxy",
+    version,
+    args_conflicts_with_subcommands = true,
+    about = "PostgreSQL sidecar proxy that follows a mounted, rotating credential Secret"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no subcommand is given).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The DSN file (URI or key=value), or a directory with one file per key.
+    #[arg(
+        long = "dbc",
+        env = "DBPROXY_CREDENTIAL",
+        default_value = "/dbproxy/uri_dsn.txt"
+    )]
+    pub dbc: PathBuf,
+
+    /// Address to accept PostgreSQL clients on (repeatable).
+    #[arg(long = "addr", default_values = ["127.0.0.1:5432", "[::1]:5432"])]
+    pub addr: Vec<String>,
+
+    /// Address of the HTTP endpoints /healthz, /readyz and /metrics.
+    #[arg(long = "ops-addr", default_value = "0.0.0.0:9432")]
+    pub ops_addr: SocketAddr,
+
+    /// Pooling mode; only `session` is supported for now.
+    #[arg(long = "pool-mode", value_enum, default_value = "session")]
+    pub pool_mode: PoolMode,
+
+    /// Maximum number of server connections.
+    #[arg(long = "pool-size", default_value_t = 20)]
+    pub pool_size: usize,
+
+    /// Maximum number of client connections.
+    #[arg(long = "max-clients", default_value_t = 1000)]
+    pub max_clients: usize,
+
+    /// Seconds a client waits for a server connection before it gets an error.
+    #[arg(long = "pool-timeout", default_value_t = 30)]
+    pub pool_timeout: u64,
+
+    /// Seconds an idle server connection is kept.
+    #[arg(long = "server-idle-timeout", default_value_t = 600)]
+    pub server_idle_timeout: u64,
+
+    /// Seconds after which a server connection is closed when released.
+    #[arg(long = "server-lifetime", default_value_t = 3600)]
+    pub server_lifetime: u64,
+
+    /// Seconds sessions may take to finish after SIGTERM/SIGINT.
+    #[arg(long = "shutdown-timeout", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Role to `SET ROLE` to on every server connection.
+    #[arg(long = "set-role", conflicts_with = "set_base_role")]
+    pub set_role: Option<String>,
+
+    /// `SET ROLE` to the DSN user without its `_a`/`_b` suffix (db-controller's users).
+    #[arg(long = "set-base-role")]
+    pub set_base_role: bool,
+
+    /// Seconds between fallback re-reads of the DSN file.
+    #[arg(long = "poll-interval", default_value_t = 10)]
+    pub poll_interval: u64,
+
+    /// Seconds a validation login of a new DSN may take.
+    #[arg(long = "validate-timeout", default_value_t = 10)]
+    pub validate_timeout: u64,
+
+    /// Log format.
+    #[arg(long = "log-format", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// File with the password clients must present on non-loopback listeners (SCRAM-SHA-256).
+    #[arg(long = "client-password-file")]
+    pub client_password_file: Option<PathBuf>,
+
+    /// Largest client message accepted, in bytes; larger ones end the session with 08P01.
+    #[arg(long = "max-client-message", default_value_t = 256 * 1024 * 1024)]
+    pub max_client_message: usize,
+
+    /// Seconds a client may take to finish its startup and login.
+    #[arg(long = "client-login-timeout", default_value_t = 15)]
+    pub client_login_timeout: u64,
+
+    /// Runtime worker threads; 0 runs everything on one thread (lowest CPU per query).
+    #[arg(long = "worker-threads", default_value_t = 0)]
+    pub worker_threads: usize,
+}
+
+impl Cli {
+    /// The run arguments, whether given with or without the `run` subcommand.
+    pub fn into_run_args(self) -> RunArgs {
+        match self.command {
+            Some(Command::Run(args)) => args,
+            None => self.run,
+        }
+    }
+}
+
+/// Which role to `SET ROLE` to after login and after each reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolePolicy {
+    None,
+    Fixed(String),
+    /// Strip `_a`/`_b` from the DSN user.
+    BaseOfUser,
+}
+
+impl RolePolicy {
+    /// The role for a given DSN user, if any.
+    pub fn role_for(&self, user: &str) -> Option<String> {
+        match self {
+            RolePolicy::None => None,
+            RolePolicy::Fixed(r) => Some(r.clone()),
+            RolePolicy::BaseOfUser => Some(base_role(user).to_owned()),
+        }
+    }
+}
+
+/// db-controller names its two users `<role>_a` and `<role>_b`.
+pub fn base_role(user: &str) -> &str {
+    user.strip_suffix("_a")
+        .or_else(|| user.strip_suffix("_b"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or(user)
+}
+
+impl RunArgs {
+    pub fn role_policy(&self) -> RolePolicy {
+        match (&self.set_role, self.set_base_role) {
+            (Some(r), _) => RolePolicy::Fixed(r.clone()),
+            (None, true) => RolePolicy::BaseOfUser,
+            (None, false) => RolePolicy::None,
+        }
+    }
+    pub fn pool_timeout(&self) -> Duration {
+        Duration::from_secs(self.pool_timeout)
+    }
+    pub fn validate_timeout(&self) -> Duration {
+        Duration::from_secs(self.validate_timeout.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_run_subcommand() {
+        let cli = Cli::try_parse_from(["dbproxy"]).unwrap().into_run_args();
+        assert_eq!(cli.addr, vec!["127.0.0.1:5432", "[::1]:5432"]);
+        assert_eq!(cli.pool_size, 20);
+        assert_eq!(cli.pool_mode, PoolMode::Session);
+        let cli = Cli::try_parse_from(["dbproxy", "run", "--dbc", "/x", "--addr", "127.0.0.1:1"])
+            .unwrap()
+            .into_run_args();
+        assert_eq!(cli.dbc, PathBuf::from("/x"));
+        assert_eq!(cli.addr, vec!["127.0.0.1:1"]);
+    }
+
+    #[test]
+    fn base_role_strips_suffix() {
+        assert_eq!(base_role("myapp_a"), "myapp");
+        assert_eq!(base_role("myapp_b"), "myapp");
+        assert_eq!(base_role("myapp"), "myapp");
+        assert_eq!(base_role("_a"), "_a");
+        assert_eq!(RolePolicy::BaseOfUser.role_for("x_b").as_deref(), Some("x"));
+    }
+}

@@ -1,0 +1,105 @@
+//! The ops HTTP port: /healthz (alive), /readyz (listener bound and credentials validated),
+//! /metrics (Prometheus text).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::credentials::Credentials;
+use crate::error::{ProxyError, Result};
+use crate::shutdown::Shutdown;
+
+/// What /readyz looks at.
+pub struct Readiness {
+    pub listeners_bound: AtomicBool,
+    pub credentials: Arc<Credentials>,
+}
+
+#[derive(Clone)]
+struct OpsState {
+    readiness: Arc<Readiness>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The /readyz answer: status and a short plain-text reason, never a secret.
+pub fn readiness_report(readiness: &Readiness) -> (StatusCode, String) {
+    if !readiness.listeners_bound.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no listener bound yet\n".into(),
+        );
+    }
+    match readiness.credentials.current() {
+        None => {
+            let why = readiness
+                .credentials
+                .problem()
+                .unwrap_or_else(|| "no DSN validated yet".into());
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+        }
+        Some(g) => {
+            let mut body = format!(
+                "ready: credential generation {} ({})\n",
+                g.number,
+                g.describe()
+            );
+            if let Some(problem) = readiness.credentials.problem() {
+                body.push_str(&format!("warning: {problem}\n"));
+            }
+            (StatusCode::OK, body)
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
+    readiness_report(&state.readiness)
+}
+
+async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
+    match &state.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics recorder not installed\n".into(),
+        ),
+    }
+}
+
+/// Binds the ops port (failing fast if it cannot) and serves it in the background.
+pub async fn serve(
+    addr: SocketAddr,
+    readiness: Arc<Readiness>,
+    metrics: Option<PrometheusHandle>,
+    mut shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(self::metrics))
+        .with_state(OpsState { readiness, metrics });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ProxyError::Config(format!("cannot bind --ops-addr {addr}: {e}")))?;
+    tracing::info!(%addr, "ops endpoints listening (/healthz, /readyz, /metrics)");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.recv().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "ops server failed");
+        }
+    }))
+}

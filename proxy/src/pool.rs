@@ -1,0 +1,310 @@
+//! Session pool: idle server connections, the pool-size limit, the bounded wait for a free
+//! connection, release with reset, and the janitor that enforces idle timeout and lifetime.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::credentials::Credentials;
+use crate::error::{ProxyError, Result};
+use crate::server::{ServerConnection, ServerParams};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Limits and timeouts of the pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub size: usize,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+struct PoolState {
+    idle: Vec<ServerConnection>,
+    /// Server connections that exist or are being opened (idle + in use + opening).
+    open: usize,
+}
+
+pub struct Pool {
+    state: Mutex<PoolState>,
+    /// Signalled whenever a slot frees up or a connection becomes idle.
+    changed: Notify,
+    credentials: Arc<Credentials>,
+    config: PoolConfig,
+    stats: Arc<Stats>,
+}
+
+/// See [`Pool::slot_guard`].
+pub struct SlotGuard<'a> {
+    pool: &'a Pool,
+    armed: bool,
+}
+
+impl SlotGuard<'_> {
+    /// The slot is accounted for elsewhere now (returned by `release`).
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.slot_freed();
+        }
+    }
+}
+
+enum Decision {
+    Take(ServerConnection),
+    Open(Option<ServerConnection>),
+    Wait,
+}
+
+/// How many times a client's login retries after the Secret rotated under it.
+const MAX_ROTATION_RETRIES: usize = 3;
+
+impl Pool {
+    pub fn new(config: PoolConfig, credentials: Arc<Credentials>, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(Pool {
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            changed: Notify::new(),
+            credentials,
+            config,
+            stats,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // A panic while holding this lock cannot leave the state inconsistent (every
+        // critical section is a few field updates), so recover from poisoning.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of server connections open or opening.
+    pub fn open_count(&self) -> usize {
+        self.lock().open
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock().idle.len()
+    }
+
+    /// A server connection for a client with startup parameters `params`: an idle one of
+    /// the current generation with the same parameters, else a new one if the pool has
+    /// room (evicting an idle mismatched one if needed), else wait until `deadline`.
+    pub async fn acquire(
+        &self,
+        params: &ServerParams,
+        deadline: Instant,
+    ) -> Result<ServerConnection> {
+        loop {
+            let generation = self.credentials.wait_current(deadline).await?;
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let decision = {
+                let mut state = self.lock();
+                let mut found = None;
+                while let Some(pos) = state
+                    .idle
+                    .iter()
+                    .rposition(|s| s.generation == generation.number && s.params == *params)
+                {
+                    let server = state.idle.swap_remove(pos);
+                    if server.is_alive() {
+                        found = Some(server);
+                        break;
+                    }
+                    state.open -= 1;
+                }
+                if let Some(server) = found {
+                    Decision::Take(server)
+                } else if state.open < self.config.size {
+                    state.open += 1;
+                    Decision::Open(None)
+                } else if !state.idle.is_empty() {
+                    // Full, but an idle connection with other parameters (or an older
+                    // generation) holds a slot: replace it.
+                    let victim = state.idle.remove(0);
+                    Decision::Open(Some(victim))
+                } else {
+                    Decision::Wait
+                }
+            };
+            self.stats.server_connections.set(self.open_count() as f64);
+            match decision {
+                Decision::Take(server) => return Ok(server),
+                Decision::Open(victim) => {
+                    if let Some(v) = victim {
+                        v.close();
+                    }
+                    // Frees the slot if opening fails, or if this future is dropped midway.
+                    let slot = self.slot_guard();
+                    let server = self.open_new(generation, params, deadline).await?;
+                    slot.disarm();
+                    return Ok(server);
+                }
+                Decision::Wait => {
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        self.stats.pool_timeouts.increment(1);
+                        return Err(ProxyError::PoolExhausted(self.config.timeout.as_secs()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a connection; if the server says our password is wrong, the Secret has probably
+    /// just rotated: ask for a re-read and retry with the newer generation.
+    async fn open_new(
+        &self,
+        mut generation: Arc<crate::credentials::Generation>,
+        params: &ServerParams,
+        deadline: Instant,
+    ) -> Result<ServerConnection> {
+        let mut retries = 0;
+        loop {
+            let err = match ServerConnection::connect(&generation, params, deadline).await {
+                Ok(server) => return Ok(server),
+                Err(e) => e,
+            };
+            let rotated = matches!(&err, ProxyError::ServerRejected { fields, .. } if fields.is_auth_failure());
+            if !rotated || retries >= MAX_ROTATION_RETRIES {
+                return Err(err);
+            }
+            retries += 1;
+            self.credentials.report_auth_failure(generation.number);
+            match self
+                .credentials
+                .wait_newer(generation.number, deadline)
+                .await
+            {
+                Some(newer) => generation = newer,
+                // Nothing newer arrived within the client's wait: the server's own error
+                // reaches the client.
+                None => return Err(err),
+            }
+        }
+    }
+
+    /// A guard that gives one slot back when dropped, unless disarmed: a session that
+    /// panics or is cancelled must not leak its place in the pool.
+    pub fn slot_guard(&self) -> SlotGuard<'_> {
+        SlotGuard {
+            pool: self,
+            armed: true,
+        }
+    }
+
+    fn slot_freed(&self) {
+        {
+            let mut state = self.lock();
+            state.open = state.open.saturating_sub(1);
+            self.stats.server_connections.set(state.open as f64);
+        }
+        self.changed.notify_one();
+    }
+
+    /// Takes a connection back from a client. `clean` says the session ended at a safe point
+    /// (idle, nothing in flight); only then, and only for the current generation within its
+    /// lifetime, is it reset and kept.
+    pub async fn release(&self, mut server: ServerConnection, clean: bool) {
+        let keep = clean
+            && server.generation == self.credentials.current_number()
+            && server.created.elapsed() < self.config.lifetime;
+        if keep && server.reset().await.is_ok() {
+            server.idle_since = Instant::now();
+            let mut state = self.lock();
+            // The generation may have changed during the reset.
+            if server.generation == self.credentials.current_number() {
+                state.idle.push(server);
+                drop(state);
+                self.changed.notify_one();
+                return;
+            }
+        }
+        server.close();
+        self.slot_freed();
+    }
+
+    /// Closes idle connections that are too old, idle too long, dead, or of an older
+    /// generation. Called by the janitor and after each new generation.
+    pub fn sweep(&self) -> usize {
+        let current = self.credentials.current_number();
+        let mut closed = Vec::new();
+        {
+            let mut state = self.lock();
+            let mut i = 0;
+            while i < state.idle.len() {
+                let s = &state.idle[i];
+                let stale = s.generation != current
+                    || s.idle_since.elapsed() >= self.config.idle_timeout
+                    || s.created.elapsed() >= self.config.lifetime
+                    || !s.is_alive();
+                if stale {
+                    closed.push(state.idle.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            state.open = state.open.saturating_sub(closed.len());
+            self.stats.server_connections.set(state.open as f64);
+        }
+        let n = closed.len();
+        for s in closed {
+            s.close();
+        }
+        if n > 0 {
+            self.changed.notify_waiters();
+        }
+        n
+    }
+
+    /// After a rotation: idle connections of older generations close at once; busy ones
+    /// close when their clients release them.
+    pub fn retire_old_generations(&self) {
+        let n = self.sweep();
+        if n > 0 {
+            tracing::info!(
+                closed = n,
+                "closed idle server connections of older credential generations"
+            );
+        }
+    }
+
+    /// Closes every idle connection (at shutdown).
+    pub fn close_idle(&self) {
+        let idle = {
+            let mut state = self.lock();
+            let idle = std::mem::take(&mut state.idle);
+            state.open = state.open.saturating_sub(idle.len());
+            idle
+        };
+        for s in idle {
+            s.close();
+        }
+    }
+
+    /// Runs the periodic sweep until shutdown.
+    pub async fn run_janitor(self: Arc<Self>, mut shutdown: Shutdown) {
+        let period = (self.config.idle_timeout.min(self.config.lifetime) / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.sweep(); }
+                _ = shutdown.recv() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The forwarding loop: bytes between a client and its server, with message boundaries
+//! tracked so the session knows when the server is at a safe point (ReadyForQuery 'I',
+//! nothing in flight) and may be reused.
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
+use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
+
+/// Size of the on-stack read buffer; nothing is kept per idle session.
+const CHUNK: usize = 16 * 1024;
+
+/// A write backlog larger than this is released after use instead of kept.
+const KEEP_BACKLOG: usize = 64 * 1024;
+
+/// How long replies still owed to a terminating client are delivered.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent Terminate.
+    ClientTerminated,
+    /// The client closed its socket (or it broke).
+    ClientGone,
+    /// The server closed or broke the connection.
+    ServerGone,
+    /// The client sent a message longer than the configured limit.
+    ClientMessageTooLarge(usize),
+    /// The client sent bytes that are not a valid message stream.
+    ClientProtocol(String),
+}
+
+/// What both directions of one session know about the server's state. Atomics only because
+/// the two directions are separate futures of the same task; there is no contention.
+#[derive(Default)]
+struct SessionState {
+    /// Messages sent that will be answered by a ReadyForQuery not yet seen.
+    pending: AtomicUsize,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: AtomicBool,
+    /// Status of the last ReadyForQuery.
+    status: AtomicU8,
+    /// The client has terminated; the server side stops once every reply is delivered.
+    draining: AtomicBool,
+}
+
+/// Result of a session: why it ended and whether its server can be reused.
+pub struct SessionOutcome {
+    pub end: SessionEnd,
+    /// The server is idle with nothing in flight: safe to reset and reuse.
+    pub server_clean: bool,
+}
+
+/// Forwards until either side ends the session. `initial` holds client bytes already read
+/// (sent right behind the startup packet).
+pub async fn run_session(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    max_client_message: usize,
+    initial: &[u8],
+) -> SessionOutcome {
+    let state = SessionState {
+        status: AtomicU8::new(b'I'),
+        ..Default::default()
+    };
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let mut client_walker = MessageWalker::new();
+    let mut server_walker = MessageWalker::new();
+
+    let end = {
+        let c2s = client_to_server(
+            &mut client_read,
+            &mut server_write,
+            &mut client_walker,
+            &state,
+            max_client_message,
+            initial,
+        );
+        let s2c = server_to_client(
+            &mut server_read,
+            &mut client_write,
+            &mut server_walker,
+            &state,
+        );
+        tokio::pin!(c2s, s2c);
+        let end = tokio::select! {
+            end = &mut c2s => end,
+            end = &mut s2c => end,
+        };
+        if end == SessionEnd::ClientTerminated && state.pending.load(Relaxed) > 0 {
+            // The client sent Terminate right behind queries (it may not read the answers,
+            // but PostgreSQL would have sent them): deliver them, briefly, then end.
+            state.draining.store(true, Relaxed);
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut s2c).await {
+                Ok(SessionEnd::ClientTerminated) | Err(_) => SessionEnd::ClientTerminated,
+                Ok(other) => other,
+            }
+        } else {
+            end
+        }
+    };
+    let server_clean = matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
+        && client_walker.at_boundary()
+        && server_walker.at_boundary()
+        && state.pending.load(Relaxed) == 0
+        && !state.unsynced.load(Relaxed)
+        && state.status.load(Relaxed) == b'I';
+    SessionOutcome { end, server_clean }
+}
+
+/// Which side of a forwarding step failed.
+enum Failure {
+    Read,
+    Write,
+    Invalid(String),
+}
+
+/// One read from `src` into a stack buffer, inspected by `inspect` (which returns how many
+/// bytes to forward and whether to stop after them), then written to `dst` without
+/// blocking; whatever the socket does not take goes to `backlog`.
+async fn read_and_forward<F>(
+    src: &mut ReadHalf<'_>,
+    dst: &WriteHalf<'_>,
+    backlog: &mut Vec<u8>,
+    mut inspect: F,
+) -> Result<Option<bool>, Failure>
+where
+    F: FnMut(&[u8]) -> Result<(usize, bool), String>,
+{
+    poll_fn(|cx| {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut *src).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Failure::Read)),
+            Poll::Ready(Ok(())) => {
+                let data = buf.filled();
+                if data.is_empty() {
+                    return Poll::Ready(Ok(None));
+                }
+                let (forward, stop) = match inspect(data) {
+                    Ok(v) => v,
+                    Err(e) => return Poll::Ready(Err(Failure::Invalid(e))),
+                };
+                let data = &data[..forward];
+                if !data.is_empty() {
+                    let written = if backlog.is_empty() {
+                        match dst.try_write(data) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                            Err(_) => return Poll::Ready(Err(Failure::Write)),
+                        }
+                    } else {
+                        0
+                    };
+                    backlog.extend_from_slice(&data[written..]);
+                }
+                Poll::Ready(Ok(Some(stop)))
+            }
+        }
+    })
+    .await
+}
+
+async fn flush_backlog(dst: &mut WriteHalf<'_>, backlog: &mut Vec<u8>) -> io::Result<()> {
+    if !backlog.is_empty() {
+        dst.write_all(backlog).await?;
+        backlog.clear();
+        if backlog.capacity() > KEEP_BACKLOG {
+            *backlog = Vec::new();
+        }
+    }
+    Ok(())
+}
+
+/// Walks client bytes: counts replies owed, notes extended-protocol state, and stops before
+/// Terminate or at an oversized message. Returns how many bytes to forward and whether the
+/// session ends after them.
+fn inspect_client(
+    walker: &mut MessageWalker,
+    state: &SessionState,
+    max_message: usize,
+    verdict: &mut ClientVerdict,
+    data: &[u8],
+) -> Result<(usize, bool), String> {
+    let end = walker
+        .walk(data, |event| match event {
+            Event::Start { tag: b'X', .. } => {
+                *verdict = ClientVerdict::Terminate;
+                ControlFlow::Break(())
+            }
+            Event::Start { tag, .. } => {
+                if expects_ready_for_query(tag) {
+                    state.pending.fetch_add(1, Relaxed);
+                    if tag == b'S' {
+                        state.unsynced.store(false, Relaxed);
+                    }
+                } else if opens_extended_sequence(tag) {
+                    state.unsynced.store(true, Relaxed);
+                }
+                ControlFlow::Continue(())
+            }
+            Event::Length { len, .. } if len > max_message => {
+                *verdict = ClientVerdict::TooLarge(len);
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(match end {
+        WalkEnd::Complete => (data.len(), false),
+        // Forward what precedes Terminate; nothing of an oversized message beyond what
+        // already went (the session ends anyway).
+        WalkEnd::Stopped(at) => (at, true),
+    })
+}
+
+enum ClientVerdict {
+    Continue,
+    Terminate,
+    TooLarge(usize),
+}
+
+async fn client_to_server(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    walker: &mut MessageWalker,
+    state: &SessionState,
+    max_message: usize,
+    initial: &[u8],
+) -> SessionEnd {
+    let mut backlog = Vec::new();
+    let mut verdict = ClientVerdict::Continue;
+    if !initial.is_empty() {
+        // Bytes the client sent right behind its startup packet (pipelining clients).
+        match inspect_client(walker, state, max_message, &mut verdict, initial) {
+            Ok((forward, stop)) => {
+                if dst.write_all(&initial[..forward]).await.is_err() {
+                    return SessionEnd::ServerGone;
+                }
+                if stop {
+                    return match verdict {
+                        ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
+                        _ => SessionEnd::ClientTerminated,
+                    };
+                }
+            }
+            Err(e) => return SessionEnd::ClientProtocol(e),
+        }
+    }
+    loop {
+        let read = read_and_forward(src, dst, &mut backlog, |data| {
+            inspect_client(walker, state, max_message, &mut verdict, data)
+        })
+        .await;
+        match read {
+            Ok(Some(stop)) => {
+                // Partial writes wait here, before the next read: backpressure.
+                if let Err(_e) = flush_backlog(dst, &mut backlog).await {
+                    return SessionEnd::ServerGone;
+                }
+                if stop {
+                    return match verdict {
+                        ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
+                        _ => SessionEnd::ClientTerminated,
+                    };
+                }
+            }
+            Ok(None) | Err(Failure::Read) => return SessionEnd::ClientGone,
+            Err(Failure::Write) => return SessionEnd::ServerGone,
+            Err(Failure::Invalid(e)) => return SessionEnd::ClientProtocol(e),
+        }
+    }
+}
+
+async fn server_to_client(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    walker: &mut MessageWalker,
+    state: &SessionState,
+) -> SessionEnd {
+    let mut backlog = Vec::new();
+    loop {
+        let read = read_and_forward(src, dst, &mut backlog, |data| {
+            walker
+                .walk(data, |event| {
+                    if let Event::ReadyForQuery(status) = event {
+                        state.status.store(status, Relaxed);
+                        // Saturating: a server may send ReadyForQuery we did not count
+                        // (never in practice); do not wrap.
+                        let _ = state
+                            .pending
+                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1));
+                    }
+                    ControlFlow::Continue(())
+                })
+                .map_err(|e| e.to_string())?;
+            Ok((data.len(), false))
+        })
+        .await;
+        match read {
+            Ok(Some(_)) => {
+                if flush_backlog(dst, &mut backlog).await.is_err() {
+                    return SessionEnd::ClientGone;
+                }
+                if state.draining.load(Relaxed)
+                    && state.pending.load(Relaxed) == 0
+                    && walker.at_boundary()
+                {
+                    return SessionEnd::ClientTerminated;
+                }
+            }
+            Ok(None) | Err(Failure::Read) | Err(Failure::Invalid(_)) => {
+                return SessionEnd::ServerGone;
+            }
+            Err(Failure::Write) => return SessionEnd::ClientGone,
+        }
+    }
+}

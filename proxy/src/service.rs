@@ -1,0 +1,186 @@
+//! Wires the proxy together: check the configuration, bind listeners and the ops port,
+//! start the credential watcher and janitor, serve, and shut down on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use dbcred::{Dsn, FileWatcher, WatchConfig};
+
+use crate::auth::scram_server::ScramVerifier;
+use crate::cancel::CancelMap;
+use crate::client::ClientContext;
+use crate::config::{PoolMode, RunArgs};
+use crate::credentials::{Credentials, run_watcher};
+use crate::error::{ProxyError, Result};
+use crate::listener::{ClientCounter, accept_loop, bind_all, resolve};
+use crate::ops::{Readiness, serve as serve_ops};
+use crate::pool::{Pool, PoolConfig};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+
+/// Reads the DSN the way `--dbc` describes: a file with a URI or key=value text, or a
+/// directory with one file per key. Errors never include the file's content.
+pub fn read_dsn(path: &Path) -> std::result::Result<Dsn, String> {
+    if path.is_dir() {
+        return Dsn::from_secret_dir(path).map_err(|e| e.to_string());
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
+    Dsn::parse(&text).map_err(|e| e.to_string())
+}
+
+/// Reads the client password file (one line; a trailing newline is not part of it).
+fn read_client_password(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ProxyError::Config(format!(
+            "cannot read --client-password-file {}: {}",
+            path.display(),
+            e.kind()
+        ))
+    })?;
+    let password = text.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err(ProxyError::Config(format!(
+            "--client-password-file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(password)
+}
+
+/// Runs the proxy until a shutdown signal and the drain that follows.
+pub async fn run(
+    args: RunArgs,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> Result<()> {
+    if args.pool_mode == PoolMode::Transaction {
+        return Err(ProxyError::Config(
+            "--pool-mode transaction is not supported yet; use --pool-mode session".into(),
+        ));
+    }
+    if args.pool_size == 0 {
+        return Err(ProxyError::Config("--pool-size must be at least 1".into()));
+    }
+
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in &args.addr {
+        match resolve(a).await {
+            Ok(mut r) => addrs.append(&mut r),
+            Err(e) => tracing::warn!(error = %e, "skipping listener address"),
+        }
+    }
+    let needs_password = addrs.iter().any(|a| !a.ip().is_loopback());
+    let scram = match (&args.client_password_file, needs_password) {
+        (Some(path), _) => Some(Arc::new(ScramVerifier::new(&read_client_password(path)?))),
+        (None, true) => {
+            return Err(ProxyError::Config(
+                "listening on a non-loopback --addr requires --client-password-file (clients then log in with SCRAM-SHA-256); \
+                 without it anyone on the network could use the database credentials"
+                    .into(),
+            ));
+        }
+        (None, false) => None,
+    };
+
+    let (trigger, shutdown) = Shutdown::new();
+    let stats = Arc::new(Stats::new());
+    let credentials = Credentials::new(args.role_policy(), args.validate_timeout());
+    let pool = Pool::new(
+        PoolConfig {
+            size: args.pool_size,
+            timeout: args.pool_timeout(),
+            idle_timeout: Duration::from_secs(args.server_idle_timeout),
+            lifetime: Duration::from_secs(args.server_lifetime),
+        },
+        credentials.clone(),
+        stats.clone(),
+    );
+    let readiness = Arc::new(Readiness {
+        listeners_bound: Default::default(),
+        credentials: credentials.clone(),
+    });
+    let ops = serve_ops(args.ops_addr, readiness.clone(), metrics, shutdown.clone()).await?;
+
+    let dbc = args.dbc.clone();
+    let watcher = FileWatcher::spawn(
+        dbc.clone(),
+        WatchConfig {
+            poll_interval: Duration::from_secs(args.poll_interval.max(1)),
+            ..WatchConfig::default()
+        },
+        move |p: &Path| read_dsn(p),
+    )
+    .map_err(|e| ProxyError::Config(format!("cannot watch --dbc {}: {e}", dbc.display())))?;
+    tokio::spawn(run_watcher(
+        credentials.clone(),
+        pool.clone(),
+        watcher,
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(pool.clone().run_janitor(shutdown.clone()));
+
+    let bound = bind_all(&addrs).await?;
+    readiness.listeners_bound.store(true, Ordering::Relaxed);
+    let ctx = Arc::new(ClientContext {
+        pool: pool.clone(),
+        cancels: CancelMap::new(),
+        stats: stats.clone(),
+        scram,
+        login_timeout: Duration::from_secs(args.client_login_timeout.max(1)),
+        pool_timeout: args.pool_timeout(),
+        max_client_message: args.max_client_message,
+    });
+    let counter = ClientCounter::new();
+    for b in bound {
+        tokio::spawn(accept_loop(
+            b,
+            ctx.clone(),
+            counter.clone(),
+            args.max_clients,
+            shutdown.clone(),
+        ));
+    }
+
+    wait_for_signal().await;
+    tracing::info!(
+        clients = counter.get(),
+        timeout_s = args.shutdown_timeout,
+        "shutting down: no new clients; waiting for sessions to finish"
+    );
+    trigger.trigger();
+    let deadline = Instant::now() + Duration::from_secs(args.shutdown_timeout);
+    while counter.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if counter.get() > 0 {
+        tracing::warn!(
+            clients = counter.get(),
+            "shutdown timeout reached; closing remaining sessions"
+        );
+    }
+    pool.close_idle();
+    let _ = tokio::time::timeout(Duration::from_secs(1), ops).await;
+    tracing::info!("dbproxy stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

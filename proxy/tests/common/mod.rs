@@ -1,0 +1,809 @@
+//! Shared fixtures for dbproxy's end-to-end tests: the real binary as a child process, a real
+//! PostgreSQL with db-controller-style roles, kubelet-written Secrets and client workloads.
+#![allow(dead_code)] // each test file uses a different subset of these helpers
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use dbtests::postgres::PgOptions;
+use dbtests::{PasswordKind, PgCluster, SecretDir};
+use tokio_postgres::{Client, NoTls};
+
+/// How long a freshly started proxy may take to report ready on this noisy shared machine.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The issue's bound on "new sessions observe the new credentials" (switches, host moves, the
+/// concurrent rotation workload).
+pub const SWITCH_DEADLINE: Duration = Duration::from_secs(2);
+/// For tests whose subject is not the switch latency (secrets, broken DSNs, DSN layouts): the new
+/// credentials must be picked up, the latency is only printed.
+pub const PICKUP_DEADLINE: Duration = Duration::from_secs(20);
+/// Upper bound for any single client operation, so a hung proxy fails a test instead of hanging it.
+pub const CLIENT_OP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The database every test application uses; owned by the group role `app`.
+pub const APP_DB: &str = "appdb";
+
+/// Key under which the proxy's default DSN lives in the Secret.
+pub const URI_KEY: &str = "uri_dsn.txt";
+
+/// A port nobody listens on right now (bind to port 0 and release it).
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        if let Ok(listener) = TcpListener::bind("127.0.0.1:0")
+            && let Ok(addr) = listener.local_addr()
+        {
+            return addr.port();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("could not find a free TCP port on 127.0.0.1");
+}
+
+/// What to start: listeners, credential source, extra flags and environment.
+pub struct ProxyBuilder {
+    dbc: Option<PathBuf>,
+    dbc_via_env: bool,
+    listen_hosts: Vec<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    redactions: Vec<String>,
+}
+
+impl ProxyBuilder {
+    /// A proxy reading its DSN from `dbc` (a file or a one-file-per-key directory).
+    pub fn new(dbc: &Path) -> ProxyBuilder {
+        ProxyBuilder {
+            dbc: Some(dbc.to_path_buf()),
+            dbc_via_env: false,
+            listen_hosts: vec!["127.0.0.1".to_string()],
+            args: Vec::new(),
+            env: vec![("RUST_LOG".to_string(), "info".to_string())],
+            redactions: Vec::new(),
+        }
+    }
+
+    /// Pass the DSN path through `DBPROXY_CREDENTIAL` instead of `--dbc`.
+    pub fn dbc_via_env(mut self) -> Self {
+        self.dbc_via_env = true;
+        self
+    }
+
+    /// Listen on these hosts (one `--addr` each, each with its own free port).
+    pub fn listen_hosts(mut self, hosts: &[&str]) -> Self {
+        self.listen_hosts = hosts.iter().map(|h| h.to_string()).collect();
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Strings replaced before the captured log is printed on a panic (never echo a secret).
+    pub fn redact(mut self, secret: &str) -> Self {
+        self.redactions.push(secret.to_string());
+        self
+    }
+
+    /// Starts the proxy and waits until `/readyz` answers 200; retries with new ports when a
+    /// port picked as free was taken in between.
+    pub fn start(self) -> anyhow::Result<ProxyProcess> {
+        let mut last_log = String::new();
+        for _attempt in 0..3 {
+            let mut proxy = self.spawn()?;
+            match proxy.wait_ready(READY_TIMEOUT) {
+                Ok(()) => return Ok(proxy),
+                Err(err) => {
+                    let log = proxy.log_redacted();
+                    let exited = proxy.child.try_wait().ok().flatten().is_some();
+                    let lower = log.to_lowercase();
+                    if exited && (lower.contains("in use") || lower.contains("eaddrinuse")) {
+                        last_log = log;
+                        continue; // port race with another process: pick new ports
+                    }
+                    bail!("dbproxy did not become ready: {err:#}\n--- dbproxy log ---\n{log}");
+                }
+            }
+        }
+        bail!("dbproxy could not bind free ports in 3 attempts\n--- dbproxy log ---\n{last_log}")
+    }
+
+    /// Starts the proxy without waiting for readiness.
+    pub fn spawn(&self) -> anyhow::Result<ProxyProcess> {
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_dbproxy"));
+        let ports: Vec<u16> = self.listen_hosts.iter().map(|_| free_port()).collect();
+        let ops_port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.env_remove("DBPROXY_CREDENTIAL");
+        if let Some(dbc) = &self.dbc {
+            if self.dbc_via_env {
+                cmd.env("DBPROXY_CREDENTIAL", dbc);
+            } else {
+                cmd.arg("--dbc").arg(dbc);
+            }
+        }
+        for (host, port) in self.listen_hosts.iter().zip(&ports) {
+            cmd.arg("--addr").arg(format!("{host}:{port}"));
+        }
+        cmd.arg("--ops-addr").arg(format!("127.0.0.1:{ops_port}"));
+        cmd.args(&self.args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut drains = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            drains.push(drain(out, log.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            drains.push(drain(err, log.clone()));
+        }
+        Ok(ProxyProcess {
+            child,
+            ports,
+            ops_port,
+            log,
+            drains,
+            redactions: self.redactions.clone(),
+            exit: None,
+        })
+    }
+}
+
+/// Copies a child's output into the shared log buffer until the pipe closes.
+fn drain(
+    mut pipe: impl Read + Send + 'static,
+    log: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Ok(mut log) = log.lock() {
+                        log.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// A running `dbproxy`; killed on drop, its (redacted) log printed into the test's captured output.
+pub struct ProxyProcess {
+    child: Child,
+    ports: Vec<u16>,
+    ops_port: u16,
+    log: Arc<Mutex<Vec<u8>>>,
+    drains: Vec<std::thread::JoinHandle<()>>,
+    redactions: Vec<String>,
+    exit: Option<ExitStatus>,
+}
+
+impl ProxyProcess {
+    /// The first PostgreSQL listener's port.
+    pub fn port(&self) -> u16 {
+        self.ports[0]
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    pub fn ops_port(&self) -> u16 {
+        self.ops_port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the proxy wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The log with every registered secret replaced, safe to print.
+    pub fn log_redacted(&self) -> String {
+        let mut log = self.log();
+        for secret in &self.redactions {
+            if !secret.is_empty() {
+                log = log.replace(secret.as_str(), "<redacted>");
+            }
+        }
+        log
+    }
+
+    pub fn add_redaction(&mut self, secret: &str) {
+        self.redactions.push(secret.to_string());
+    }
+
+    /// GET on the ops port; returns the status code and body.
+    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.ops_port, path)
+    }
+
+    /// Polls `/readyz` until it answers 200; fails early if the process exits.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_readyz(200, timeout)
+    }
+
+    /// Polls `/readyz` until it answers `want`.
+    pub fn wait_readyz(&mut self, want: u16, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_exit_status() {
+                bail!("dbproxy exited with {status} before /readyz answered {want}");
+            }
+            match self.http_get("/readyz") {
+                Ok((code, _)) if code == want => return Ok(()),
+                Ok((code, body)) => last = format!("HTTP {code}: {}", body.trim()),
+                Err(err) => last = format!("{err:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("/readyz did not answer {want} within {timeout:?} (last: {last})")
+    }
+
+    /// Sends SIGTERM (through kill(1), so the proxy package needs no libc dependency).
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "kill -TERM {} failed: {status:?}",
+            self.child.id()
+        );
+    }
+
+    fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// Waits up to `timeout` for the process to exit; None if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status() {
+                // let the drain threads collect the last lines
+                for handle in self.drains.drain(..) {
+                    let _ = handle.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A new client session through the first listener.
+    pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        connect(self.port(), "anything").await
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if self.try_exit_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // libtest shows a test's output only when it fails (panic or Err), which is when the
+        // proxy's side of the story is needed
+        {
+            eprintln!(
+                "--- dbproxy log (ports {:?}, ops {}) ---\n{}\n--- end of dbproxy log ---",
+                self.ports,
+                self.ops_port,
+                self.log_redacted()
+            );
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET against 127.0.0.1:`port`.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .with_context(|| format!("not an HTTP response: {:?}", text.lines().next()))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Opens a session through the proxy the way an application in the pod does: any user
+/// name, no password, plaintext.
+pub async fn connect(port: u16, user: &str) -> Result<Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname("anything")
+        .application_name("proxytest")
+        .connect_timeout(Duration::from_secs(30));
+    connect_with(&cfg).await
+}
+
+/// Connects with the given configuration and drives the connection on a task.
+pub async fn connect_with(cfg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = cfg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// `session_user`, `current_user` and the backend pid of a session.
+pub async fn whoami(client: &Client) -> Result<(String, String, i32), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT session_user::text, current_user::text, pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+/// Opens new sessions until one reports `session_user = expected`; every attempt must succeed.
+/// Returns the time from `since` (the Secret write) to the first such session.
+pub async fn wait_for_session_user(
+    port: u16,
+    expected: &str,
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    wait_for_value(port, "SELECT session_user::text", expected, since, timeout).await
+}
+
+/// Opens new sessions until `query` (one text column) returns `expected`.
+pub async fn wait_for_value(
+    port: u16,
+    query: &str,
+    expected: &str,
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    loop {
+        let attempt = async {
+            let client = connect(port, "prober").await?;
+            let row = client.query_one(query, &[]).await?;
+            Ok::<String, tokio_postgres::Error>(row.get(0))
+        };
+        let value = tokio::time::timeout(CLIENT_OP_TIMEOUT, attempt)
+            .await
+            .context("a new session through the proxy hung")?
+            .context("a new session through the proxy failed")?;
+        if value == expected {
+            let elapsed = since.elapsed();
+            if elapsed > timeout {
+                bail!(
+                    "new sessions observed {expected:?} only {elapsed:?} after the Secret write (want within {timeout:?})"
+                );
+            }
+            return Ok(elapsed);
+        }
+        if since.elapsed() > timeout {
+            bail!(
+                "new sessions still observe {value:?} {:?} after the Secret write (want {expected:?} within {timeout:?})",
+                since.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A password like the ones db-controller generates: long, mixed classes, and containing every
+/// character that needs escaping in a URI or a key=value DSN.
+pub fn rotated_password() -> String {
+    use rand::Rng;
+    use rand::seq::SliceRandom;
+    const LOWER: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+    const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    const DIGIT: &[u8] = b"0123456789";
+    const SPECIAL: &[u8] = b"@:/?#%'\\ ";
+    let mut rng = rand::rng();
+    let mut pick = |set: &[u8]| set[rng.random_range(0..set.len())] as char;
+    let mut middle: Vec<char> = SPECIAL.iter().map(|&b| b as char).collect();
+    for _ in 0..6 {
+        middle.push(pick(LOWER));
+        middle.push(pick(UPPER));
+        middle.push(pick(DIGIT));
+    }
+    middle.shuffle(&mut rand::rng());
+    // alphanumeric at both ends so no reader can argue about trimming whitespace
+    let mut out = String::new();
+    out.push(pick(UPPER));
+    out.extend(middle);
+    out.push(pick(LOWER));
+    out
+}
+
+/// A password of `len` characters (an IAM-token-sized one is ~2 kB) built like
+/// [`rotated_password`], so every character class and escape-needing character is in it.
+pub fn long_password(len: usize) -> String {
+    let mut out = String::new();
+    while out.len() < len {
+        out.push_str(&rotated_password());
+    }
+    out.truncate(len - 1);
+    out.push('z'); // never end on a space
+    out
+}
+
+/// Percent-encodes everything outside RFC 3986's unreserved set.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Quotes a value for a libpq key=value DSN.
+pub fn kv_quote(s: &str) -> String {
+    let mut out = String::from("'");
+    for c in s.chars() {
+        if c == '\\' || c == '\'' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// A libpq key=value DSN for `cluster`.
+pub fn kv_dsn(cluster: &PgCluster, user: &str, password: &str, dbname: &str) -> String {
+    format!(
+        "host={} port={} user={} password={} dbname={} sslmode=disable",
+        cluster.host(),
+        cluster.port(),
+        kv_quote(user),
+        kv_quote(password),
+        kv_quote(dbname)
+    )
+}
+
+/// A PostgreSQL cluster set up the way db-controller leaves it: group role `app` owning
+/// database `appdb` and its tables, and login roles `app_a`/`app_b`, both members of `app`.
+pub struct AppCluster {
+    pub cluster: PgCluster,
+    pub name: String,
+    kind: PasswordKind,
+    password_a: Mutex<String>,
+    password_b: Mutex<String>,
+}
+
+impl AppCluster {
+    /// Starts a cluster; `name` is stored in table `marker` so tests can tell clusters apart.
+    pub async fn start(name: &str) -> anyhow::Result<AppCluster> {
+        Self::start_with(name, PgOptions::default(), PasswordKind::Scram).await
+    }
+
+    /// Starts a cluster with the given server settings, storing passwords as `kind`.
+    pub async fn start_with(
+        name: &str,
+        options: PgOptions,
+        kind: PasswordKind,
+    ) -> anyhow::Result<AppCluster> {
+        let cluster = PgCluster::start_with(options).context("starting PostgreSQL")?;
+        let password_a = rotated_password();
+        let password_b = rotated_password();
+        cluster.create_group_role("app").await?;
+        cluster.create_role("app_a", &password_a, kind).await?;
+        cluster.create_role("app_b", &password_b, kind).await?;
+        cluster.execute("GRANT app TO app_a, app_b").await?;
+        cluster.create_database(APP_DB, "app").await?;
+        let admin = cluster
+            .connect(cluster.superuser(), cluster.superuser_password(), APP_DB)
+            .await?;
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE items (id bigserial PRIMARY KEY, note text NOT NULL);
+                 ALTER TABLE items OWNER TO app;
+                 CREATE TABLE marker (name text NOT NULL);
+                 INSERT INTO marker VALUES ('{name}');
+                 ALTER TABLE marker OWNER TO app;"
+            ))
+            .await?;
+        Ok(AppCluster {
+            cluster,
+            name: name.to_string(),
+            kind,
+            password_a: Mutex::new(password_a),
+            password_b: Mutex::new(password_b),
+        })
+    }
+
+    /// The current password of `app_a` or `app_b`.
+    pub fn password(&self, user: &str) -> String {
+        let slot = if user == "app_a" {
+            &self.password_a
+        } else {
+            &self.password_b
+        };
+        slot.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// `ALTER ROLE user PASSWORD` with a fresh db-controller-style password; returns it.
+    pub async fn rotate_password(&self, user: &str) -> anyhow::Result<String> {
+        self.set_password(user, rotated_password()).await
+    }
+
+    /// `ALTER ROLE user PASSWORD` with the given password; returns it.
+    pub async fn set_password(&self, user: &str, password: String) -> anyhow::Result<String> {
+        self.cluster
+            .alter_password(user, &password, self.kind)
+            .await?;
+        let slot = if user == "app_a" {
+            &self.password_a
+        } else {
+            &self.password_b
+        };
+        if let Ok(mut p) = slot.lock() {
+            *p = password.clone();
+        }
+        Ok(password)
+    }
+
+    /// The URI DSN for `user` with its current password.
+    pub fn uri(&self, user: &str) -> String {
+        self.cluster.uri(user, &self.password(user), APP_DB)
+    }
+
+    /// The key=value DSN for `user` with its current password.
+    pub fn kv(&self, user: &str) -> String {
+        kv_dsn(&self.cluster, user, &self.password(user), APP_DB)
+    }
+
+    /// A superuser session on `appdb`, bypassing the proxy.
+    pub async fn admin(&self) -> anyhow::Result<Client> {
+        self.cluster
+            .connect(
+                self.cluster.superuser(),
+                self.cluster.superuser_password(),
+                APP_DB,
+            )
+            .await
+    }
+}
+
+/// A kubelet-style Secret holding `uri_dsn.txt`.
+pub fn uri_secret(uri: &str) -> anyhow::Result<SecretDir> {
+    let secret = SecretDir::new()?;
+    secret.write(&[(URI_KEY, uri.as_bytes())])?;
+    Ok(secret)
+}
+
+/// Publishes a new `uri_dsn.txt` and returns the instant of the write.
+pub fn write_uri(secret: &SecretDir, uri: &str) -> anyhow::Result<Instant> {
+    secret.write(&[(URI_KEY, uri.as_bytes())])?;
+    Ok(Instant::now())
+}
+
+/// Counters and errors of a running client workload.
+#[derive(Default)]
+pub struct WorkloadStats {
+    pub sessions: AtomicU64,
+    pub queries: AtomicU64,
+    pub errors: Mutex<Vec<String>>,
+}
+
+impl WorkloadStats {
+    fn error(&self, what: String) {
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.push(what);
+        }
+    }
+}
+
+/// What a workload saw, once stopped.
+#[derive(Debug)]
+pub struct WorkloadReport {
+    pub sessions: u64,
+    pub queries: u64,
+    pub errors: Vec<String>,
+}
+
+/// Clients hammering the proxy: `churners` open a new session per iteration, `holders` keep one
+/// session open and query it continuously. Every loop is bounded by `max_iterations`.
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    pub stats: Arc<WorkloadStats>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workload {
+    pub fn start(port: u16, churners: usize, holders: usize) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(WorkloadStats::default());
+        let mut tasks = Vec::new();
+        const MAX_ITERATIONS: u64 = 200_000;
+        for i in 0..churners {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..MAX_ITERATIONS {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let work = async {
+                        let client = connect(port, &format!("churner{i}")).await?;
+                        stats.sessions.fetch_add(1, Ordering::Relaxed);
+                        whoami(&client).await?;
+                        client.query_one("SELECT count(*) FROM marker", &[]).await?;
+                        stats.queries.fetch_add(2, Ordering::Relaxed);
+                        Ok::<(), tokio_postgres::Error>(())
+                    };
+                    match tokio::time::timeout(CLIENT_OP_TIMEOUT, work).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => stats.error(format!("churner{i}: {err:?}")),
+                        Err(_) => stats.error(format!("churner{i}: session hung")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        for i in 0..holders {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = match tokio::time::timeout(
+                    CLIENT_OP_TIMEOUT,
+                    connect(port, &format!("holder{i}")),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(err)) => return stats.error(format!("holder{i} connect: {err:?}")),
+                    Err(_) => return stats.error(format!("holder{i} connect hung")),
+                };
+                stats.sessions.fetch_add(1, Ordering::Relaxed);
+                let mut pid = None;
+                for _ in 0..MAX_ITERATIONS {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match tokio::time::timeout(CLIENT_OP_TIMEOUT, whoami(&client)).await {
+                        Ok(Ok((_, _, p))) => {
+                            stats.queries.fetch_add(1, Ordering::Relaxed);
+                            // session mode: a client keeps its backend for the whole session
+                            if *pid.get_or_insert(p) != p {
+                                stats.error(format!("holder{i}: backend changed mid-session"));
+                            }
+                        }
+                        Ok(Err(err)) => stats.error(format!("holder{i}: {err:?}")),
+                        Err(_) => stats.error(format!("holder{i}: query hung")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+        Workload { stop, stats, tasks }
+    }
+
+    /// Errors seen so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.stats
+            .errors
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn queries(&self) -> u64 {
+        self.stats.queries.load(Ordering::Relaxed)
+    }
+
+    /// Stops every client and waits for them.
+    pub async fn stop(self) -> WorkloadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            if let Err(err) = task.await {
+                self.stats.error(format!("workload task panicked: {err}"));
+            }
+        }
+        WorkloadReport {
+            sessions: self.stats.sessions.load(Ordering::Relaxed),
+            queries: self.stats.queries.load(Ordering::Relaxed),
+            errors: self
+                .stats
+                .errors
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Asserts a stopped workload did real work and saw no error.
+pub fn assert_clean(report: &WorkloadReport, what: &str) {
+    assert!(
+        report.errors.is_empty(),
+        "{what}: clients saw {} error(s), first ones: {:#?}",
+        report.errors.len(),
+        &report.errors[..report.errors.len().min(5)]
+    );
+    assert!(
+        report.queries > 0 && report.sessions > 0,
+        "{what}: the workload ran no queries ({report:?})"
+    );
+}
+
+/// Waits until `queries` grew by at least `n` (so a phase of a test really had traffic).
+pub async fn wait_for_traffic(workload: &Workload, n: u64) {
+    let start = workload.queries();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while workload.queries() < start + n {
+        assert!(
+            Instant::now() < deadline,
+            "the workload made no progress for 60 s (errors: {:?})",
+            workload.errors()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The psql binary: the harness's PostgreSQL bin dir, else /usr/bin/psql.
+pub fn psql_bin() -> PathBuf {
+    if let Ok(dir) = PgCluster::bin_dir() {
+        let p = dir.join("psql");
+        if p.exists() {
+            return p;
+        }
+    }
+    let p = PathBuf::from("/usr/bin/psql");
+    assert!(
+        p.exists(),
+        "psql not found: install the PostgreSQL client (apt-get install postgresql-client)"
+    );
+    p
+}

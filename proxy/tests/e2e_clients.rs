@@ -1,0 +1,697 @@
+//! End-to-end: real clients (psql, tokio-postgres, raw protocol bytes) through the real
+//! `dbproxy` binary to a real PostgreSQL: protocol coverage, cancels, limits, DSN layouts.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt, pin_mut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+
+/// psql and tokio-postgres (simple and extended protocol, prepared statements, transactions,
+/// COPY both ways, error recovery, forwarded startup parameters) through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_and_tokio_postgres_through_proxy() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let port = proxy.port().to_string();
+
+    // psql: any user, any database, no password; sslmode=prefer by default, so psql sends an
+    // SSLRequest first and must be answered 'N'.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(psql_bin())
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "anything",
+                "-d",
+                "anything",
+            ])
+            .args([
+                "-c",
+                "select current_user",
+                "-c",
+                "select current_database()",
+            ])
+            .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
+            .env_remove("PGSERVICE")
+            .env("PGCONNECT_TIMEOUT", "30")
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "psql failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["app_a", APP_DB],
+        "psql output"
+    );
+
+    // tokio-postgres, with startup parameters that must reach the server
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(proxy.port())
+        .user("someone")
+        .dbname("whatever")
+        .application_name("e2e-app")
+        .options("-c statement_timeout=12345")
+        .connect_timeout(Duration::from_secs(30));
+    let mut client = connect_with(&cfg).await?;
+    let row = client
+        .query_one(
+            "SELECT session_user::text, current_database()::text,
+                    current_setting('application_name'), current_setting('statement_timeout')",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "app_a");
+    assert_eq!(row.get::<_, String>(1), APP_DB);
+    assert_eq!(
+        row.get::<_, String>(2),
+        "e2e-app",
+        "application_name not passed on"
+    );
+    assert_eq!(row.get::<_, String>(3), "12345ms", "options not passed on");
+
+    // simple protocol, two statements in one Query
+    let msgs = client
+        .simple_query("SELECT 1 AS a; SELECT 'two' AS b")
+        .await?;
+    let values: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, ["1", "two"]);
+
+    // extended protocol with a parameter
+    let row = client.query_one("SELECT $1::int4 + 1", &[&41i32]).await?;
+    assert_eq!(row.get::<_, i32>(0), 42);
+
+    // a named prepared statement used several times
+    let insert = client
+        .prepare("INSERT INTO items (note) VALUES ($1) RETURNING id")
+        .await?;
+    let mut ids = Vec::new();
+    for note in ["p1", "p2", "p3"] {
+        ids.push(client.query_one(&insert, &[&note]).await?.get::<_, i64>(0));
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids {ids:?}");
+
+    // transactions: rollback discards, commit keeps
+    let before = items_count(&client).await?;
+    let tx = client.transaction().await?;
+    tx.execute("INSERT INTO items (note) VALUES ('rolled back')", &[])
+        .await?;
+    tx.rollback().await?;
+    assert_eq!(items_count(&client).await?, before);
+    let tx = client.transaction().await?;
+    tx.execute("INSERT INTO items (note) VALUES ('committed')", &[])
+        .await?;
+    tx.commit().await?;
+    assert_eq!(items_count(&client).await?, before + 1);
+
+    // COPY FROM STDIN
+    let sink = client.copy_in("COPY items (note) FROM STDIN").await?;
+    pin_mut!(sink);
+    sink.send(Bytes::from_static(b"copy1\ncopy2\n")).await?;
+    sink.send(Bytes::from_static(b"copy3\n")).await?;
+    let copied = sink.finish().await?;
+    assert_eq!(copied, 3);
+
+    // COPY TO STDOUT
+    let stream = client
+        .copy_out("COPY (SELECT note FROM items WHERE note LIKE 'copy%' ORDER BY id) TO STDOUT")
+        .await?;
+    pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "copy1\ncopy2\ncopy3\n");
+
+    // an error in a query, then good queries on the same connection (simple and extended)
+    let err = client
+        .simple_query("SELECT 1/0")
+        .await
+        .expect_err("division by zero must fail");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err:?}");
+    let err = client
+        .query("SELECT $1::int4 / 0", &[&1i32])
+        .await
+        .expect_err("division by zero must fail");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err:?}");
+    let err = client
+        .query("SELECT * FROM no_such_table", &[])
+        .await
+        .expect_err("unknown table must fail");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE), "{err:?}");
+    assert_eq!(client.query_one("SELECT 7", &[]).await?.get::<_, i32>(0), 7);
+    let id = client
+        .query_one(&insert, &[&"after error"])
+        .await?
+        .get::<_, i64>(0);
+    assert!(id > 0);
+    // an error inside a transaction aborts it; ROLLBACK makes the session usable again
+    let tx = client.transaction().await?;
+    assert!(tx.execute("SELECT 1/0", &[]).await.is_err());
+    let err = tx
+        .execute("SELECT 1", &[])
+        .await
+        .expect_err("aborted transaction");
+    assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    tx.rollback().await?;
+    assert_eq!(client.query_one("SELECT 8", &[]).await?.get::<_, i32>(0), 8);
+    Ok(())
+}
+
+async fn items_count(client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT count(*) FROM items", &[])
+        .await?
+        .get(0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw protocol helpers for the malformed-input test.
+
+const PROTOCOL_3_0: u32 = 196_608;
+
+fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(body);
+    packet
+}
+
+fn special_request(code: u32) -> Vec<u8> {
+    let mut p = 8u32.to_be_bytes().to_vec();
+    p.extend(code.to_be_bytes());
+    p
+}
+
+async fn raw_connect(port: u16) -> TcpStream {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .expect("connect to the proxy timed out")
+    .expect("connect to the proxy")
+}
+
+/// Reads one backend message (tag, body). None on EOF or a reset.
+async fn read_message(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await.ok()?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    assert!(
+        (4..1 << 20).contains(&len),
+        "proxy sent a message with length {len}"
+    );
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((header[0], body))
+}
+
+/// After bad input the proxy must answer with at most ErrorResponses and close the connection
+/// promptly; returns whether an ErrorResponse came.
+async fn expect_rejected(stream: &mut TcpStream, what: &str) -> bool {
+    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut saw_error = false;
+        while let Some((tag, body)) = read_message(stream).await {
+            match tag {
+                b'E' => saw_error = true,
+                b'N' => {}
+                other => panic!(
+                    "{what}: unexpected message {:?} after bad input ({} bytes)",
+                    other as char,
+                    body.len()
+                ),
+            }
+        }
+        saw_error
+    })
+    .await;
+    match outcome {
+        Ok(saw_error) => saw_error,
+        Err(_) => {
+            panic!("{what}: the proxy neither rejected nor closed the connection within 15 s")
+        }
+    }
+}
+
+/// Completes a trust login after the startup packet was sent and runs one query.
+async fn finish_login_and_query(stream: &mut TcpStream, what: &str) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (tag, body) = read_message(stream)
+                .await
+                .unwrap_or_else(|| panic!("{what}: connection closed during login"));
+            match tag {
+                b'R' => assert_eq!(
+                    &body[..4],
+                    &[0, 0, 0, 0],
+                    "{what}: expected AuthenticationOk"
+                ),
+                b'S' | b'K' | b'N' => {}
+                b'Z' => break,
+                b'E' => panic!("{what}: login failed: {}", String::from_utf8_lossy(&body)),
+                other => panic!(
+                    "{what}: unexpected message {:?} during login",
+                    other as char
+                ),
+            }
+        }
+        let mut q = vec![b'Q'];
+        let sql = b"SELECT 41 + 1\0";
+        q.extend(((sql.len() + 4) as u32).to_be_bytes());
+        q.extend_from_slice(sql);
+        stream.write_all(&q).await.expect("send query");
+        let mut data = None;
+        loop {
+            let (tag, body) = read_message(stream)
+                .await
+                .unwrap_or_else(|| panic!("{what}: connection closed during query"));
+            match tag {
+                b'D' => data = Some(body),
+                b'E' => panic!("{what}: query failed: {}", String::from_utf8_lossy(&body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        let data = data.unwrap_or_else(|| panic!("{what}: no DataRow"));
+        assert!(data.ends_with(b"42"), "{what}: unexpected row {data:?}");
+        stream
+            .write_all(&[b'X', 0, 0, 0, 4])
+            .await
+            .expect("send Terminate");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: login/query through the proxy timed out"));
+}
+
+/// Garbage, oversized lengths, unfinished startups, SSL/GSSENC requests, old and new protocol
+/// versions and bogus cancels: each handled cleanly, none disturbing a healthy workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_client_bytes_do_not_disturb_others() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let port = proxy.port();
+    let workload = Workload::start(port, 2, 1);
+    wait_for_traffic(&workload, 20).await;
+
+    // 1. an HTTP request instead of a startup packet ("GET " read as a ~1.1 GB length)
+    let mut s = raw_connect(port).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    expect_rejected(&mut s, "HTTP request").await;
+
+    // 2. random bytes with a consistent length: a complete packet of garbage
+    let mut garbage: Vec<u8> = (0..4092).map(|_| rand::random::<u8>()).collect();
+    garbage[0] = 0xde; // never a valid protocol version code
+    let mut packet = 4096u32.to_be_bytes().to_vec();
+    packet.extend(garbage);
+    let mut s = raw_connect(port).await;
+    s.write_all(&packet).await?;
+    expect_rejected(&mut s, "random startup packet").await;
+
+    // 3. a startup packet claiming ~2 GB
+    let mut s = raw_connect(port).await;
+    let mut p = 0x7fff_fff0u32.to_be_bytes().to_vec();
+    p.extend(PROTOCOL_3_0.to_be_bytes());
+    p.extend_from_slice(b"user\0x\0");
+    s.write_all(&p).await?;
+    expect_rejected(&mut s, "oversized startup length").await;
+
+    // 4. a length shorter than the header itself
+    let mut s = raw_connect(port).await;
+    s.write_all(&[0, 0, 0, 2, 0, 3, 0, 0]).await?;
+    expect_rejected(&mut s, "startup length < 8").await;
+
+    // 5. clients that never finish their startup packet, held open for the rest of the test
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut s = raw_connect(port).await;
+        s.write_all(&[0, 0, 0]).await?;
+        stalled.push(s);
+    }
+    let mut client = connect(port, "during-stall").await?;
+    assert_eq!(whoami(&client).await?.0, "app_a");
+    drop(client);
+
+    // 6. an oversized regular message after a good login (Query claiming ~2 GB)
+    let mut s = raw_connect(port).await;
+    s.write_all(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", "x"), ("database", "y")],
+    ))
+    .await?;
+    loop {
+        match read_message(&mut s).await {
+            Some((b'Z', _)) => break,
+            Some((b'E', body)) => panic!("login failed: {}", String::from_utf8_lossy(&body)),
+            Some(_) => {}
+            None => panic!("connection closed during login"),
+        }
+    }
+    let mut q = vec![b'Q'];
+    q.extend(0x7fff_fff0u32.to_be_bytes());
+    q.extend_from_slice(b"SELECT 1");
+    s.write_all(&q).await?;
+    expect_rejected(&mut s, "oversized Query message").await;
+
+    // 7. SSLRequest answered 'N', then a normal startup on the same connection
+    let mut s = raw_connect(port).await;
+    s.write_all(&special_request(80_877_103)).await?;
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await??;
+    assert_eq!(answer[0], b'N', "SSLRequest must be answered N");
+    s.write_all(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", "x"), ("database", "y")],
+    ))
+    .await?;
+    finish_login_and_query(&mut s, "after SSLRequest").await;
+
+    // 8. GSSENCRequest answered 'N', connection kept, then a normal startup works
+    let mut s = raw_connect(port).await;
+    s.write_all(&special_request(80_877_104)).await?;
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await??;
+    assert_eq!(answer[0], b'N', "GSSENCRequest must be answered N");
+    s.write_all(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", "x"), ("database", "y")],
+    ))
+    .await?;
+    finish_login_and_query(&mut s, "after GSSENCRequest").await;
+
+    // 9. protocol 2.0 startup: a clear ErrorResponse
+    let mut s = raw_connect(port).await;
+    s.write_all(&startup_packet(
+        0x0002_0000,
+        &[("user", "x"), ("database", "y")],
+    ))
+    .await?;
+    assert!(
+        expect_rejected(&mut s, "protocol 2.0").await,
+        "protocol 2.0 startup must get an ErrorResponse"
+    );
+
+    // 10. protocol 3.2 (PostgreSQL 18): an ErrorResponse, or NegotiateProtocolVersion to 3.0
+    let mut s = raw_connect(port).await;
+    s.write_all(&startup_packet(
+        0x0003_0002,
+        &[("user", "x"), ("database", "y")],
+    ))
+    .await?;
+    let first = tokio::time::timeout(Duration::from_secs(15), read_message(&mut s)).await?;
+    match first {
+        Some((b'E', _)) => {}
+        Some((b'v', body)) => {
+            // NegotiateProtocolVersion carries the newest supported *minor* version: 3.0
+            assert_eq!(
+                &body[..4],
+                &0u32.to_be_bytes(),
+                "NegotiateProtocolVersion minor"
+            );
+            finish_login_and_query(&mut s, "after NegotiateProtocolVersion").await;
+        }
+        other => panic!(
+            "protocol 3.2 startup: expected ErrorResponse or NegotiateProtocolVersion, got {:?}",
+            other.map(|(t, _)| t as char)
+        ),
+    }
+
+    // 11. a CancelRequest with a key nobody has: closed, cancels nothing
+    let mut s = raw_connect(port).await;
+    let mut cancel = 16u32.to_be_bytes().to_vec();
+    cancel.extend(80_877_102u32.to_be_bytes());
+    cancel.extend(rand::random::<u32>().to_be_bytes());
+    cancel.extend(rand::random::<u32>().to_be_bytes());
+    s.write_all(&cancel).await?;
+    expect_rejected(&mut s, "bogus CancelRequest").await;
+
+    // a healthy client still works while 20 half-open startups are held
+    client = connect(port, "at-end").await?;
+    assert_eq!(whoami(&client).await?.0, "app_a");
+    wait_for_traffic(&workload, 20).await;
+    let report = workload.stop().await;
+    drop(stalled);
+    assert_clean(&report, "healthy clients during malformed input");
+    assert_eq!(proxy.http_get("/healthz")?.0, 200);
+    println!(
+        "healthy workload during malformed input: {} sessions, {} queries, 0 errors",
+        report.sessions, report.queries
+    );
+    Ok(())
+}
+
+/// A cancel through the proxy reaches the right backend and only that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_reaches_only_the_right_backend() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let victim = proxy.connect().await?;
+    let bystander = proxy.connect().await?;
+    let token = victim.cancel_token();
+
+    let bystander_task = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = bystander.simple_query("SELECT pg_sleep(4)").await;
+        (r, t.elapsed())
+    });
+    let victim_task = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = victim.simple_query("SELECT pg_sleep(30)").await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cancelled_at = Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await?;
+
+    let (result, _) = tokio::time::timeout(Duration::from_secs(20), victim_task).await??;
+    let cancel_latency = cancelled_at.elapsed();
+    let err = result.expect_err("the cancelled query must fail");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+    assert!(
+        cancel_latency < Duration::from_secs(10),
+        "cancel took {cancel_latency:?}"
+    );
+    let (result, elapsed) = tokio::time::timeout(Duration::from_secs(30), bystander_task).await??;
+    result.map_err(|e| anyhow::anyhow!("the other client's query was disturbed: {e:?}"))?;
+    assert!(
+        elapsed >= Duration::from_secs(4),
+        "bystander returned after {elapsed:?}"
+    );
+    println!("cancel answered after {cancel_latency:?}");
+    Ok(())
+}
+
+/// `--pool-size 2 --pool-timeout 1`: a third session waits, then gets a clear error; a session
+/// released in time lets a waiter through. `--max-clients` refuses clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_size_wait_queue_and_client_limit() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--pool-size", "2", "--pool-timeout", "1"])
+        .start()?;
+    let port = proxy.port();
+    let s1 = connect(port, "s1").await?;
+    let s2 = connect(port, "s2").await?;
+    whoami(&s1).await?;
+    whoami(&s2).await?;
+
+    // third session: waits ~1 s then a clear error (at login or at its first query)
+    let started = Instant::now();
+    let third = tokio::time::timeout(Duration::from_secs(30), async {
+        let c = connect(port, "s3").await?;
+        whoami(&c).await?;
+        Ok::<_, tokio_postgres::Error>(c)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the third session hung instead of timing out"))?;
+    let waited = started.elapsed();
+    let err = match third {
+        Ok(_) => panic!("a third session got through a pool of 2 held sessions"),
+        Err(err) => err,
+    };
+    let code = err.code().map(|c| c.code().to_string());
+    println!("pool timeout error after {waited:?}: {err:?}");
+    assert!(
+        matches!(code.as_deref(), Some(c) if c.starts_with("53") || c == "57P03"),
+        "pool timeout must be a clear SQLSTATE (class 53 or 57P03), got {err:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(15),
+        "pool timeout of 1 s answered after {waited:?}"
+    );
+    // the held sessions were not harmed
+    whoami(&s1).await?;
+
+    // a waiter gets the connection a released session gives back
+    let waiter = tokio::spawn(async move {
+        let t = Instant::now();
+        let c = connect(port, "s4").await?;
+        let who = whoami(&c).await?;
+        Ok::<_, tokio_postgres::Error>((who, t.elapsed()))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s1);
+    let (who, waited) = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await??
+        .map_err(|e| anyhow::anyhow!("the waiting session failed after a release: {e:?}"))?;
+    assert_eq!(who.0, "app_a");
+    println!("waiter got through after {waited:?}");
+    drop(s2);
+    drop(proxy);
+
+    // --max-clients 2: the third client is refused with a clear error
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--max-clients", "2"])
+        .start()?;
+    let port = proxy.port();
+    let c1 = connect(port, "c1").await?;
+    let c2 = connect(port, "c2").await?;
+    whoami(&c1).await?;
+    whoami(&c2).await?;
+    let third = tokio::time::timeout(Duration::from_secs(30), async {
+        let c = connect(port, "c3").await?;
+        whoami(&c).await?;
+        Ok::<_, tokio_postgres::Error>(c)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("a client over --max-clients hung"))?;
+    let err = third.expect_err("a third client got through --max-clients 2");
+    assert!(
+        matches!(err.code().map(|c| c.code()), Some(c) if c.starts_with("53")),
+        "over --max-clients must be SQLSTATE class 53, got {err:?}"
+    );
+    whoami(&c1).await?;
+    drop(c2);
+    // the slot is free again
+    let c3 = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(c) = connect(port, "c3").await
+                && whoami(&c).await.is_ok()
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("a client slot was not freed by a disconnect"))?;
+    assert_eq!(whoami(&c3).await?.0, "app_a");
+    Ok(())
+}
+
+/// db-controller's one-file-per-key layout as `--dbc DIR`, including a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dbc_directory_layout() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = dbtests::SecretDir::new()?;
+    let parts = |user: &str| {
+        vec![
+            ("hostname", db.cluster.host().to_string()),
+            ("port", db.cluster.port().to_string()),
+            ("database", APP_DB.to_string()),
+            ("username", user.to_string()),
+            ("password", db.password(user)),
+            ("sslmode", "disable".to_string()),
+        ]
+    };
+    let write = |user: &str| {
+        let p = parts(user);
+        let files: Vec<(&str, &[u8])> = p.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        secret.write(&files)
+    };
+    write("app_a")?;
+    let proxy = ProxyBuilder::new(secret.path()).start()?;
+    let client = proxy.connect().await?;
+    assert_eq!(whoami(&client).await?.0, "app_a");
+    write("app_b")?;
+    let since = Instant::now();
+    let latency = wait_for_session_user(proxy.port(), "app_b", since, PICKUP_DEADLINE).await?;
+    println!("directory layout: app_a -> app_b observed after {latency:?}");
+    assert_eq!(
+        whoami(&client).await?.0,
+        "app_a",
+        "the open session keeps its backend"
+    );
+    Ok(())
+}
+
+/// The key=value `dsn.txt` form, given through `DBPROXY_CREDENTIAL`, including a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dbc_key_value_dsn_via_env() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = dbtests::SecretDir::new()?;
+    secret.write(&[("dsn.txt", db.kv("app_a").as_bytes())])?;
+    let proxy = ProxyBuilder::new(&secret.file("dsn.txt"))
+        .dbc_via_env()
+        .start()?;
+    let client = proxy.connect().await?;
+    assert_eq!(whoami(&client).await?.0, "app_a");
+    db.rotate_password("app_b").await?;
+    secret.write(&[("dsn.txt", db.kv("app_b").as_bytes())])?;
+    let since = Instant::now();
+    let latency = wait_for_session_user(proxy.port(), "app_b", since, PICKUP_DEADLINE).await?;
+    println!("key=value DSN: app_a -> app_b observed after {latency:?}");
+    Ok(())
+}
+
+/// The proxy answers whatever the server asks: md5 (role stored as md5) and cleartext
+/// `password` auth, including a rotation on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_auth_md5_and_cleartext() -> anyhow::Result<()> {
+    use dbtests::{AuthMethod, PasswordKind, PgOptions};
+    for (auth, kind) in [
+        (AuthMethod::Md5, PasswordKind::Md5),
+        (AuthMethod::Password, PasswordKind::Scram),
+    ] {
+        let options = PgOptions {
+            auth,
+            ..PgOptions::default()
+        };
+        let db = AppCluster::start_with("one", options, kind).await?;
+        let secret = uri_secret(&db.uri("app_a"))?;
+        let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+        let c = proxy.connect().await?;
+        assert_eq!(whoami(&c).await?.0, "app_a", "{auth:?}");
+        db.rotate_password("app_b").await?;
+        let since = write_uri(&secret, &db.uri("app_b"))?;
+        let latency = wait_for_session_user(proxy.port(), "app_b", since, PICKUP_DEADLINE).await?;
+        println!("{auth:?}: app_a -> app_b observed after {latency:?}");
+        assert_eq!(whoami(&c).await?.0, "app_a", "{auth:?}: open session");
+    }
+    Ok(())
+}
