@@ -1,11 +1,14 @@
-//! A client's connection from accept to goodbye: startup packet, client authentication, a
-//! server connection from the pool, the login replay, the session, and the release.
+//! A client's connection from accept to goodbye: TLS if asked, startup packet, client
+//! authentication, a server connection from the pool, the login replay, the session, and the
+//! release.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use dbcred::tls::PgStream;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -18,9 +21,10 @@ use crate::protocol::framing::read_message;
 use crate::protocol::frontend::parse_sasl_initial_response;
 use crate::protocol::startup::{StartupParams, StartupRequest, parse_startup, read_startup_packet};
 use crate::proxy::{SessionEnd, run_session};
-use crate::server::send_cancel;
+use crate::server::{CancelRoute, send_cancel};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::tls::{ClientStream, ClientTls, ClientTlsMode, run_session_any};
 
 /// Largest SASL message a client may send during login.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
@@ -35,6 +39,35 @@ pub struct ClientContext {
     pub login_timeout: Duration,
     pub pool_timeout: Duration,
     pub max_client_message: usize,
+    /// What the listeners do with SSLRequest, and their certificate.
+    pub client_tls: ClientTls,
+    /// How to reach each backend serving a client now, for forwarding cancels (same TLS as
+    /// the backend's session).
+    pub cancel_routes: CancelRoutes,
+}
+
+/// Cancel routes by backend (address, pid), registered while a client holds the backend.
+#[derive(Default)]
+pub struct CancelRoutes {
+    routes: Mutex<HashMap<(SocketAddr, i32), CancelRoute>>,
+}
+
+impl CancelRoutes {
+    fn insert(&self, pid: i32, route: &CancelRoute) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.insert((route.addr, pid), route.clone());
+        }
+    }
+
+    fn remove(&self, addr: SocketAddr, pid: i32) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.remove(&(addr, pid));
+        }
+    }
+
+    fn get(&self, addr: SocketAddr, pid: i32) -> Option<CancelRoute> {
+        self.routes.lock().ok()?.get(&(addr, pid)).cloned()
+    }
 }
 
 /// What the startup phase produced.
@@ -48,13 +81,14 @@ enum Startup {
 /// Serves one client connection to its end. Errors are answered to the client where the
 /// protocol allows and logged at debug level; nothing here can affect another client.
 pub async fn serve_client(
-    mut socket: TcpStream,
+    socket: TcpStream,
     peer: SocketAddr,
     require_password: bool,
     ctx: Arc<ClientContext>,
     shutdown: Shutdown,
 ) {
     let _ = socket.set_nodelay(true);
+    let mut socket = ClientStream::Plain(socket);
     let mut out = BytesMut::with_capacity(1024);
     let login = tokio::time::timeout(
         ctx.login_timeout,
@@ -79,13 +113,16 @@ pub async fn serve_client(
         }
     };
     let (params, early) = params;
+    if crate::admin::is_admin_database(&params) {
+        return crate::admin::serve(&mut socket, peer, params, &ctx).await;
+    }
     if let Err(e) = session(&mut socket, peer, params, early, &ctx, &mut out, shutdown).await {
         tracing::debug!(%peer, error = %e, "client session ended with an error");
         send_error(&mut socket, &mut out, &e).await;
     }
 }
 
-async fn send_error(socket: &mut TcpStream, out: &mut BytesMut, e: &ProxyError) {
+async fn send_error(socket: &mut ClientStream, out: &mut BytesMut, e: &ProxyError) {
     out.clear();
     match e {
         // Relay the server's own words when it refused the login.
@@ -100,12 +137,16 @@ async fn send_error(socket: &mut TcpStream, out: &mut BytesMut, e: &ProxyError) 
         ProxyError::Io(_) => return,
         other => backend::fatal(out, other.sqlstate(), &format!("dbproxy: {other}")),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), socket.write_all(out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        socket.write_all(out).await?;
+        socket.flush().await
+    })
+    .await;
 }
 
 /// Startup packet(s) and client authentication.
 async fn login(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     require_password: bool,
     ctx: &ClientContext,
     out: &mut BytesMut,
@@ -115,7 +156,7 @@ async fn login(
     for _ in 0..3 {
         let body = read_startup_packet(socket, &mut buf).await?;
         match parse_startup(body)? {
-            StartupRequest::Ssl | StartupRequest::GssEnc => {
+            request @ (StartupRequest::Ssl | StartupRequest::GssEnc) => {
                 if !buf.is_empty() {
                     // Bytes that arrived with the request would be read as plaintext after a
                     // TLS handshake the client thinks happened (CVE-2021-23222 style).
@@ -123,13 +164,35 @@ async fn login(
                         "data received after an encryption request".into(),
                     ));
                 }
-                socket.write_all(b"N").await?;
+                let acceptor = match (&request, &ctx.client_tls.acceptor) {
+                    (StartupRequest::Ssl, Some(acceptor)) if !socket.is_tls() => acceptor,
+                    _ => {
+                        socket.write_all(b"N").await?;
+                        socket.flush().await?;
+                        continue;
+                    }
+                };
+                socket.write_all(b"S").await?;
+                socket.flush().await?;
+                let ClientStream::Plain(tcp) = std::mem::replace(socket, ClientStream::Closed)
+                else {
+                    return Err(ProxyError::Protocol("TLS requested twice".into()));
+                };
+                let tls = acceptor.acceptor().accept(tcp).await.map_err(|e| {
+                    ProxyError::Protocol(format!("client TLS handshake failed: {e}"))
+                })?;
+                *socket = ClientStream::Tls(Box::new(tls));
             }
             StartupRequest::Cancel { pid, key } => {
-                if let Some((target, _in_flight)) = ctx.cancels.lookup(pid, key)
-                    && let Err(e) = send_cancel(target.addr, target.pid, target.key).await
-                {
-                    tracing::debug!(error = %e, "forwarding a cancel request failed");
+                if let Some((target, _in_flight)) = ctx.cancels.lookup(pid, key) {
+                    match ctx.cancel_routes.get(target.addr, target.pid) {
+                        Some(route) => {
+                            if let Err(e) = send_cancel(&route, target.pid, target.key).await {
+                                tracing::debug!(error = %e, "forwarding a cancel request failed");
+                            }
+                        }
+                        None => tracing::debug!("cancel request for a backend no longer in use"),
+                    }
                 }
                 return Ok(Startup::Done);
             }
@@ -139,10 +202,26 @@ async fn login(
                 )));
             }
             StartupRequest::Startup { minor, params } => {
+                if ctx.client_tls.mode == ClientTlsMode::Require && !socket.is_tls() {
+                    return Err(ProxyError::ServerRejected {
+                        host: "dbproxy".into(),
+                        port: 0,
+                        user: params.user.clone().unwrap_or_default(),
+                        fields: Box::new(crate::error::ServerErrorFields {
+                            severity: "FATAL".into(),
+                            code: "28000".into(),
+                            message: "dbproxy requires TLS on this listener (--client-tls require)"
+                                .into(),
+                            detail: None,
+                            hint: Some("connect with sslmode=require or stricter".into()),
+                        }),
+                    });
+                }
                 if minor > 0 || !params.protocol_options.is_empty() {
                     out.clear();
                     backend::negotiate_protocol_version(out, 0, &params.protocol_options);
                     socket.write_all(out).await?;
+                    socket.flush().await?;
                 }
                 if let Some((_, v)) = params.forwarded.iter().find(|(k, _)| k == "replication")
                     && !matches!(
@@ -173,7 +252,7 @@ async fn login(
 
 /// SCRAM-SHA-256 against `--client-password-file`.
 async fn authenticate(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     buf: &mut BytesMut,
     ctx: &ClientContext,
     out: &mut BytesMut,
@@ -200,6 +279,7 @@ async fn authenticate(
     out.clear();
     backend::authentication_sasl(out);
     socket.write_all(out).await?;
+    socket.flush().await?;
     let (tag, body) = read_message(socket, buf, MAX_AUTH_MESSAGE).await?;
     if tag != b'p' {
         return Err(failed());
@@ -214,6 +294,7 @@ async fn authenticate(
     out.clear();
     backend::authentication_sasl_continue(out, &server_first);
     socket.write_all(out).await?;
+    socket.flush().await?;
     let (tag, body) = read_message(socket, buf, MAX_AUTH_MESSAGE).await?;
     if tag != b'p' {
         return Err(failed());
@@ -223,6 +304,7 @@ async fn authenticate(
             out.clear();
             backend::authentication_sasl_final(out, &server_final);
             socket.write_all(out).await?;
+            socket.flush().await?;
             Ok(())
         }
         None => Err(failed()),
@@ -231,7 +313,7 @@ async fn authenticate(
 
 /// Gets a server, replays the login to the client, forwards, and releases.
 async fn session(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     peer: SocketAddr,
     params: StartupParams,
     early: BytesMut,
@@ -245,15 +327,19 @@ async fn session(
     } else {
         early
     };
+    let tracked = crate::admin::track_client(ctx, peer, &params);
     let server_params = Arc::new(params.forwarded);
     let deadline = Instant::now() + ctx.pool_timeout;
     let mut server = tokio::select! {
         s = ctx.pool.acquire(&server_params, deadline) => s?,
         _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
     };
+    tracked.set_server(Some(server.backend_pid));
     // If this task panics or is dropped before the release below, the slot is given back.
     let slot = ctx.pool.slot_guard();
     let cancel_key = ctx.cancels.register();
+    ctx.cancel_routes
+        .insert(server.backend_pid, &server.cancel_route);
     cancel_key.set_target(Some(CancelTarget {
         addr: server.peer,
         pid: server.backend_pid,
@@ -267,8 +353,13 @@ async fn session(
     }
     backend::backend_key_data(out, cancel_key.pid, cancel_key.key);
     backend::ready_for_query(out, b'I');
-    if let Err(e) = socket.write_all(out).await {
+    let replayed = match socket.write_all(out).await {
+        Ok(()) => socket.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = replayed {
         drop(cancel_key);
+        ctx.cancel_routes.remove(server.peer, server.backend_pid);
         slot.disarm();
         ctx.pool.release(server, true).await;
         return Err(e.into());
@@ -276,7 +367,14 @@ async fn session(
     // Nothing is kept per idle session: the forwarding loop reads into stack buffers.
     *out = BytesMut::new();
 
-    let outcome = run_session(socket, &mut server.stream, ctx.max_client_message, &early).await;
+    // Plaintext on both sides keeps the TcpStream fast path; TLS on either side takes the
+    // generic loop.
+    let outcome = match (&mut *socket, &mut server.stream) {
+        (ClientStream::Plain(client), PgStream::Plain(backend)) => {
+            run_session(client, backend, ctx.max_client_message, &early).await
+        }
+        (client, backend) => run_session_any(client, backend, ctx.max_client_message, &early).await,
+    };
     drop(early);
     // Unregister first, then let cancels already on their way land: a cancel must never
     // reach the backend once it may serve someone else.
@@ -284,6 +382,7 @@ async fn session(
     ctx.cancels
         .wait_no_cancel_in_flight(server.peer, server.backend_pid)
         .await;
+    ctx.cancel_routes.remove(server.peer, server.backend_pid);
     tracing::trace!(%peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
     slot.disarm();
     ctx.pool.release(server, outcome.server_clean).await;

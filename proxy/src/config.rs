@@ -21,9 +21,25 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at startup; boxing RunArgs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the proxy (the default when no subcommand is given).
     Run(RunArgs),
+    /// Wait until a running proxy's /readyz answers 200 (for a postStart hook).
+    Wait(WaitArgs),
+}
+
+/// `dbproxy wait`: exit 0 once the proxy is ready, 1 when the timeout passes first.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// The proxy's ops address (0.0.0.0 means this host).
+    #[arg(long = "ops-addr", default_value = "127.0.0.1:9432")]
+    pub ops_addr: SocketAddr,
+
+    /// Seconds to wait before giving up.
+    #[arg(long = "timeout", default_value_t = 300)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,7 +96,12 @@ pub struct RunArgs {
     #[arg(long = "server-lifetime", default_value_t = 3600)]
     pub server_lifetime: u64,
 
-    /// Seconds sessions may take to finish after SIGTERM/SIGINT.
+    /// Seconds to keep serving normally after SIGTERM (the app is shutting down too and
+    /// still needs its database) before refusing new clients and draining.
+    #[arg(long = "shutdown-delay", default_value_t = 5)]
+    pub shutdown_delay: u64,
+
+    /// Seconds sessions may take to finish after the shutdown delay.
     #[arg(long = "shutdown-timeout", default_value_t = 30)]
     pub shutdown_timeout: u64,
 
@@ -108,6 +129,11 @@ pub struct RunArgs {
     #[arg(long = "client-password-file")]
     pub client_password_file: Option<PathBuf>,
 
+    /// User name allowed to use the admin console from non-loopback listeners (it logs in
+    /// with the --client-password-file password); loopback clients may always use it.
+    #[arg(long = "admin-user")]
+    pub admin_user: Option<String>,
+
     /// Largest client message accepted, in bytes; larger ones end the session with 08P01.
     #[arg(long = "max-client-message", default_value_t = 256 * 1024 * 1024)]
     pub max_client_message: usize,
@@ -119,6 +145,20 @@ pub struct RunArgs {
     /// Runtime worker threads; 0 runs everything on one thread (lowest CPU per query).
     #[arg(long = "worker-threads", default_value_t = 0)]
     pub worker_threads: usize,
+
+    /// TLS for clients: `disable` answers N to SSLRequest, `allow`/`prefer` accept TLS when
+    /// asked, `require` refuses plaintext clients.
+    #[arg(long = "client-tls", value_enum, default_value = "prefer")]
+    pub client_tls: crate::tls::ClientTlsMode,
+
+    /// PEM certificate chain for client TLS (reloaded when it changes); without it a
+    /// self-signed certificate is generated at startup.
+    #[arg(long = "client-tls-cert", requires = "client_tls_key")]
+    pub client_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-tls-cert.
+    #[arg(long = "client-tls-key", requires = "client_tls_cert")]
+    pub client_tls_key: Option<PathBuf>,
 }
 
 impl Cli {
@@ -126,7 +166,7 @@ impl Cli {
     pub fn into_run_args(self) -> RunArgs {
         match self.command {
             Some(Command::Run(args)) => args,
-            None => self.run,
+            Some(Command::Wait(_)) | None => self.run,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dbcred::{Dsn, FileWatcher, HostKind, ReloadHandle, WatchEvent};
+use dbcred::{Dsn, FileWatcher, HostKind, ReloadHandle, SslMode, TimedEvent, WatchEvent};
 use tokio::sync::{Notify, watch};
 
 use crate::auth::scram_client::{SaltedPasswordCache, normalize};
@@ -13,7 +13,7 @@ use crate::error::{ProxyError, Result};
 use crate::pool::Pool;
 use crate::server::ServerConnection;
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
+use crate::stats::{InfoLabels, Stats};
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -52,6 +52,38 @@ impl Generation {
 
 /// `user@host:port/db` of a DSN, for logs and /readyz.
 pub fn describe_dsn(dsn: &Dsn) -> String {
+    let hosts = hosts_of(dsn);
+    format!(
+        "{}@{}/{}",
+        dsn.user().unwrap_or("?"),
+        hosts,
+        dsn.dbname().or(dsn.user()).unwrap_or("?")
+    )
+}
+
+/// The labels of `dbproxy_info` for a DSN (user, hosts, database, sslmode; no password).
+pub fn info_labels(dsn: &Dsn) -> InfoLabels {
+    InfoLabels {
+        user: dsn.user().unwrap_or("").to_owned(),
+        host: hosts_of(dsn),
+        database: dsn.dbname().or(dsn.user()).unwrap_or("").to_owned(),
+        sslmode: sslmode_name(dsn.sslmode()).to_owned(),
+    }
+}
+
+/// libpq's spelling of an sslmode.
+pub fn sslmode_name(mode: SslMode) -> &'static str {
+    match mode {
+        SslMode::Disable => "disable",
+        SslMode::Allow => "allow",
+        SslMode::Prefer => "prefer",
+        SslMode::Require => "require",
+        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyFull => "verify-full",
+    }
+}
+
+fn hosts_of(dsn: &Dsn) -> String {
     let hosts: Vec<String> = dsn
         .hosts()
         .iter()
@@ -60,12 +92,7 @@ pub fn describe_dsn(dsn: &Dsn) -> String {
             HostKind::Unix(p) => format!("{}:{}", p.display(), h.port),
         })
         .collect();
-    format!(
-        "{}@{}/{}",
-        dsn.user().unwrap_or("?"),
-        hosts.join(","),
-        dsn.dbname().or(dsn.user()).unwrap_or("?")
-    )
+    hosts.join(",")
 }
 
 /// The current generation and what is known about newer DSNs, shared by every task.
@@ -139,6 +166,22 @@ impl Credentials {
         })
     }
 
+    /// Asks the watcher to re-read the DSN file now (SIGHUP, admin RELOAD). False when no
+    /// watcher runs yet.
+    pub fn reload(&self) -> bool {
+        match self.reload.lock() {
+            Ok(r) => match r.as_ref() {
+                Some(r) => {
+                    r.reload();
+                    self.auth_failed.notify_one();
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        }
+    }
+
     /// A login with generation `number` was refused as invalid_password: the Secret has
     /// probably rotated. Re-read the file now and retry any pending DSN at once.
     pub fn report_auth_failure(&self, number: u64) {
@@ -187,17 +230,19 @@ pub async fn run_watcher(
         *r = Some(watcher.reload_handle());
     }
     let mut candidate: Option<Dsn> = None;
+    // When the watcher noticed the change behind `candidate`.
+    let mut detected = Instant::now();
     let mut backoff = BACKOFF_START;
     let mut retry_at: Option<Instant> = None;
     loop {
         let sleep_until = retry_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            event = watcher.next() => match event {
+            event = watcher.next_timed() => match event {
                 None => {
                     tracing::error!("the DSN watcher stopped; credentials will no longer follow the file");
                     return;
                 }
-                Some(WatchEvent::Changed(dsn)) => {
+                Some(TimedEvent { event: WatchEvent::Changed(dsn), detected: at }) => {
                     if credentials.current().is_some_and(|g| g.dsn == dsn) {
                         // The file went back to what is already in use.
                         candidate = None;
@@ -208,10 +253,11 @@ pub async fn run_watcher(
                     }
                     tracing::info!(dsn = %describe_dsn(&dsn), "new DSN read; validating it with a login");
                     candidate = Some(dsn);
+                    detected = at;
                     backoff = BACKOFF_START;
                     retry_at = Some(Instant::now());
                 }
-                Some(WatchEvent::Rejected(reason)) => {
+                Some(TimedEvent { event: WatchEvent::Rejected(reason), .. }) => {
                     stats.rotations_rejected.increment(1);
                     stats.credential_rejected.set(1.0);
                     let serving = credentials.current_number();
@@ -229,6 +275,11 @@ pub async fn run_watcher(
                         let generation = credentials.publish(validated);
                         stats.rotations_applied.increment(1);
                         stats.generation.set(generation.number as f64);
+                        stats.set_info(info_labels(&generation.dsn));
+                        if generation.number > 1 {
+                            // The first generation is the startup, not a rotation.
+                            stats.rotation_seconds.record(detected.elapsed().as_secs_f64());
+                        }
                         stats.credential_rejected.set(0.0);
                         tracing::info!(generation = generation.number, dsn = %generation.describe(), "credential generation applied");
                         pool.retire_old_generations();
@@ -236,6 +287,9 @@ pub async fn run_watcher(
                         retry_at = None;
                     }
                     Err(e) => {
+                        if let ProxyError::ServerRejected { fields, .. } = &e {
+                            stats.server_login_failed(&fields.code);
+                        }
                         // Count each rejected DSN once, not each retry.
                         if backoff == BACKOFF_START {
                             stats.rotations_rejected.increment(1);

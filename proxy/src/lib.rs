@@ -4,6 +4,8 @@
 //! `pool` hands out a `server` connection logged in with the current `credentials`
 //! generation, `proxy` forwards bytes, and `pool` resets and keeps the server afterwards.
 
+/// The pgbouncer-compatible admin console (database `pgbouncer` or `dbproxy`).
+pub mod admin;
 /// Client-facing SCRAM-SHA-256 verification for non-loopback listeners.
 pub mod auth;
 /// Synthetic cancel keys and routing of CancelRequests to the right backend.
@@ -34,3 +36,5 @@ pub mod service;
 pub mod shutdown;
 /// Metric handles.
 pub mod stats;
+/// TLS towards clients (SSLRequest, certificate, mode) and the forwarding loop for TLS sessions.
+pub mod tls;

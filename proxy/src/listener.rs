@@ -145,7 +145,12 @@ pub async fn accept_loop(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_client(socket, peer, require_password, ctx, shutdown).await;
+            let span = crate::stats::client_span(peer);
+            tracing::Instrument::instrument(
+                serve_client(socket, peer, require_password, ctx, shutdown),
+                span,
+            )
+            .await;
         });
     }
 }

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::credentials::Credentials;
 use crate::error::{ProxyError, Result};
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 
 /// What /readyz looks at.
 pub struct Readiness {
@@ -25,7 +26,12 @@ pub struct Readiness {
 struct OpsState {
     readiness: Arc<Readiness>,
     metrics: Option<PrometheusHandle>,
+    stats: Arc<Stats>,
 }
+
+/// How often histogram samples are folded into their buckets when nobody scrapes (keeps
+/// the recorder's memory bounded under load).
+const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The /readyz answer: status and a short plain-text reason, never a secret.
 pub fn readiness_report(readiness: &Readiness) -> (StatusCode, String) {
@@ -70,7 +76,10 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
 
 async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
     match &state.metrics {
-        Some(h) => (StatusCode::OK, h.render()),
+        Some(h) => {
+            state.stats.refresh();
+            (StatusCode::OK, h.render())
+        }
         None => (
             StatusCode::NOT_FOUND,
             "metrics recorder not installed\n".into(),
@@ -83,13 +92,30 @@ pub async fn serve(
     addr: SocketAddr,
     readiness: Arc<Readiness>,
     metrics: Option<PrometheusHandle>,
+    stats: Arc<Stats>,
     mut shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(handle) = metrics.clone() {
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_PERIOD);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    _ = stop.recv() => return,
+                }
+            }
+        });
+    }
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(self::metrics))
-        .with_state(OpsState { readiness, metrics });
+        .with_state(OpsState {
+            readiness,
+            metrics,
+            stats,
+        });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| ProxyError::Config(format!("cannot bind --ops-addr {addr}: {e}")))?;

@@ -2,15 +2,15 @@
 //! connection, release with reset, and the janitor that enforces idle timeout and lifetime.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::credentials::Credentials;
 use crate::error::{ProxyError, Result};
 use crate::server::{ServerConnection, ServerParams};
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
+use crate::stats::{ServerEntry, ServerState, Stats};
 
 /// Limits and timeouts of the pool.
 #[derive(Debug, Clone)]
@@ -34,6 +34,12 @@ pub struct Pool {
     credentials: Arc<Credentials>,
     config: PoolConfig,
     stats: Arc<Stats>,
+    /// True while the admin console has paused new server assignments.
+    paused: watch::Sender<bool>,
+    /// RECONNECT: connections created before this instant are retired at their next safe point.
+    retire_before: Mutex<Option<Instant>>,
+    /// Set once at startup; the admin console reads it.
+    admin: std::sync::OnceLock<Arc<crate::admin::AdminSettings>>,
 }
 
 /// See [`Pool::slot_guard`].
@@ -77,7 +83,79 @@ impl Pool {
             credentials,
             config,
             stats,
+            paused: watch::channel(false).0,
+            retire_before: Mutex::new(None),
+            admin: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_admin_settings(&self, settings: crate::admin::AdminSettings) {
+        let _ = self.admin.set(Arc::new(settings));
+    }
+
+    pub fn admin_settings(&self) -> Option<Arc<crate::admin::AdminSettings>> {
+        self.admin.get().cloned()
+    }
+
+    pub fn credentials(&self) -> &Arc<Credentials> {
+        &self.credentials
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// PAUSE: clients that need a server wait (up to their pool timeout) until RESUME.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// RESUME: waiting clients proceed.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// RECONNECT: every server connection that exists now is replaced at its next safe point;
+    /// idle ones close at once, busy ones when their client releases them.
+    pub fn reconnect(&self) -> usize {
+        if let Ok(mut r) = self.retire_before.lock() {
+            *r = Some(Instant::now());
+        }
+        self.sweep()
+    }
+
+    fn retired(&self, server: &ServerConnection) -> bool {
+        self.retire_before
+            .lock()
+            .ok()
+            .and_then(|r| *r)
+            .is_some_and(|t| server.created <= t)
+    }
+
+    /// Forgets a server in the registry as it closes.
+    fn forget(&self, server: &ServerConnection) {
+        self.stats
+            .registry
+            .remove_server(server.peer, server.backend_pid);
+    }
+
+    /// Waits while the pool is paused; an error once `deadline` passes.
+    async fn wait_unpaused(&self, deadline: Instant) -> Result<()> {
+        let mut rx = self.paused.subscribe();
+        match tokio::time::timeout_at(deadline.into(), rx.wait_for(|p| !*p)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ProxyError::Timeout(
+                "waiting for RESUME: the pool is paused by the admin console",
+            )),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -103,7 +181,39 @@ impl Pool {
         params: &ServerParams,
         deadline: Instant,
     ) -> Result<ServerConnection> {
+        let started = Instant::now();
+        self.stats.clients_waiting.increment(1.0);
+        let got = self.acquire_inner(params, deadline).await;
+        self.stats.clients_waiting.decrement(1.0);
+        let waited = started.elapsed();
+        self.stats.pool_wait.record(waited.as_secs_f64());
+        if let Ok(server) = &got {
+            let hot = crate::stats::hot();
+            hot.assignments
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            hot.wait_us.fetch_add(
+                waited.as_micros() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.stats.clients_active.increment(1.0);
+            self.stats.registry.set_server_state(
+                server.peer,
+                server.backend_pid,
+                ServerState::Active,
+            );
+        }
+        got
+    }
+
+    async fn acquire_inner(
+        &self,
+        params: &ServerParams,
+        deadline: Instant,
+    ) -> Result<ServerConnection> {
         loop {
+            if self.is_paused() {
+                self.wait_unpaused(deadline).await?;
+            }
             let generation = self.credentials.wait_current(deadline).await?;
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -121,6 +231,7 @@ impl Pool {
                         found = Some(server);
                         break;
                     }
+                    self.forget(&server);
                     state.open -= 1;
                 }
                 if let Some(server) = found {
@@ -142,6 +253,7 @@ impl Pool {
                 Decision::Take(server) => return Ok(server),
                 Decision::Open(victim) => {
                     if let Some(v) = victim {
+                        self.forget(&v);
                         v.close();
                     }
                     // Frees the slot if opening fails, or if this future is dropped midway.
@@ -173,10 +285,36 @@ impl Pool {
     ) -> Result<ServerConnection> {
         let mut retries = 0;
         loop {
-            let err = match ServerConnection::connect(&generation, params, deadline).await {
-                Ok(server) => return Ok(server),
+            let id = self.stats.registry.next_id();
+            let span = tracing::debug_span!("server", id, generation = generation.number);
+            let connect = ServerConnection::connect(&generation, params, deadline);
+            let err = match tracing::Instrument::instrument(connect, span).await {
+                Ok(server) => {
+                    let now = SystemTime::now();
+                    tracing::debug!(server.id = id, generation = server.generation, peer = %server.peer, backend_pid = server.backend_pid, "server connection opened");
+                    self.stats.registry.add_server(ServerEntry {
+                        id,
+                        generation: server.generation,
+                        user: generation.dsn.user().unwrap_or("").to_owned(),
+                        database: generation
+                            .dsn
+                            .dbname()
+                            .or(generation.dsn.user())
+                            .unwrap_or("")
+                            .to_owned(),
+                        addr: server.peer,
+                        backend_pid: server.backend_pid,
+                        state: ServerState::Active,
+                        connect_time: now,
+                        request_time: now,
+                    });
+                    return Ok(server);
+                }
                 Err(e) => e,
             };
+            if let ProxyError::ServerRejected { fields, .. } = &err {
+                self.stats.server_login_failed(&fields.code);
+            }
             let rotated = matches!(&err, ProxyError::ServerRejected { fields, .. } if fields.is_auth_failure());
             if !rotated || retries >= MAX_ROTATION_RETRIES {
                 return Err(err);
@@ -210,6 +348,10 @@ impl Pool {
             let mut state = self.lock();
             state.open = state.open.saturating_sub(1);
             self.stats.server_connections.set(state.open as f64);
+            if state.open == 0 {
+                // A session that panicked dropped its server without telling us which.
+                self.stats.registry.clear_servers();
+            }
         }
         self.changed.notify_one();
     }
@@ -218,20 +360,28 @@ impl Pool {
     /// (idle, nothing in flight); only then, and only for the current generation within its
     /// lifetime, is it reset and kept.
     pub async fn release(&self, mut server: ServerConnection, clean: bool) {
+        self.stats.clients_active.decrement(1.0);
         let keep = clean
             && server.generation == self.credentials.current_number()
-            && server.created.elapsed() < self.config.lifetime;
+            && server.created.elapsed() < self.config.lifetime
+            && !self.retired(&server);
         if keep && server.reset().await.is_ok() {
             server.idle_since = Instant::now();
             let mut state = self.lock();
             // The generation may have changed during the reset.
             if server.generation == self.credentials.current_number() {
+                self.stats.registry.set_server_state(
+                    server.peer,
+                    server.backend_pid,
+                    ServerState::Idle,
+                );
                 state.idle.push(server);
                 drop(state);
                 self.changed.notify_one();
                 return;
             }
         }
+        self.forget(&server);
         server.close();
         self.slot_freed();
     }
@@ -249,6 +399,7 @@ impl Pool {
                 let stale = s.generation != current
                     || s.idle_since.elapsed() >= self.config.idle_timeout
                     || s.created.elapsed() >= self.config.lifetime
+                    || self.retired(s)
                     || !s.is_alive();
                 if stale {
                     closed.push(state.idle.swap_remove(i));
@@ -261,6 +412,7 @@ impl Pool {
         }
         let n = closed.len();
         for s in closed {
+            self.forget(&s);
             s.close();
         }
         if n > 0 {
@@ -290,6 +442,7 @@ impl Pool {
             idle
         };
         for s in idle {
+            self.forget(&s);
             s.close();
         }
     }

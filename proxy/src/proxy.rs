@@ -7,7 +7,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::ops::ControlFlow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -16,6 +16,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
 use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
+use crate::stats::{HotStats, hot};
 
 /// Size of the on-stack read buffer; nothing is kept per idle session.
 const CHUNK: usize = 16 * 1024;
@@ -53,6 +54,73 @@ struct SessionState {
     status: AtomicU8,
     /// The client has terminated; the server side stops once every reply is delivered.
     draining: AtomicBool,
+    /// Query and transaction timing for the metrics.
+    clock: TransactionClock,
+}
+
+/// Per-session timing of queries and transactions, for `dbproxy_queries_total`,
+/// `dbproxy_transactions_total` and their latency histograms. Any forwarding loop (plain or
+/// TLS) calls [`TransactionClock::request_sent`] for each client message answered by a
+/// ReadyForQuery (or opening an extended sequence) and
+/// [`TransactionClock::ready_for_query`] for each ReadyForQuery from the server.
+#[derive(Default)]
+pub struct TransactionClock {
+    /// When the request now being answered started (ns since `HotStats::epoch`; 0: none).
+    request_start: AtomicU64,
+    /// When the transaction in progress started (0: the session is idle).
+    transaction_start: AtomicU64,
+}
+
+/// Counts bytes read from a client (any forwarding loop).
+#[inline]
+pub fn count_client_bytes(n: usize) {
+    hot().bytes_from_clients.fetch_add(n as u64, Relaxed);
+}
+
+/// Counts bytes read from a server and sent on to its client (any forwarding loop).
+#[inline]
+pub fn count_server_bytes(n: usize) {
+    hot().bytes_to_clients.fetch_add(n as u64, Relaxed);
+}
+
+impl TransactionClock {
+    /// The client sent a message that will be answered by a ReadyForQuery.
+    #[inline]
+    pub fn request_sent(&self, hot: &HotStats) {
+        if self.request_start.load(Relaxed) == 0 {
+            let now = hot.now_ns();
+            self.request_start.store(now, Relaxed);
+            if self.transaction_start.load(Relaxed) == 0 {
+                self.transaction_start.store(now, Relaxed);
+            }
+        }
+    }
+
+    /// The server sent ReadyForQuery: one query answered, maybe a transaction finished.
+    /// Counters and histograms only: no allocation, no lock.
+    #[inline]
+    pub fn ready_for_query(&self, hot: &HotStats, status: u8, still_pending: bool) {
+        let now = hot.now_ns();
+        let started = self.request_start.load(Relaxed);
+        hot.queries.fetch_add(1, Relaxed);
+        if started != 0 {
+            let ns = now.saturating_sub(started);
+            hot.query_us.fetch_add(ns / 1000, Relaxed);
+            hot.query_seconds.record(ns as f64 / 1e9);
+        }
+        // Pipelined requests: the next one is being answered from now on.
+        self.request_start
+            .store(if still_pending { now } else { 0 }, Relaxed);
+        if status == b'I' {
+            let tx = self.transaction_start.swap(0, Relaxed);
+            if tx != 0 {
+                let ns = now.saturating_sub(tx);
+                hot.transactions.fetch_add(1, Relaxed);
+                hot.transaction_us.fetch_add(ns / 1000, Relaxed);
+                hot.transaction_seconds.record(ns as f64 / 1e9);
+            }
+        }
+    }
 }
 
 /// Result of a session: why it ended and whether its server can be reused.
@@ -195,6 +263,8 @@ fn inspect_client(
     verdict: &mut ClientVerdict,
     data: &[u8],
 ) -> Result<(usize, bool), String> {
+    let hot = hot();
+    count_client_bytes(data.len());
     let end = walker
         .walk(data, |event| match event {
             Event::Start { tag: b'X', .. } => {
@@ -203,11 +273,13 @@ fn inspect_client(
             }
             Event::Start { tag, .. } => {
                 if expects_ready_for_query(tag) {
+                    state.clock.request_sent(hot);
                     state.pending.fetch_add(1, Relaxed);
                     if tag == b'S' {
                         state.unsynced.store(false, Relaxed);
                     }
                 } else if opens_extended_sequence(tag) {
+                    state.clock.request_sent(hot);
                     state.unsynced.store(true, Relaxed);
                 }
                 ControlFlow::Continue(())
@@ -292,17 +364,21 @@ async fn server_to_client(
     state: &SessionState,
 ) -> SessionEnd {
     let mut backlog = Vec::new();
+    let hot = hot();
     loop {
         let read = read_and_forward(src, dst, &mut backlog, |data| {
+            count_server_bytes(data.len());
             walker
                 .walk(data, |event| {
                     if let Event::ReadyForQuery(status) = event {
                         state.status.store(status, Relaxed);
                         // Saturating: a server may send ReadyForQuery we did not count
                         // (never in practice); do not wrap.
-                        let _ = state
+                        let before = state
                             .pending
-                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1));
+                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1))
+                            .unwrap_or(0);
+                        state.clock.ready_for_query(hot, status, before > 1);
                     }
                     ControlFlow::Continue(())
                 })

@@ -1,18 +1,22 @@
-//! Server connections: connect to the DSN's hosts in order, log in (SCRAM-SHA-256, md5,
-//! cleartext), SET ROLE, reset with DISCARD ALL, and cancel.
+//! Server connections: connect to the DSN's hosts in order with the DSN's TLS policy (libpq's
+//! `sslmode` attempts and fallbacks), log in (SCRAM-SHA-256 with or without channel binding,
+//! md5, cleartext), SET ROLE, reset with DISCARD ALL, and cancel.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use dbcred::{HostKind, SslMode};
+use dbcred::tls::{
+    Attempt, AttemptFailure, ChannelBinding, PgStream, ServerTlsPolicy, TlsError, negotiate,
+};
+use dbcred::{Dsn, HostKind};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::auth::scram_client::ScramClient;
+use crate::auth::scram_client::{Gs2Binding, ScramClient};
 use crate::credentials::Generation;
 use crate::error::{ProxyError, Result, ServerErrorFields};
 use crate::protocol::backend::parse_error_fields;
@@ -28,14 +32,49 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Per-host login limit when the DSN gives no connect_timeout.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How many DSNs keep their built TLS policy (the current generation, a candidate, and a
+/// couple of older ones whose connections are still open).
+const POLICY_CACHE: usize = 4;
+
 /// The startup parameters (other than user and database) a server connection was opened
 /// with; clients reuse only servers whose parameters equal theirs.
 pub type ServerParams = Arc<Vec<(String, String)>>;
 
+/// The TLS policy of a DSN, built (certificate files read) once per DSN and shared by every
+/// connection of its generation. A policy that cannot be built fails the login, so a new DSN
+/// with, say, an unreadable sslrootcert is rejected and the last good generation stays.
+pub fn tls_policy(dsn: &Dsn) -> Result<ServerTlsPolicy> {
+    static CACHE: Mutex<Vec<(Dsn, ServerTlsPolicy)>> = Mutex::new(Vec::new());
+    if let Ok(cache) = CACHE.lock()
+        && let Some((_, policy)) = cache.iter().find(|(d, _)| d == dsn)
+    {
+        return Ok(policy.clone());
+    }
+    let policy = ServerTlsPolicy::from_dsn(dsn).map_err(|e| ProxyError::BadDsn(e.to_string()))?;
+    if let Ok(mut cache) = CACHE.lock() {
+        if cache.len() >= POLICY_CACHE {
+            cache.remove(0);
+        }
+        cache.push((dsn.clone(), policy.clone()));
+    }
+    Ok(policy)
+}
+
+/// How to reach a backend again for a CancelRequest: same address, same TLS as its session
+/// (PostgreSQL reads a CancelRequest after an SSLRequest too).
+#[derive(Clone, Debug)]
+pub struct CancelRoute {
+    pub addr: SocketAddr,
+    /// The name TLS verifies (the DSN's host).
+    pub host: String,
+    pub policy: ServerTlsPolicy,
+    pub tls: bool,
+}
+
 /// A logged-in connection to PostgreSQL, tagged with the credential generation that
 /// opened it so rotations can retire it.
 pub struct ServerConnection {
-    pub stream: TcpStream,
+    pub stream: PgStream,
     pub generation: u64,
     pub params: ServerParams,
     /// ParameterStatus values as the server last reported them, replayed to each client.
@@ -45,6 +84,8 @@ pub struct ServerConnection {
     pub peer: SocketAddr,
     pub created: Instant,
     pub idle_since: Instant,
+    /// Where cancels for this backend go, and how.
+    pub cancel_route: CancelRoute,
     role: Option<String>,
 }
 
@@ -54,6 +95,7 @@ impl std::fmt::Debug for ServerConnection {
             .field("peer", &self.peer)
             .field("generation", &self.generation)
             .field("backend_pid", &self.backend_pid)
+            .field("tls", &self.stream.is_tls())
             .finish_non_exhaustive()
     }
 }
@@ -63,32 +105,48 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// How one connection attempt failed, for libpq's retry rules.
+enum AttemptError {
+    /// TLS negotiation failed before anything was sent.
+    Negotiation(TlsError),
+    /// The server refused the login with an ErrorResponse.
+    Rejected { error: ProxyError, over_tls: bool },
+    /// Anything else (I/O, protocol, unsupported authentication, channel binding, SET ROLE).
+    Other(ProxyError),
+}
+
+impl From<ProxyError> for AttemptError {
+    fn from(e: ProxyError) -> Self {
+        AttemptError::Other(e)
+    }
+}
+
+impl From<std::io::Error> for AttemptError {
+    fn from(e: std::io::Error) -> Self {
+        AttemptError::Other(ProxyError::Io(e))
+    }
+}
+
 impl ServerConnection {
     /// Opens a connection with `generation`'s credentials, trying its hosts in order like
-    /// libpq. An authentication failure stops at the first host that answered (libpq does
-    /// the same); connection failures move on to the next host.
+    /// libpq, and for each host libpq's sequence of TLS and plaintext attempts for the DSN's
+    /// `sslmode`. An authentication failure stops at the first host that answered (libpq does
+    /// the same); connection and TLS failures move on to the next host.
     pub async fn connect(
         generation: &Generation,
         params: &ServerParams,
         deadline: Instant,
     ) -> Result<Self> {
         let dsn = &generation.dsn;
-        match dsn.sslmode() {
-            SslMode::Disable | SslMode::Allow | SslMode::Prefer => {}
-            other => {
-                let name = match other {
-                    SslMode::Require => "require",
-                    SslMode::VerifyCa => "verify-ca",
-                    _ => "verify-full",
-                };
-                return Err(ProxyError::TlsRequired(name.into()));
-            }
-        }
+        let policy = tls_policy(dsn)?;
         let per_host = dsn.connect_timeout().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let mut last_err = ProxyError::BadDsn("the DSN names no host".into());
         for target in dsn.hosts() {
-            let host = match &target.host {
-                HostKind::Tcp(name) => target.hostaddr.clone().unwrap_or_else(|| name.clone()),
+            let (host, tls_name) = match &target.host {
+                HostKind::Tcp(name) => (
+                    target.hostaddr.clone().unwrap_or_else(|| name.clone()),
+                    name.clone(),
+                ),
                 HostKind::Unix(path) => {
                     last_err = ProxyError::BadDsn(format!(
                         "unix-socket host {} is not supported; use a TCP host",
@@ -123,35 +181,49 @@ impl ServerConnection {
                     continue;
                 }
             };
+            let connect_err = |reason: String| ProxyError::Connect {
+                host: host.clone(),
+                port,
+                reason,
+            };
             for addr in addrs {
-                let attempt = tokio::time::timeout_at(
-                    host_deadline.into(),
-                    Self::login(addr, &host, generation, params),
-                )
-                .await;
-                match attempt {
-                    Ok(Ok(conn)) => return Ok(conn),
-                    Ok(Err(
-                        e @ (ProxyError::ServerRejected { .. }
-                        | ProxyError::UnsupportedAuth(_)
-                        | ProxyError::SetRole { .. }),
-                    )) => {
-                        return Err(e);
-                    }
-                    Ok(Err(ProxyError::Io(e))) => {
-                        last_err = ProxyError::Connect {
-                            host: host.clone(),
-                            port,
-                            reason: e.to_string(),
-                        };
-                    }
-                    Ok(Err(e)) => last_err = e,
-                    Err(_) => {
-                        last_err = ProxyError::Connect {
-                            host: host.clone(),
-                            port,
-                            reason: "timed out".into(),
-                        };
+                let mut attempt = policy.attempts_for(&target.host).first().copied();
+                while let Some(a) = attempt {
+                    let route = CancelRoute {
+                        addr,
+                        host: tls_name.clone(),
+                        policy: policy.clone(),
+                        tls: false,
+                    };
+                    let result = tokio::time::timeout_at(
+                        host_deadline.into(),
+                        Self::login(route, generation, params, a),
+                    )
+                    .await;
+                    attempt = None;
+                    match result {
+                        Ok(Ok(conn)) => return Ok(conn),
+                        Ok(Err(AttemptError::Negotiation(e))) => {
+                            attempt = policy.fallback(a, AttemptFailure::Negotiation(&e));
+                            last_err = connect_err(e.to_string());
+                        }
+                        Ok(Err(AttemptError::Rejected { error, over_tls })) => {
+                            attempt = policy.fallback(a, AttemptFailure::Login { over_tls });
+                            if attempt.is_none() {
+                                return Err(error);
+                            }
+                            last_err = error;
+                        }
+                        Ok(Err(AttemptError::Other(
+                            e @ (ProxyError::UnsupportedAuth(_)
+                            | ProxyError::SetRole { .. }
+                            | ProxyError::BadDsn(_)),
+                        ))) => return Err(e),
+                        Ok(Err(AttemptError::Other(ProxyError::Io(e)))) => {
+                            last_err = connect_err(e.to_string());
+                        }
+                        Ok(Err(AttemptError::Other(e))) => last_err = e,
+                        Err(_) => last_err = connect_err("timed out".into()),
                     }
                 }
             }
@@ -160,18 +232,34 @@ impl ServerConnection {
     }
 
     async fn login(
-        addr: SocketAddr,
-        host: &str,
+        mut route: CancelRoute,
         generation: &Generation,
         params: &ServerParams,
-    ) -> Result<Self> {
+        attempt: Attempt,
+    ) -> std::result::Result<Self, AttemptError> {
         let dsn = &generation.dsn;
+        let addr = route.addr;
+        let host = route.host.clone();
+        let host = host.as_str();
         let user = dsn
             .user()
             .ok_or_else(|| ProxyError::BadDsn("the DSN has no user".into()))?;
         let dbname = dsn.dbname().unwrap_or(user);
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = negotiate(tcp, &route.host, &route.policy, attempt)
+            .await
+            .map_err(AttemptError::Negotiation)?;
+        route.tls = stream.is_tls();
+        let over_tls = route.tls;
+        let channel_binding = route.policy.channel_binding();
+        let require_binding = |what: &str| {
+            ProxyError::UnsupportedAuth(format!(
+                "{what} while the DSN has channel_binding=require (SCRAM-SHA-256-PLUS over TLS \
+                 is required); use sslmode=require or stricter with a server that offers \
+                 SCRAM-SHA-256-PLUS, or relax channel_binding"
+            ))
+        };
 
         let mut out = BytesMut::with_capacity(512);
         let startup = [("user", user), ("database", dbname)]
@@ -179,13 +267,17 @@ impl ServerConnection {
             .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         frontend::startup_message(startup, &mut out)?;
         stream.write_all(&out).await?;
+        stream.flush().await?;
         out.clear();
 
-        let rejected = |fields: ServerErrorFields| ProxyError::ServerRejected {
-            host: host.to_owned(),
-            port: addr.port(),
-            user: user.to_owned(),
-            fields: Box::new(fields),
+        let rejected = |fields: ServerErrorFields| AttemptError::Rejected {
+            error: ProxyError::ServerRejected {
+                host: host.to_owned(),
+                port: addr.port(),
+                user: user.to_owned(),
+                fields: Box::new(fields),
+            },
+            over_tls,
         };
         let password = || {
             dsn.password().map(str::as_bytes).ok_or_else(|| {
@@ -202,14 +294,34 @@ impl ServerConnection {
             match tag {
                 b'R' => {
                     if body.len() < 4 {
-                        return Err(ProxyError::Protocol("short authentication request".into()));
+                        return Err(
+                            ProxyError::Protocol("short authentication request".into()).into()
+                        );
                     }
-                    match body.get_i32() {
-                        0 => {}
+                    let code = body.get_i32();
+                    if channel_binding == ChannelBinding::Require
+                        && !matches!(code, 0 | 10 | 11 | 12)
+                    {
+                        return Err(require_binding(
+                            "the server asked for a password without SASL",
+                        )
+                        .into());
+                    }
+                    match code {
+                        0 => {
+                            if channel_binding == ChannelBinding::Require
+                                && !scram.as_ref().is_some_and(|s| s.is_bound())
+                            {
+                                return Err(require_binding(
+                                    "the server accepted the login without SCRAM-SHA-256-PLUS",
+                                )
+                                .into());
+                            }
+                        }
                         3 => frontend::password_message(password()?, &mut out)?,
                         5 => {
                             if body.len() < 4 {
-                                return Err(ProxyError::Protocol("short md5 request".into()));
+                                return Err(ProxyError::Protocol("short md5 request".into()).into());
                             }
                             let salt = [body[0], body[1], body[2], body[3]];
                             let hash = md5_hash(user.as_bytes(), password()?, salt);
@@ -220,19 +332,23 @@ impl ServerConnection {
                             while !body.is_empty() && body[0] != 0 {
                                 mechanisms.push(take_cstr(&mut body)?);
                             }
-                            if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
+                            let binding = choose_binding(channel_binding, &stream, &mechanisms)
+                                .map_err(|why| require_binding(&why))?;
+                            if !mechanisms.iter().any(|m| m == binding.mechanism()) {
                                 return Err(ProxyError::UnsupportedAuth(format!(
-                                    "SASL with {} (channel binding needs TLS)",
+                                    "SASL with {}",
                                     mechanisms.join(", ")
-                                )));
+                                ))
+                                .into());
                             }
                             password()?;
-                            let client = ScramClient::new(
+                            let client = ScramClient::with_binding(
                                 generation.scram_password.clone(),
                                 generation.scram_cache.clone(),
+                                binding,
                             );
                             frontend::sasl_initial_response(
-                                "SCRAM-SHA-256",
+                                client.mechanism(),
                                 &client.client_first(),
                                 &mut out,
                             )?;
@@ -251,14 +367,21 @@ impl ServerConnection {
                             })?;
                             client.verify_server_final(&body)?;
                         }
-                        2 => return Err(ProxyError::UnsupportedAuth("Kerberos V5".into())),
-                        6 => return Err(ProxyError::UnsupportedAuth("SCM credentials".into())),
-                        7 | 8 => return Err(ProxyError::UnsupportedAuth("GSSAPI".into())),
-                        9 => return Err(ProxyError::UnsupportedAuth("SSPI".into())),
-                        other => return Err(ProxyError::UnsupportedAuth(format!("code {other}"))),
+                        2 => return Err(ProxyError::UnsupportedAuth("Kerberos V5".into()).into()),
+                        6 => {
+                            return Err(
+                                ProxyError::UnsupportedAuth("SCM credentials".into()).into()
+                            );
+                        }
+                        7 | 8 => return Err(ProxyError::UnsupportedAuth("GSSAPI".into()).into()),
+                        9 => return Err(ProxyError::UnsupportedAuth("SSPI".into()).into()),
+                        other => {
+                            return Err(ProxyError::UnsupportedAuth(format!("code {other}")).into());
+                        }
                     }
                     if !out.is_empty() {
                         stream.write_all(&out).await?;
+                        stream.flush().await?;
                         out.clear();
                     }
                 }
@@ -270,7 +393,7 @@ impl ServerConnection {
                 }
                 b'K' => {
                     if body.len() < 8 {
-                        return Err(ProxyError::Protocol("short BackendKeyData".into()));
+                        return Err(ProxyError::Protocol("short BackendKeyData".into()).into());
                     }
                     backend = (body.get_i32(), body.get_i32());
                 }
@@ -290,6 +413,7 @@ impl ServerConnection {
             peer: addr,
             created: now,
             idle_since: now,
+            cancel_route: route,
             role: generation.role.clone(),
         };
         if let Some(role) = conn.role.clone() {
@@ -315,6 +439,7 @@ impl ServerConnection {
             frontend::query(q, &mut out)?;
         }
         self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
         let mut buf = BytesMut::with_capacity(256);
         let mut remaining = queries.len();
         let mut failure = None;
@@ -365,30 +490,102 @@ impl ServerConnection {
     }
 
     /// A cheap check that the server has not closed the connection (or sent an unsolicited
-    /// FATAL) while it sat idle.
+    /// FATAL) while it sat idle. Over TLS the socket is peeked, never read, so no record is
+    /// taken from under the TLS layer: any byte waiting on an idle connection means trouble.
     pub fn is_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        match &self.stream {
+            PgStream::Plain(tcp) => {
+                let mut probe = [0u8; 1];
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            PgStream::Tls(_) => {
+                let mut probe = [0u8; 1];
+                let mut buf = tokio::io::ReadBuf::new(&mut probe);
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+            }
+        }
     }
 
     /// Closes politely (Terminate) without waiting.
     pub fn close(self) {
-        let _ = self.stream.try_write(&[b'X', 0, 0, 0, 4]);
+        match self.stream {
+            PgStream::Plain(tcp) => {
+                let _ = tcp.try_write(&[b'X', 0, 0, 0, 4]);
+            }
+            PgStream::Tls(mut tls) => {
+                // Terminate and close_notify need the TLS layer: send them in the background.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            tls.write_all(&[b'X', 0, 0, 0, 4]).await?;
+                            tls.shutdown().await
+                        })
+                        .await;
+                    });
+                }
+            }
+        }
     }
 }
 
-/// Sends a CancelRequest for a backend over a fresh connection, as PostgreSQL requires.
-pub async fn send_cancel(addr: SocketAddr, pid: i32, key: i32) -> Result<()> {
+/// Picks the SCRAM channel binding as libpq does: `-PLUS` when the connection is TLS, the
+/// server offers it and the DSN does not disable it; an error (the reason) when the DSN
+/// requires it and it cannot be had.
+fn choose_binding(
+    mode: ChannelBinding,
+    stream: &PgStream,
+    mechanisms: &[String],
+) -> std::result::Result<Gs2Binding, String> {
+    if mode == ChannelBinding::Disable {
+        return Ok(Gs2Binding::NotSupported);
+    }
+    let offered = mechanisms.iter().any(|m| m == "SCRAM-SHA-256-PLUS");
+    let end_point = stream.tls_server_end_point();
+    match (end_point, offered) {
+        (Some(data), true) => Ok(Gs2Binding::TlsServerEndPoint(data)),
+        _ if mode == ChannelBinding::Require => Err(if !stream.is_tls() {
+            "the server connection is not encrypted".into()
+        } else if !offered {
+            "the server does not offer SCRAM-SHA-256-PLUS".into()
+        } else {
+            "the server's certificate uses a signature algorithm without a \
+             tls-server-end-point hash"
+                .into()
+        }),
+        (Some(_), false) => Ok(Gs2Binding::NotOffered),
+        (None, _) => Ok(Gs2Binding::NotSupported),
+    }
+}
+
+/// Sends a CancelRequest for a backend over a fresh connection, as PostgreSQL requires, with
+/// the same TLS as the backend's own session.
+pub async fn send_cancel(route: &CancelRoute, pid: i32, key: i32) -> Result<()> {
     let mut out = BytesMut::with_capacity(16);
     frontend::cancel_request(pid, key, &mut out);
     let fut = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let tcp = TcpStream::connect(route.addr).await?;
+        let attempt = if !route.tls {
+            Attempt::Plain
+        } else if route.policy.attempts().contains(&Attempt::TlsRequired) {
+            Attempt::TlsRequired
+        } else {
+            Attempt::TlsIfOffered
+        };
+        let mut stream = negotiate(tcp, &route.host, &route.policy, attempt)
+            .await
+            .map_err(|e| ProxyError::Connect {
+                host: route.host.clone(),
+                port: route.addr.port(),
+                reason: e.to_string(),
+            })?;
         stream.write_all(&out).await?;
+        stream.flush().await?;
         stream.shutdown().await?;
-        Ok::<_, std::io::Error>(())
+        Ok::<_, ProxyError>(())
     };
     match tokio::time::timeout(Duration::from_secs(10), fut).await {
-        Ok(r) => Ok(r?),
+        Ok(r) => r,
         Err(_) => Err(ProxyError::Timeout("sending a cancel request")),
     }
 }

@@ -98,11 +98,19 @@ pub async fn run(
         credentials.clone(),
         stats.clone(),
     );
+    pool.set_admin_settings(crate::admin::AdminSettings::new(&args));
     let readiness = Arc::new(Readiness {
         listeners_bound: Default::default(),
         credentials: credentials.clone(),
     });
-    let ops = serve_ops(args.ops_addr, readiness.clone(), metrics, shutdown.clone()).await?;
+    let ops = serve_ops(
+        args.ops_addr,
+        readiness.clone(),
+        metrics,
+        stats.clone(),
+        shutdown.clone(),
+    )
+    .await?;
 
     let dbc = args.dbc.clone();
     let watcher = FileWatcher::spawn(
@@ -133,6 +141,13 @@ pub async fn run(
         login_timeout: Duration::from_secs(args.client_login_timeout.max(1)),
         pool_timeout: args.pool_timeout(),
         max_client_message: args.max_client_message,
+        client_tls: crate::tls::ClientTls::from_flags(
+            args.client_tls,
+            args.client_tls_cert.as_deref(),
+            args.client_tls_key.as_deref(),
+            Duration::from_secs(args.poll_interval.max(1)),
+        )?,
+        cancel_routes: Default::default(),
     });
     let counter = ClientCounter::new();
     for b in bound {
@@ -145,7 +160,12 @@ pub async fn run(
         ));
     }
 
-    wait_for_signal().await;
+    crate::shutdown::wait_for_termination(Duration::from_secs(args.shutdown_delay), || {
+        stats.reload_requested("sighup");
+        let asked = credentials.reload();
+        tracing::info!(watcher_running = asked, "SIGHUP: re-reading the DSN file");
+    })
+    .await;
     tracing::info!(
         clients = counter.get(),
         timeout_s = args.shutdown_timeout,
@@ -166,21 +186,4 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), ops).await;
     tracing::info!("dbproxy stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

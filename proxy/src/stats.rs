@@ -1,9 +1,33 @@
-//! Metric handles, registered once so the hot path only touches atomics.
+//! Metric handles, registered once so the hot path only touches atomics, and the live
+//! registry of clients and server connections that /metrics and the admin console read.
 
-use metrics::{Counter, Gauge, counter, gauge};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+/// Histogram names, so the exporter can be given bucket boundaries for them.
+pub const POOL_WAIT_SECONDS: &str = "dbproxy_pool_wait_seconds";
+pub const TRANSACTION_SECONDS: &str = "dbproxy_transaction_duration_seconds";
+pub const QUERY_SECONDS: &str = "dbproxy_query_duration_seconds";
+pub const ROTATION_SECONDS: &str = "dbproxy_rotation_seconds";
+
+/// Bucket boundaries (seconds) for every histogram: 100 µs to 60 s.
+pub const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
 
 pub struct Stats {
+    /// Clients connected (logged in or logging in).
     pub clients: Gauge,
+    /// Clients holding a server connection.
+    pub clients_active: Gauge,
+    /// Clients waiting for a server connection (pool full, paused, or no credentials yet).
+    pub clients_waiting: Gauge,
     pub server_connections: Gauge,
     pub rotations_applied: Counter,
     pub rotations_rejected: Counter,
@@ -12,6 +36,11 @@ pub struct Stats {
     pub credential_rejected: Gauge,
     pub client_login_failures: Counter,
     pub pool_timeouts: Counter,
+    pub pool_wait: Histogram,
+    /// Seconds from the watcher noticing a Secret change to the new generation being current.
+    pub rotation_seconds: Histogram,
+    /// Live clients and server connections, for the admin console and labelled gauges.
+    pub registry: Registry,
 }
 
 impl Stats {
@@ -19,6 +48,8 @@ impl Stats {
     pub fn new() -> Self {
         Stats {
             clients: gauge!("dbproxy_clients"),
+            clients_active: gauge!("dbproxy_clients_active"),
+            clients_waiting: gauge!("dbproxy_clients_waiting"),
             server_connections: gauge!("dbproxy_server_connections"),
             rotations_applied: counter!("dbproxy_rotations_applied_total"),
             rotations_rejected: counter!("dbproxy_rotations_rejected_total"),
@@ -26,12 +57,372 @@ impl Stats {
             credential_rejected: gauge!("dbproxy_credential_rejected"),
             client_login_failures: counter!("dbproxy_client_login_failures_total"),
             pool_timeouts: counter!("dbproxy_pool_timeouts_total"),
+            pool_wait: histogram!(POOL_WAIT_SECONDS),
+            rotation_seconds: histogram!(ROTATION_SECONDS),
+            registry: Registry::default(),
         }
     }
+
+    /// A server refused a login (ours: validation or a pool connection) with `sqlstate`.
+    pub fn server_login_failed(&self, sqlstate: &str) {
+        counter!("dbproxy_server_login_failures_total", "sqlstate" => sqlstate.to_owned())
+            .increment(1);
+    }
+
+    /// Reloads of the DSN file asked for by an operator (`source`: sighup or admin).
+    pub fn reload_requested(&self, source: &'static str) {
+        counter!("dbproxy_reloads_total", "source" => source).increment(1);
+    }
+
+    /// Publishes `dbproxy_info` for the generation now current (and zeroes the previous one).
+    pub fn set_info(&self, labels: InfoLabels) {
+        let mut last = self.registry.info.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = last.take()
+            && old != labels
+        {
+            info_gauge(&old).set(0.0);
+        }
+        info_gauge(&labels).set(1.0);
+        *last = Some(labels);
+    }
+
+    /// Refreshes counters kept as plain atomics and gauges derived from the registry
+    /// (called before each scrape).
+    pub fn refresh(&self) {
+        let h = hot();
+        let copy = |name: &'static str, v: &AtomicU64| counter!(name).absolute(v.load(Relaxed));
+        copy("dbproxy_client_bytes_received_total", &h.bytes_from_clients);
+        copy("dbproxy_client_bytes_sent_total", &h.bytes_to_clients);
+        copy("dbproxy_queries_total", &h.queries);
+        copy("dbproxy_transactions_total", &h.transactions);
+        copy("dbproxy_server_assignments_total", &h.assignments);
+        let mut counts: HashMap<(&'static str, u64), f64> = HashMap::new();
+        for s in self.registry.servers() {
+            *counts.entry((s.state.name(), s.generation)).or_default() += 1.0;
+        }
+        let mut reported = self
+            .registry
+            .reported_server_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in reported.iter() {
+            if !counts.contains_key(key) {
+                server_gauge(key.0, key.1).set(0.0);
+            }
+        }
+        reported.clear();
+        for (key, n) in counts {
+            server_gauge(key.0, key.1).set(n);
+            reported.push(key);
+        }
+    }
+}
+
+fn server_gauge(state: &'static str, generation: u64) -> Gauge {
+    gauge!("dbproxy_server_connections_by_state", "state" => state, "generation" => generation.to_string())
+}
+
+/// The labels of `dbproxy_info`: what the proxy connects as and where; never the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoLabels {
+    pub user: String,
+    pub host: String,
+    pub database: String,
+    pub sslmode: String,
+}
+
+fn info_gauge(l: &InfoLabels) -> Gauge {
+    gauge!("dbproxy_info",
+        "user" => l.user.clone(),
+        "host" => l.host.clone(),
+        "database" => l.database.clone(),
+        "sslmode" => l.sslmode.clone())
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Counters touched on every forwarded message batch: plain atomics (copied into the
+/// exported counters at each scrape) and two histogram handles, fetched once per process.
+pub struct HotStats {
+    pub bytes_from_clients: AtomicU64,
+    pub bytes_to_clients: AtomicU64,
+    pub queries: AtomicU64,
+    pub transactions: AtomicU64,
+    /// Sums of query and transaction time in microseconds (SHOW STATS totals).
+    pub query_us: AtomicU64,
+    pub transaction_us: AtomicU64,
+    /// Server assignments and the time clients waited for them, in microseconds.
+    pub assignments: AtomicU64,
+    pub wait_us: AtomicU64,
+    pub query_seconds: Histogram,
+    pub transaction_seconds: Histogram,
+    /// Origin of the nanosecond timestamps sessions keep in atomics.
+    pub epoch: Instant,
+}
+
+static HOT: OnceLock<HotStats> = OnceLock::new();
+
+/// The process's hot-path metric handles (registered on first use, after the recorder).
+pub fn hot() -> &'static HotStats {
+    HOT.get_or_init(|| HotStats {
+        bytes_from_clients: AtomicU64::new(0),
+        bytes_to_clients: AtomicU64::new(0),
+        queries: AtomicU64::new(0),
+        transactions: AtomicU64::new(0),
+        query_us: AtomicU64::new(0),
+        transaction_us: AtomicU64::new(0),
+        assignments: AtomicU64::new(0),
+        wait_us: AtomicU64::new(0),
+        query_seconds: histogram!(QUERY_SECONDS),
+        transaction_seconds: histogram!(TRANSACTION_SECONDS),
+        epoch: Instant::now(),
+    })
+}
+
+impl HotStats {
+    /// Nanoseconds since `epoch` (never 0, so 0 can mean "not started").
+    pub fn now_ns(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() as u64).max(1)
+    }
+}
+
+/// What a server connection is doing, pgbouncer's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    Active,
+    Idle,
+}
+
+impl ServerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerState::Active => "active",
+            ServerState::Idle => "idle",
+        }
+    }
+}
+
+/// One server connection as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct ServerEntry {
+    pub id: u64,
+    pub generation: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub backend_pid: i32,
+    pub state: ServerState,
+    pub connect_time: SystemTime,
+    pub request_time: SystemTime,
+}
+
+/// What a client is doing, pgbouncer's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    Waiting,
+    Active,
+    /// Connected to the admin console.
+    Admin,
+}
+
+/// One client as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct ClientEntry {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub addr: SocketAddr,
+    pub state: ClientState,
+    pub connect_time: SystemTime,
+    pub request_time: SystemTime,
+    pub server_pid: Option<i32>,
+}
+
+/// Live clients and servers. Touched at connect, assignment and release only, never per
+/// message.
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    clients: Mutex<HashMap<u64, ClientEntry>>,
+    /// Keyed by (server address, backend pid), which is unique while the connection lives.
+    servers: Mutex<HashMap<(SocketAddr, i32), ServerEntry>>,
+    reported_server_labels: Mutex<Vec<(&'static str, u64)>>,
+    info: Mutex<Option<InfoLabels>>,
+}
+
+impl Registry {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed) + 1
+    }
+
+    pub fn clients(&self) -> Vec<ClientEntry> {
+        let mut v: Vec<_> = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    pub fn servers(&self) -> Vec<ServerEntry> {
+        let mut v: Vec<_> = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Registers a client; the entry disappears when the returned guard drops.
+    pub fn add_client(&self, entry: ClientEntry) -> ClientGuard<'_> {
+        let id = entry.id;
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, entry);
+        ClientGuard { registry: self, id }
+    }
+
+    pub fn add_server(&self, entry: ServerEntry) {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((entry.addr, entry.backend_pid), entry);
+    }
+
+    pub fn set_server_state(&self, addr: SocketAddr, pid: i32, state: ServerState) {
+        if let Some(s) = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&(addr, pid))
+        {
+            s.state = state;
+            s.request_time = SystemTime::now();
+        }
+    }
+
+    pub fn remove_server(&self, addr: SocketAddr, pid: i32) {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(addr, pid));
+    }
+
+    /// Forgets every server entry (when the pool knows it holds none).
+    pub fn clear_servers(&self) {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn update_client(&self, id: u64, f: impl FnOnce(&mut ClientEntry)) {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
+            f(c);
+        }
+    }
+}
+
+/// Keeps a client listed while it is connected.
+pub struct ClientGuard<'a> {
+    registry: &'a Registry,
+    id: u64,
+}
+
+impl ClientGuard<'_> {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The client got server `pid` (or lost it).
+    pub fn set_server(&self, pid: Option<i32>) {
+        self.registry.update_client(self.id, |c| {
+            c.server_pid = pid;
+            c.state = if pid.is_some() {
+                ClientState::Active
+            } else {
+                ClientState::Waiting
+            };
+            c.request_time = SystemTime::now();
+        });
+    }
+}
+
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A span for one client connection: its id and address, nothing the client sent.
+pub fn client_span(peer: SocketAddr) -> tracing::Span {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    tracing::info_span!("client", id = NEXT.fetch_add(1, Relaxed), %peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_lists_and_forgets() {
+        let r = Registry::default();
+        let addr: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let id = r.next_id();
+        {
+            let g = r.add_client(ClientEntry {
+                id,
+                user: "u".into(),
+                database: "d".into(),
+                application_name: String::new(),
+                addr,
+                state: ClientState::Waiting,
+                connect_time: SystemTime::now(),
+                request_time: SystemTime::now(),
+                server_pid: None,
+            });
+            g.set_server(Some(42));
+            let c = r.clients();
+            assert_eq!(c.len(), 1);
+            assert_eq!(c[0].state, ClientState::Active);
+            assert_eq!(c[0].server_pid, Some(42));
+        }
+        assert!(r.clients().is_empty());
+        r.add_server(ServerEntry {
+            id: r.next_id(),
+            generation: 1,
+            user: "u".into(),
+            database: "d".into(),
+            addr,
+            backend_pid: 7,
+            state: ServerState::Active,
+            connect_time: SystemTime::now(),
+            request_time: SystemTime::now(),
+        });
+        r.set_server_state(addr, 7, ServerState::Idle);
+        assert_eq!(r.servers()[0].state, ServerState::Idle);
+        r.remove_server(addr, 7);
+        assert!(r.servers().is_empty());
     }
 }

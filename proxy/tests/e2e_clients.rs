@@ -322,7 +322,9 @@ async fn finish_login_and_query(stream: &mut TcpStream, what: &str) {
 async fn malformed_client_bytes_do_not_disturb_others() -> anyhow::Result<()> {
     let db = AppCluster::start("one").await?;
     let secret = uri_secret(&db.uri("app_a"))?;
-    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--client-tls", "disable"])
+        .start()?;
     let port = proxy.port();
     let workload = Workload::start(port, 2, 1);
     wait_for_traffic(&workload, 20).await;

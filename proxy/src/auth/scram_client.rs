@@ -80,33 +80,94 @@ fn bad(why: &str) -> ProxyError {
     ProxyError::Protocol(format!("the server's SCRAM message is invalid: {why}"))
 }
 
-/// One SCRAM-SHA-256 login as a client (no channel binding: plaintext connection).
+/// The GS2 channel-binding flag of a SCRAM login (RFC 5802 section 7), as libpq chooses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gs2Binding {
+    /// `n`: the connection has no TLS (or binding is disabled): plain SCRAM-SHA-256.
+    NotSupported,
+    /// `y`: we could bind but the server did not offer SCRAM-SHA-256-PLUS (lets a server that
+    /// does support it detect a downgrade).
+    NotOffered,
+    /// `p=tls-server-end-point`: SCRAM-SHA-256-PLUS bound to the hash of the server's
+    /// certificate.
+    TlsServerEndPoint(Vec<u8>),
+}
+
+impl Gs2Binding {
+    /// The SASL mechanism name to announce.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            Gs2Binding::TlsServerEndPoint(_) => "SCRAM-SHA-256-PLUS",
+            _ => "SCRAM-SHA-256",
+        }
+    }
+
+    fn header(&self) -> &'static str {
+        match self {
+            Gs2Binding::NotSupported => "n,,",
+            Gs2Binding::NotOffered => "y,,",
+            Gs2Binding::TlsServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    /// The `c=` attribute: base64 of the GS2 header and, for `p`, the binding data.
+    fn channel_attribute(&self) -> String {
+        let mut raw = self.header().as_bytes().to_vec();
+        if let Gs2Binding::TlsServerEndPoint(data) = self {
+            raw.extend_from_slice(data);
+        }
+        B64.encode(raw)
+    }
+}
+
+/// One SCRAM-SHA-256(-PLUS) login as a client.
 pub struct ScramClient {
     password: Arc<[u8]>,
     cache: Arc<SaltedPasswordCache>,
+    binding: Gs2Binding,
     client_first_bare: String,
     nonce: String,
     expected_server_signature: Option<[u8; 32]>,
 }
 
 impl ScramClient {
-    /// `password` must already be normalised (see [`normalize`]).
+    /// `password` must already be normalised (see [`normalize`]). No channel binding.
     pub fn new(password: Arc<[u8]>, cache: Arc<SaltedPasswordCache>) -> Self {
+        Self::with_binding(password, cache, Gs2Binding::NotSupported)
+    }
+
+    /// Like [`ScramClient::new`] with the channel binding chosen for this connection.
+    pub fn with_binding(
+        password: Arc<[u8]>,
+        cache: Arc<SaltedPasswordCache>,
+        binding: Gs2Binding,
+    ) -> Self {
         let mut raw = [0u8; 18];
         rand::rng().fill_bytes(&mut raw);
         let nonce = B64.encode(raw);
         ScramClient {
             password,
             cache,
+            binding,
             client_first_bare: format!("n=,r={nonce}"),
             nonce,
             expected_server_signature: None,
         }
     }
 
+    /// The SASL mechanism this login uses.
+    pub fn mechanism(&self) -> &'static str {
+        self.binding.mechanism()
+    }
+
+    /// Whether this login is bound to the TLS channel (SCRAM-SHA-256-PLUS).
+    pub fn is_bound(&self) -> bool {
+        matches!(self.binding, Gs2Binding::TlsServerEndPoint(_))
+    }
+
     /// The client-first-message.
     pub fn client_first(&self) -> Vec<u8> {
-        format!("n,,{}", self.client_first_bare).into_bytes()
+        format!("{}{}", self.binding.header(), self.client_first_bare).into_bytes()
     }
 
     /// Takes the server-first-message, returns the client-final-message.
@@ -156,7 +217,7 @@ impl ScramClient {
         };
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c={},r={nonce}", self.binding.channel_attribute());
         let auth_message = format!("{},{},{}", self.client_first_bare, text, without_proof);
         let signature = hmac(&stored_key, auth_message.as_bytes());
         let mut proof = [0u8; 32];
@@ -224,6 +285,29 @@ mod tests {
         assert!(login(&cache, &verifier, "p@ss w/ord:").await);
         let cache = Arc::new(SaltedPasswordCache::default());
         assert!(!login(&cache, &verifier, "wrong").await);
+    }
+
+    #[test]
+    fn gs2_headers_match_rfc_5802() {
+        assert_eq!(Gs2Binding::NotSupported.channel_attribute(), "biws");
+        assert_eq!(Gs2Binding::NotOffered.channel_attribute(), "eSws");
+        let bound = Gs2Binding::TlsServerEndPoint(vec![1, 2, 3]);
+        assert_eq!(bound.mechanism(), "SCRAM-SHA-256-PLUS");
+        assert_eq!(
+            B64.decode(bound.channel_attribute()).unwrap(),
+            b"p=tls-server-end-point,,\x01\x02\x03".to_vec()
+        );
+        let client = ScramClient::with_binding(
+            normalize("pw").into(),
+            Arc::default(),
+            Gs2Binding::TlsServerEndPoint(vec![9]),
+        );
+        assert!(client.is_bound());
+        assert!(
+            client
+                .client_first()
+                .starts_with(b"p=tls-server-end-point,,n=,r=")
+        );
     }
 
     #[tokio::test]

@@ -807,3 +807,137 @@ pub fn psql_bin() -> PathBuf {
     );
     p
 }
+
+/// Removes an environment variable the builder would set (the child then inherits the test's).
+impl ProxyBuilder {
+    pub fn env_unset(mut self, key: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self
+    }
+}
+
+/// The proxy's /metrics text.
+pub fn scrape(proxy: &ProxyProcess) -> anyhow::Result<String> {
+    let (code, body) = proxy.http_get("/metrics")?;
+    anyhow::ensure!(code == 200, "/metrics answered HTTP {code}: {body}");
+    Ok(body)
+}
+
+/// The value of the series `name` whose labels include every pair of `labels` (summed over
+/// the series that match), from Prometheus text; None when no series matches.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+            && let Ok(v) = value.parse::<f64>()
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// [`metric`], or 0 when the series does not exist (yet).
+pub fn metric_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(text, name, labels).unwrap_or(0.0)
+}
+
+/// Polls /metrics until `check` holds for the text; returns the last text, or fails with it.
+pub async fn wait_for_metrics(
+    proxy: &ProxyProcess,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = scrape(proxy)?;
+        if check(&text) {
+            return Ok(text);
+        }
+        if Instant::now() > deadline {
+            bail!("/metrics never showed {what} within {timeout:?}:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An admin console session (database `pgbouncer` or `dbproxy`) through the first listener.
+pub async fn admin_connect(port: u16, dbname: &str) -> Result<Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("ops")
+        .dbname(dbname)
+        .connect_timeout(Duration::from_secs(30));
+    connect_with(&cfg).await
+}
+
+/// Runs an admin command; each row as column name -> text value.
+pub async fn admin_rows(
+    client: &Client,
+    command: &str,
+) -> anyhow::Result<Vec<std::collections::BTreeMap<String, String>>> {
+    let messages = tokio::time::timeout(CLIENT_OP_TIMEOUT, client.simple_query(command))
+        .await
+        .with_context(|| format!("{command} hung"))?
+        .with_context(|| format!("{command} failed"))?;
+    let mut rows = Vec::new();
+    for m in messages {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+            let mut map = std::collections::BTreeMap::new();
+            for (i, col) in row.columns().iter().enumerate() {
+                map.insert(col.name().to_string(), row.get(i).unwrap_or("").to_string());
+            }
+            rows.push(map);
+        }
+    }
+    Ok(rows)
+}
+
+/// The column names of an admin command's result.
+pub async fn admin_columns(client: &Client, command: &str) -> anyhow::Result<Vec<String>> {
+    let messages = client.simple_query(command).await?;
+    for m in messages {
+        if let tokio_postgres::SimpleQueryMessage::RowDescription(cols) = m {
+            return Ok(cols.iter().map(|c| c.name().to_string()).collect());
+        }
+    }
+    bail!("{command} returned no row description")
+}
+
+/// Sends a signal to a process through kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "kill -{signal} {pid} failed: {status:?}"
+    );
+}
+
+/// Fails if any secret (raw or percent-encoded) occurs in `text`.
+pub fn assert_no_secrets(text: &str, secrets: &[&str], what: &str) {
+    for (i, secret) in secrets.iter().enumerate() {
+        assert!(!secret.is_empty());
+        let encoded = percent_encode(secret);
+        assert!(
+            !text.contains(secret) && !text.contains(encoded.as_str()),
+            "secret #{i} appears in {what}"
+        );
+    }
+}

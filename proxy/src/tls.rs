@@ -1,0 +1,365 @@
+//! TLS on the proxy's two links: the client-facing stream after an SSLRequest, the client TLS
+//! mode (`--client-tls`), and the forwarding loop used when either side is encrypted.
+//!
+//! Plaintext on both sides keeps the specialised TcpStream loop in `proxy`; this loop works on
+//! any stream and is only taken when TLS is involved, where encryption dominates the cost.
+
+use std::io;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use clap::ValueEnum;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
+use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
+use crate::proxy::{SessionEnd, SessionOutcome};
+
+/// `--client-tls`: what the listener does with SSLRequest, like a server's `ssl` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientTlsMode {
+    /// Answer `N` to every SSLRequest: clients stay in plaintext.
+    Disable,
+    /// Accept TLS when the client asks (same as prefer on the server side of the protocol).
+    Allow,
+    /// Accept TLS when the client asks (the default).
+    Prefer,
+    /// Refuse clients that do not ask for TLS.
+    Require,
+}
+
+impl ClientTlsMode {
+    /// Whether an SSLRequest is answered `S`.
+    pub fn offers_tls(self) -> bool {
+        self != ClientTlsMode::Disable
+    }
+}
+
+/// A client connection: plaintext, or TLS after an accepted SSLRequest. `Closed` only exists
+/// while the handshake owns the socket (or after it failed): reads see end of stream.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Closed,
+}
+
+impl ClientStream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "client connection closed")
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Size of one read; TLS records are at most 16 kB of plaintext.
+const CHUNK: usize = 16 * 1024;
+
+/// How long replies still owed to a terminating client are delivered.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The server's state as both directions see it (same rules as the plaintext loop).
+#[derive(Default)]
+struct SessionState {
+    pending: AtomicUsize,
+    unsynced: AtomicBool,
+    status: AtomicU8,
+    draining: AtomicBool,
+}
+
+enum Verdict {
+    Continue,
+    Terminate,
+    TooLarge(usize),
+}
+
+/// Counts replies owed and extended-protocol state in client bytes; stops before Terminate or
+/// at an oversized message. Returns how many bytes to forward and whether to stop after them.
+fn inspect_client(
+    walker: &mut MessageWalker,
+    state: &SessionState,
+    max_message: usize,
+    verdict: &mut Verdict,
+    data: &[u8],
+) -> Result<(usize, bool), String> {
+    let end = walker
+        .walk(data, |event| match event {
+            Event::Start { tag: b'X', .. } => {
+                *verdict = Verdict::Terminate;
+                ControlFlow::Break(())
+            }
+            Event::Start { tag, .. } => {
+                if expects_ready_for_query(tag) {
+                    state.pending.fetch_add(1, Relaxed);
+                    if tag == b'S' {
+                        state.unsynced.store(false, Relaxed);
+                    }
+                } else if opens_extended_sequence(tag) {
+                    state.unsynced.store(true, Relaxed);
+                }
+                ControlFlow::Continue(())
+            }
+            Event::Length { len, .. } if len > max_message => {
+                *verdict = Verdict::TooLarge(len);
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(match end {
+        WalkEnd::Complete => (data.len(), false),
+        WalkEnd::Stopped(at) => (at, true),
+    })
+}
+
+/// Forwards between a client and a server when at least one of them is TLS, with the same
+/// session-end and reuse rules as `proxy::run_session`.
+pub async fn run_session_any<C, S>(
+    client: &mut C,
+    server: &mut S,
+    max_client_message: usize,
+    initial: &[u8],
+) -> SessionOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let state = SessionState {
+        status: AtomicU8::new(b'I'),
+        ..Default::default()
+    };
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut server_read, mut server_write) = tokio::io::split(server);
+    let mut client_walker = MessageWalker::new();
+    let mut server_walker = MessageWalker::new();
+
+    let end = {
+        let c2s = async {
+            let mut verdict = Verdict::Continue;
+            let finish = |verdict: &Verdict| match verdict {
+                Verdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(*len),
+                _ => SessionEnd::ClientTerminated,
+            };
+            if !initial.is_empty() {
+                match inspect_client(
+                    &mut client_walker,
+                    &state,
+                    max_client_message,
+                    &mut verdict,
+                    initial,
+                ) {
+                    Ok((forward, stop)) => {
+                        if write_flush(&mut server_write, &initial[..forward])
+                            .await
+                            .is_err()
+                        {
+                            return SessionEnd::ServerGone;
+                        }
+                        if stop {
+                            return finish(&verdict);
+                        }
+                    }
+                    Err(e) => return SessionEnd::ClientProtocol(e),
+                }
+            }
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = match client_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return SessionEnd::ClientGone,
+                    Ok(n) => n,
+                };
+                let (forward, stop) = match inspect_client(
+                    &mut client_walker,
+                    &state,
+                    max_client_message,
+                    &mut verdict,
+                    &buf[..n],
+                ) {
+                    Ok(v) => v,
+                    Err(e) => return SessionEnd::ClientProtocol(e),
+                };
+                if forward > 0
+                    && write_flush(&mut server_write, &buf[..forward])
+                        .await
+                        .is_err()
+                {
+                    return SessionEnd::ServerGone;
+                }
+                if stop {
+                    return finish(&verdict);
+                }
+            }
+        };
+        let s2c = async {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = match server_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return SessionEnd::ServerGone,
+                    Ok(n) => n,
+                };
+                let walked = server_walker.walk(&buf[..n], |event| {
+                    if let Event::ReadyForQuery(status) = event {
+                        state.status.store(status, Relaxed);
+                        let _ = state
+                            .pending
+                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1));
+                    }
+                    ControlFlow::Continue(())
+                });
+                if walked.is_err() {
+                    return SessionEnd::ServerGone;
+                }
+                if write_flush(&mut client_write, &buf[..n]).await.is_err() {
+                    return SessionEnd::ClientGone;
+                }
+                if state.draining.load(Relaxed)
+                    && state.pending.load(Relaxed) == 0
+                    && server_walker.at_boundary()
+                {
+                    return SessionEnd::ClientTerminated;
+                }
+            }
+        };
+        tokio::pin!(c2s, s2c);
+        let end = tokio::select! {
+            end = &mut c2s => end,
+            end = &mut s2c => end,
+        };
+        if end == SessionEnd::ClientTerminated && state.pending.load(Relaxed) > 0 {
+            state.draining.store(true, Relaxed);
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut s2c).await {
+                Ok(SessionEnd::ClientTerminated) | Err(_) => SessionEnd::ClientTerminated,
+                Ok(other) => other,
+            }
+        } else {
+            end
+        }
+    };
+    let server_clean = matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
+        && client_walker.at_boundary()
+        && server_walker.at_boundary()
+        && state.pending.load(Relaxed) == 0
+        && !state.unsynced.load(Relaxed)
+        && state.status.load(Relaxed) == b'I';
+    SessionOutcome { end, server_clean }
+}
+
+/// Writes everything and flushes: a TLS stream may keep records buffered until flushed.
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    w.write_all(data).await?;
+    w.flush().await
+}
+
+/// The listener's TLS settings: the mode, and the certificate when TLS is offered.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub mode: ClientTlsMode,
+    pub acceptor: Option<dbcred::tls::ClientTlsAcceptor>,
+}
+
+impl ClientTls {
+    /// Builds the listener side from the flags: the certificate files (followed for changes)
+    /// or a self-signed certificate generated in memory. Files that cannot be used fail the
+    /// start with the reason, never their content.
+    pub fn from_flags(
+        mode: ClientTlsMode,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+        poll_interval: std::time::Duration,
+    ) -> crate::error::Result<ClientTls> {
+        use crate::error::ProxyError;
+        use dbcred::tls::ClientTlsAcceptor;
+        if !mode.offers_tls() {
+            return Ok(ClientTls {
+                mode,
+                acceptor: None,
+            });
+        }
+        let acceptor = match (cert, key) {
+            (Some(cert), Some(key)) => ClientTlsAcceptor::from_files(
+                cert,
+                key,
+                dbcred::WatchConfig {
+                    poll_interval,
+                    ..dbcred::WatchConfig::default()
+                },
+            )
+            .map_err(|e| ProxyError::Config(format!("--client-tls-cert/--client-tls-key: {e}")))?,
+            (None, None) => {
+                let acceptor = ClientTlsAcceptor::self_signed().map_err(|e| {
+                    ProxyError::Config(format!("client-facing TLS certificate: {e}"))
+                })?;
+                tracing::info!(
+                    "client-facing TLS uses a self-signed certificate generated at startup; \
+                     give --client-tls-cert and --client-tls-key for clients that verify it"
+                );
+                acceptor
+            }
+            _ => {
+                return Err(ProxyError::Config(
+                    "--client-tls-cert and --client-tls-key must be given together".into(),
+                ));
+            }
+        };
+        Ok(ClientTls {
+            mode,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// No TLS at all (tests and `--client-tls disable`).
+    pub fn disabled() -> ClientTls {
+        ClientTls {
+            mode: ClientTlsMode::Disable,
+            acceptor: None,
+        }
+    }
+}
