@@ -25,7 +25,7 @@ const CHUNK: usize = 16 * 1024;
 const KEEP_BACKLOG: usize = 64 * 1024;
 
 /// How long replies still owed to a terminating client are delivered.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -44,18 +44,45 @@ pub enum SessionEnd {
 
 /// What both directions of one session know about the server's state. Atomics only because
 /// the two directions are separate futures of the same task; there is no contention.
+/// Shared by the plaintext loop here and the TLS loop in `tls.rs`, so both track the
+/// protocol (and record metrics) the same way.
 #[derive(Default)]
-struct SessionState {
+pub(crate) struct SessionState {
     /// Messages sent that will be answered by a ReadyForQuery not yet seen.
-    pending: AtomicUsize,
+    pub(crate) pending: AtomicUsize,
     /// Extended-protocol messages sent since the last Sync.
-    unsynced: AtomicBool,
+    pub(crate) unsynced: AtomicBool,
     /// Status of the last ReadyForQuery.
-    status: AtomicU8,
+    pub(crate) status: AtomicU8,
     /// The client has terminated; the server side stops once every reply is delivered.
-    draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Query and transaction timing for the metrics.
     clock: TransactionClock,
+}
+
+impl SessionState {
+    /// A session starts idle, as after the server's login ReadyForQuery.
+    pub(crate) fn new() -> Self {
+        SessionState {
+            status: AtomicU8::new(b'I'),
+            ..Default::default()
+        }
+    }
+
+    /// Whether the server can be reset and reused after the session ended with `end`.
+    pub(crate) fn server_clean(
+        &self,
+        end: &SessionEnd,
+        client_walker: &MessageWalker,
+        server_walker: &MessageWalker,
+    ) -> bool {
+        matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
+            && client_walker.at_boundary()
+            && server_walker.at_boundary()
+            && self.pending.load(Relaxed) == 0
+            && !self.unsynced.load(Relaxed)
+            && self.status.load(Relaxed) == b'I'
+    }
 }
 
 /// Per-session timing of queries and transactions, for `dbproxy_queries_total`,
@@ -138,10 +165,7 @@ pub async fn run_session(
     max_client_message: usize,
     initial: &[u8],
 ) -> SessionOutcome {
-    let state = SessionState {
-        status: AtomicU8::new(b'I'),
-        ..Default::default()
-    };
+    let state = SessionState::new();
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let mut client_walker = MessageWalker::new();
@@ -179,12 +203,7 @@ pub async fn run_session(
             end
         }
     };
-    let server_clean = matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
-        && client_walker.at_boundary()
-        && server_walker.at_boundary()
-        && state.pending.load(Relaxed) == 0
-        && !state.unsynced.load(Relaxed)
-        && state.status.load(Relaxed) == b'I';
+    let server_clean = state.server_clean(&end, &client_walker, &server_walker);
     SessionOutcome { end, server_clean }
 }
 
@@ -256,7 +275,7 @@ async fn flush_backlog(dst: &mut WriteHalf<'_>, backlog: &mut Vec<u8>) -> io::Re
 /// Walks client bytes: counts replies owed, notes extended-protocol state, and stops before
 /// Terminate or at an oversized message. Returns how many bytes to forward and whether the
 /// session ends after them.
-fn inspect_client(
+pub(crate) fn inspect_client(
     walker: &mut MessageWalker,
     state: &SessionState,
     max_message: usize,
@@ -299,7 +318,7 @@ fn inspect_client(
     })
 }
 
-enum ClientVerdict {
+pub(crate) enum ClientVerdict {
     Continue,
     Terminate,
     TooLarge(usize),
@@ -357,6 +376,33 @@ async fn client_to_server(
     }
 }
 
+/// Walks server bytes: records each ReadyForQuery's status, settles the replies owed and
+/// times queries and transactions.
+pub(crate) fn inspect_server(
+    walker: &mut MessageWalker,
+    state: &SessionState,
+    hot: &HotStats,
+    data: &[u8],
+) -> Result<(), String> {
+    count_server_bytes(data.len());
+    walker
+        .walk(data, |event| {
+            if let Event::ReadyForQuery(status) = event {
+                state.status.store(status, Relaxed);
+                // Saturating: a server may send ReadyForQuery we did not count
+                // (never in practice); do not wrap.
+                let before = state
+                    .pending
+                    .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1))
+                    .unwrap_or(0);
+                state.clock.ready_for_query(hot, status, before > 1);
+            }
+            ControlFlow::Continue(())
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 async fn server_to_client(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
@@ -367,22 +413,7 @@ async fn server_to_client(
     let hot = hot();
     loop {
         let read = read_and_forward(src, dst, &mut backlog, |data| {
-            count_server_bytes(data.len());
-            walker
-                .walk(data, |event| {
-                    if let Event::ReadyForQuery(status) = event {
-                        state.status.store(status, Relaxed);
-                        // Saturating: a server may send ReadyForQuery we did not count
-                        // (never in practice); do not wrap.
-                        let before = state
-                            .pending
-                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1))
-                            .unwrap_or(0);
-                        state.clock.ready_for_query(hot, status, before > 1);
-                    }
-                    ControlFlow::Continue(())
-                })
-                .map_err(|e| e.to_string())?;
+            inspect_server(walker, state, hot, data)?;
             Ok((data.len(), false))
         })
         .await;

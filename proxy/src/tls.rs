@@ -5,18 +5,20 @@
 //! any stream and is only taken when TLS is involved, where encryption dominates the cost.
 
 use std::io;
-use std::ops::ControlFlow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use clap::ValueEnum;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
-use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
-use crate::proxy::{SessionEnd, SessionOutcome};
+use crate::protocol::framing::MessageWalker;
+use crate::proxy::{
+    ClientVerdict, DRAIN_TIMEOUT, SessionEnd, SessionOutcome, SessionState, inspect_client,
+    inspect_server,
+};
+use crate::stats::hot;
 
 /// `--client-tls`: what the listener does with SSLRequest, like a server's `ssl` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,63 +105,6 @@ impl AsyncWrite for ClientStream {
 /// Size of one read; TLS records are at most 16 kB of plaintext.
 const CHUNK: usize = 16 * 1024;
 
-/// How long replies still owed to a terminating client are delivered.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The server's state as both directions see it (same rules as the plaintext loop).
-#[derive(Default)]
-struct SessionState {
-    pending: AtomicUsize,
-    unsynced: AtomicBool,
-    status: AtomicU8,
-    draining: AtomicBool,
-}
-
-enum Verdict {
-    Continue,
-    Terminate,
-    TooLarge(usize),
-}
-
-/// Counts replies owed and extended-protocol state in client bytes; stops before Terminate or
-/// at an oversized message. Returns how many bytes to forward and whether to stop after them.
-fn inspect_client(
-    walker: &mut MessageWalker,
-    state: &SessionState,
-    max_message: usize,
-    verdict: &mut Verdict,
-    data: &[u8],
-) -> Result<(usize, bool), String> {
-    let end = walker
-        .walk(data, |event| match event {
-            Event::Start { tag: b'X', .. } => {
-                *verdict = Verdict::Terminate;
-                ControlFlow::Break(())
-            }
-            Event::Start { tag, .. } => {
-                if expects_ready_for_query(tag) {
-                    state.pending.fetch_add(1, Relaxed);
-                    if tag == b'S' {
-                        state.unsynced.store(false, Relaxed);
-                    }
-                } else if opens_extended_sequence(tag) {
-                    state.unsynced.store(true, Relaxed);
-                }
-                ControlFlow::Continue(())
-            }
-            Event::Length { len, .. } if len > max_message => {
-                *verdict = Verdict::TooLarge(len);
-                ControlFlow::Break(())
-            }
-            _ => ControlFlow::Continue(()),
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(match end {
-        WalkEnd::Complete => (data.len(), false),
-        WalkEnd::Stopped(at) => (at, true),
-    })
-}
-
 /// Forwards between a client and a server when at least one of them is TLS, with the same
 /// session-end and reuse rules as `proxy::run_session`.
 pub async fn run_session_any<C, S>(
@@ -172,10 +117,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let state = SessionState {
-        status: AtomicU8::new(b'I'),
-        ..Default::default()
-    };
+    let state = SessionState::new();
+    let hot = hot();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
     let mut client_walker = MessageWalker::new();
@@ -183,9 +126,9 @@ where
 
     let end = {
         let c2s = async {
-            let mut verdict = Verdict::Continue;
-            let finish = |verdict: &Verdict| match verdict {
-                Verdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(*len),
+            let mut verdict = ClientVerdict::Continue;
+            let finish = |verdict: &ClientVerdict| match verdict {
+                ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(*len),
                 _ => SessionEnd::ClientTerminated,
             };
             if !initial.is_empty() {
@@ -245,16 +188,7 @@ where
                     Ok(0) | Err(_) => return SessionEnd::ServerGone,
                     Ok(n) => n,
                 };
-                let walked = server_walker.walk(&buf[..n], |event| {
-                    if let Event::ReadyForQuery(status) = event {
-                        state.status.store(status, Relaxed);
-                        let _ = state
-                            .pending
-                            .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1));
-                    }
-                    ControlFlow::Continue(())
-                });
-                if walked.is_err() {
+                if inspect_server(&mut server_walker, &state, hot, &buf[..n]).is_err() {
                     return SessionEnd::ServerGone;
                 }
                 if write_flush(&mut client_write, &buf[..n]).await.is_err() {
@@ -283,12 +217,7 @@ where
             end
         }
     };
-    let server_clean = matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
-        && client_walker.at_boundary()
-        && server_walker.at_boundary()
-        && state.pending.load(Relaxed) == 0
-        && !state.unsynced.load(Relaxed)
-        && state.status.load(Relaxed) == b'I';
+    let server_clean = state.server_clean(&end, &client_walker, &server_walker);
     SessionOutcome { end, server_clean }
 }
 
