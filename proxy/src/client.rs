@@ -9,22 +9,25 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dbcred::tls::PgStream;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram_server::ScramVerifier;
-use crate::cancel::{CancelMap, CancelTarget};
+use crate::cancel::{CancelKey, CancelMap, CancelTarget};
 use crate::error::{ProxyError, Result};
+use crate::migrate::{MigratePolicy, MoveSignal, Snapshot};
 use crate::pool::Pool;
 use crate::protocol::backend;
 use crate::protocol::framing::read_message;
 use crate::protocol::frontend::parse_sasl_initial_response;
 use crate::protocol::startup::{StartupParams, StartupRequest, parse_startup, read_startup_packet};
 use crate::proxy::{SessionEnd, run_session};
+use crate::server::ServerConnection;
 use crate::server::{CancelRoute, send_cancel};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::tls::{ClientStream, ClientTls, ClientTlsMode, run_session_any};
+use crate::txn::{ClientSession, RoundConfig, RoundEnd, run_round};
 
 /// Largest SASL message a client may send during login.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
@@ -44,6 +47,15 @@ pub struct ClientContext {
     /// How to reach each backend serving a client now, for forwarding cancels (same TLS as
     /// the backend's session).
     pub cancel_routes: CancelRoutes,
+    /// `--pool-mode transaction`.
+    pub transaction_mode: bool,
+    /// `--migrate` and `--migration-timeout`.
+    pub migrate: crate::migrate::MigratePolicy,
+    pub migration_timeout: Duration,
+    /// `--max-prepared-statements` (transaction mode).
+    pub max_prepared_statements: usize,
+    /// Statements servers have accepted (transaction mode).
+    pub known_statements: crate::txn::KnownStatements,
 }
 
 /// Cancel routes by backend (address, pid), registered while a client holds the backend.
@@ -311,7 +323,47 @@ async fn authenticate(
     }
 }
 
-/// Gets a server, replays the login to the client, forwards, and releases.
+/// A server assigned to a client: cancel routing and SHOW CLIENTS follow it.
+fn assign(ctx: &ClientContext, cancel_key: &CancelKey, server: &ServerConnection) {
+    ctx.cancel_routes
+        .insert(server.backend_pid, &server.cancel_route);
+    cancel_key.set_target(Some(CancelTarget {
+        addr: server.peer,
+        pid: server.backend_pid,
+        key: server.backend_key,
+    }));
+}
+
+/// The client leaves `server`: cancels for it are no longer routed there, and any already on
+/// their way land before the server may serve someone else.
+async fn unassign(ctx: &ClientContext, cancel_key: &CancelKey, server: &ServerConnection) {
+    cancel_key.set_target(None);
+    ctx.cancels
+        .wait_no_cancel_in_flight(server.peer, server.backend_pid)
+        .await;
+    ctx.cancel_routes.remove(server.peer, server.backend_pid);
+}
+
+/// AuthenticationOk, the server's parameters, our cancel key and ReadyForQuery.
+async fn replay_login(
+    socket: &mut ClientStream,
+    out: &mut BytesMut,
+    parameter_status: &[(String, String)],
+    cancel_key: &CancelKey,
+) -> std::io::Result<()> {
+    out.clear();
+    backend::authentication_ok(out);
+    for (name, value) in parameter_status {
+        backend::parameter_status(out, name, value);
+    }
+    backend::backend_key_data(out, cancel_key.pid, cancel_key.key);
+    backend::ready_for_query(out, b'I');
+    socket.write_all(out).await?;
+    socket.flush().await
+}
+
+/// Gets a server, replays the login to the client, forwards, moves the session to a new
+/// server when a rotation asks for it, and releases.
 async fn session(
     socket: &mut ClientStream,
     peer: SocketAddr,
@@ -321,6 +373,9 @@ async fn session(
     out: &mut BytesMut,
     mut shutdown: Shutdown,
 ) -> Result<()> {
+    if ctx.transaction_mode {
+        return transaction_session(socket, peer, params, early, ctx, out, shutdown).await;
+    }
     // Usually empty: release the login buffer instead of carrying it through the session.
     let early = if early.is_empty() {
         BytesMut::new()
@@ -338,28 +393,10 @@ async fn session(
     // If this task panics or is dropped before the release below, the slot is given back.
     let slot = ctx.pool.slot_guard();
     let cancel_key = ctx.cancels.register();
-    ctx.cancel_routes
-        .insert(server.backend_pid, &server.cancel_route);
-    cancel_key.set_target(Some(CancelTarget {
-        addr: server.peer,
-        pid: server.backend_pid,
-        key: server.backend_key,
-    }));
+    assign(ctx, &cancel_key, &server);
 
-    out.clear();
-    backend::authentication_ok(out);
-    for (name, value) in &server.parameter_status {
-        backend::parameter_status(out, name, value);
-    }
-    backend::backend_key_data(out, cancel_key.pid, cancel_key.key);
-    backend::ready_for_query(out, b'I');
-    let replayed = match socket.write_all(out).await {
-        Ok(()) => socket.flush().await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = replayed {
-        drop(cancel_key);
-        ctx.cancel_routes.remove(server.peer, server.backend_pid);
+    if let Err(e) = replay_login(socket, out, &server.parameter_status, &cancel_key).await {
+        unassign(ctx, &cancel_key, &server).await;
         slot.disarm();
         ctx.pool.release(server, true).await;
         return Err(e.into());
@@ -367,26 +404,103 @@ async fn session(
     // Nothing is kept per idle session: the forwarding loop reads into stack buffers.
     *out = BytesMut::new();
 
-    // Plaintext on both sides keeps the TcpStream fast path; TLS on either side takes the
-    // generic loop.
-    let outcome = match (&mut *socket, &mut server.stream) {
-        (ClientStream::Plain(client), PgStream::Plain(backend)) => {
-            run_session(client, backend, ctx.max_client_message, &early).await
+    let mut signal = (ctx.migrate != MigratePolicy::Never).then(|| {
+        MoveSignal::new(
+            ctx.pool.credentials().subscribe(),
+            ctx.migrate,
+            ctx.migration_timeout,
+            &server,
+        )
+    });
+    let mut pins: Vec<&'static str> = Vec::new();
+    let mut initial = early;
+    let outcome = loop {
+        // Plaintext on both sides keeps the TcpStream fast path; TLS on either side takes the
+        // generic loop.
+        let outcome = match (&mut *socket, &mut server.stream) {
+            (ClientStream::Plain(client), PgStream::Plain(backend)) => {
+                run_session(
+                    client,
+                    backend,
+                    ctx.max_client_message,
+                    &initial,
+                    signal.as_mut(),
+                )
+                .await
+            }
+            (client, backend) => {
+                run_session_any(
+                    client,
+                    backend,
+                    ctx.max_client_message,
+                    &initial,
+                    signal.as_mut(),
+                )
+                .await
+            }
+        };
+        initial = BytesMut::new();
+        match outcome.end {
+            SessionEnd::SafePoint => {
+                let Some(sig) = signal.as_mut() else {
+                    break outcome;
+                };
+                match try_move(ctx, &mut server, &server_params, socket, out).await {
+                    Ok(Moved::To(new)) => {
+                        let old = std::mem::replace(&mut server, *new);
+                        assign(ctx, &cancel_key, &server);
+                        tracked.set_server(Some(server.backend_pid));
+                        unassign(ctx, &cancel_key, &old).await;
+                        // Re-point the cancel key at the new server (unassign cleared it).
+                        assign(ctx, &cancel_key, &server);
+                        tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
+                        metrics::counter!("dbproxy_migrations_total", "result" => "moved")
+                            .increment(1);
+                        ctx.pool.release(old, true).await;
+                        sig.rebase(&server);
+                        pins.clear();
+                    }
+                    Ok(Moved::Pinned(why)) => {
+                        if pins.is_empty() {
+                            tracing::info!(%peer, reason = why.join(", "), "session cannot move yet; it keeps its server until that state is gone or the migration timeout");
+                        }
+                        pins = why;
+                        sig.retry_later();
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "moving a session failed; it keeps its server and tries again");
+                        metrics::counter!("dbproxy_migrations_total", "result" => "retry")
+                            .increment(1);
+                        sig.retry_later();
+                    }
+                }
+            }
+            SessionEnd::Deadline => {
+                metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
+                tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
+                unassign(ctx, &cancel_key, &server).await;
+                slot.disarm();
+                ctx.pool.release(server, false).await;
+                return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
+                    &pins,
+                    ctx.migration_timeout,
+                )));
+            }
+            _ => break outcome,
         }
-        (client, backend) => run_session_any(client, backend, ctx.max_client_message, &early).await,
     };
-    drop(early);
     // Unregister first, then let cancels already on their way land: a cancel must never
     // reach the backend once it may serve someone else.
+    unassign(ctx, &cancel_key, &server).await;
     drop(cancel_key);
-    ctx.cancels
-        .wait_no_cancel_in_flight(server.peer, server.backend_pid)
-        .await;
-    ctx.cancel_routes.remove(server.peer, server.backend_pid);
     tracing::trace!(%peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
     slot.disarm();
     ctx.pool.release(server, outcome.server_clean).await;
-    match outcome.end {
+    session_result(outcome.end, ctx)
+}
+
+fn session_result(end: SessionEnd, ctx: &ClientContext) -> Result<()> {
+    match end {
         SessionEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
             "client message of {len} bytes exceeds the limit of {} bytes (--max-client-message)",
             ctx.max_client_message
@@ -394,4 +508,283 @@ async fn session(
         SessionEnd::ClientProtocol(e) => Err(ProxyError::Protocol(e)),
         _ => Ok(()),
     }
+}
+
+enum Moved {
+    To(Box<ServerConnection>),
+    Pinned(Vec<&'static str>),
+}
+
+/// At a safe point: asks the old server what the session holds; unless something pins it,
+/// gets a server of the current generation, restores settings and prepared statements there
+/// and tells the client about reported parameters that changed.
+async fn try_move(
+    ctx: &ClientContext,
+    server: &mut ServerConnection,
+    params: &crate::server::ServerParams,
+    socket: &mut ClientStream,
+    out: &mut BytesMut,
+) -> Result<Moved> {
+    let snap = crate::migrate::snapshot(server, true).await?;
+    if !snap.pins.is_empty() {
+        return Ok(Moved::Pinned(snap.pins));
+    }
+    let deadline = Instant::now() + ctx.pool_timeout;
+    let mut new = ctx.pool.acquire_for_move(params, deadline).await?;
+    if let Err(e) = crate::migrate::restore(&mut new, &snap).await {
+        ctx.pool.release(new, false).await;
+        return Err(e);
+    }
+    let changes = crate::migrate::reported_changes(&snap.reported, &new.parameter_status);
+    if !changes.is_empty() {
+        out.clear();
+        for (name, value) in &changes {
+            backend::parameter_status(out, name, value);
+        }
+        let written = async {
+            socket.write_all(out).await?;
+            socket.flush().await
+        }
+        .await;
+        *out = BytesMut::new();
+        if let Err(e) = written {
+            ctx.pool.release(new, true).await;
+            return Err(e.into());
+        }
+    }
+    Ok(Moved::To(Box::new(new)))
+}
+
+/// Transaction pooling: a server per transaction (or for as long as state pins the client to
+/// it), the session itself kept by dbproxy in between.
+async fn transaction_session(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    params: StartupParams,
+    early: BytesMut,
+    ctx: &ClientContext,
+    out: &mut BytesMut,
+    mut shutdown: Shutdown,
+) -> Result<()> {
+    let tracked = crate::admin::track_client(ctx, peer, &params);
+    let server_params = Arc::new(params.forwarded);
+    let cancel_key = ctx.cancels.register();
+    // Greet the client with what a server with its parameters said at login; only the first
+    // client of a generation waits for a server to learn it.
+    let (welcome, first) = match ctx.pool.welcome(&server_params) {
+        Some(welcome) => (welcome.as_ref().clone(), None),
+        None => {
+            let deadline = Instant::now() + ctx.pool_timeout;
+            let first = tokio::select! {
+                s = ctx.pool.acquire(&server_params, deadline) => s?,
+                _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
+            };
+            (first.parameter_status.clone(), Some(first))
+        }
+    };
+    let replayed = replay_login(socket, out, &welcome, &cancel_key).await;
+    *out = BytesMut::new();
+    if let Err(e) = replayed {
+        if let Some(first) = first {
+            ctx.pool.release_with(first, true, false).await;
+        }
+        return Err(e.into());
+    }
+    let mut client = ClientSession::new(welcome);
+    let mut cbuf = early;
+    let mut held = first;
+    let mut assigned = false;
+    let mut signal: Option<MoveSignal> = None;
+    let config = |pinned: bool| RoundConfig {
+        known: &ctx.known_statements,
+        max_message: ctx.max_client_message,
+        max_prepared: ctx.max_prepared_statements,
+        end_at_safe_point: !pinned,
+    };
+    loop {
+        if held.is_none() {
+            if cbuf.is_empty() {
+                tracked.set_server(None);
+                if cbuf.capacity() > 64 * 1024 {
+                    cbuf = BytesMut::new();
+                }
+                cbuf.reserve(1024);
+                tokio::select! {
+                    read = socket.read_buf(&mut cbuf) => match read {
+                        Ok(0) | Err(_) => return Ok(()),
+                        Ok(n) => crate::proxy::count_client_bytes(n),
+                    },
+                    _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
+                }
+            }
+            if let Some(reply) =
+                crate::txn::answer_without_server(&mut client, &mut cbuf, &ctx.known_statements)
+            {
+                socket.write_all(&reply).await?;
+                socket.flush().await?;
+                continue;
+            }
+            let deadline = Instant::now() + ctx.pool_timeout;
+            let server = tokio::select! {
+                s = ctx.pool.acquire(&server_params, deadline) => s?,
+                _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
+            };
+            held = Some(server);
+        } else if cbuf.is_empty() && client.pins.is_empty() && !assigned {
+            // The login server: give it back until the client asks for something.
+            if let Some(server) = held.take() {
+                ctx.pool.release_with(server, true, false).await;
+            }
+            continue;
+        }
+        let Some(server) = held.as_mut() else {
+            continue;
+        };
+        if !assigned {
+            assign(ctx, &cancel_key, server);
+            tracked.set_server(Some(server.backend_pid));
+            assigned = true;
+            if let Err(e) = sync_session(server, &mut client, socket, out).await {
+                let server = held.take().expect("held");
+                unassign(ctx, &cancel_key, &server).await;
+                ctx.pool.release_with(server, false, false).await;
+                return Err(e);
+            }
+        }
+        let pinned = !client.pins.is_empty();
+        if pinned && signal.is_none() {
+            signal = Some(MoveSignal::new(
+                ctx.pool.credentials().subscribe(),
+                ctx.migrate,
+                ctx.migration_timeout,
+                server,
+            ));
+        }
+        let outcome = run_round(
+            socket,
+            &mut server.stream,
+            &mut server.txn,
+            &mut server.parameter_status,
+            &mut client,
+            &mut cbuf,
+            &config(pinned),
+            if pinned { signal.as_mut() } else { None },
+        )
+        .await;
+        if outcome.end == RoundEnd::SafePoint && outcome.recheck {
+            match crate::migrate::snapshot(server, false).await {
+                Ok(snap) => learn(server, &mut client, snap),
+                Err(e) => {
+                    let server = held.take().expect("held");
+                    unassign(ctx, &cancel_key, &server).await;
+                    ctx.pool.release_with(server, false, false).await;
+                    return Err(e);
+                }
+            }
+        }
+        match outcome.end {
+            RoundEnd::SafePoint => {
+                if client.pins.is_empty() {
+                    signal = None;
+                    let server = held.take().expect("held");
+                    unassign(ctx, &cancel_key, &server).await;
+                    assigned = false;
+                    ctx.pool.release_with(server, true, false).await;
+                } else if let Some(sig) = signal.as_mut()
+                    && sig.wanted()
+                {
+                    sig.retry_later();
+                }
+            }
+            RoundEnd::Deadline => {
+                metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
+                let server = held.take().expect("held");
+                unassign(ctx, &cancel_key, &server).await;
+                ctx.pool.release_with(server, false, false).await;
+                return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
+                    &client.pins,
+                    ctx.migration_timeout,
+                )));
+            }
+            end => {
+                let server = held.take().expect("held");
+                unassign(ctx, &cancel_key, &server).await;
+                let clean = matches!(end, RoundEnd::ClientTerminated | RoundEnd::ClientGone)
+                    && outcome.clean;
+                // A pinned client's state (LISTEN, temporary tables, ...) must not reach the
+                // next client: reset then.
+                ctx.pool
+                    .release_with(server, clean, !client.pins.is_empty())
+                    .await;
+                return match end {
+                    RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
+                        "client message of {len} bytes exceeds the limit of {} bytes (--max-client-message)",
+                        ctx.max_client_message
+                    ))),
+                    RoundEnd::ClientProtocol(e) => Err(ProxyError::Protocol(e)),
+                    _ => Ok(()),
+                };
+            }
+        }
+    }
+}
+
+/// Brings a server just assigned to the client in line with the client's session: settings
+/// and SQL prepared statements (one round trip, only when they differ), then tells the client
+/// about reported parameters whose values differ from what it has seen.
+async fn sync_session(
+    server: &mut ServerConnection,
+    client: &mut ClientSession,
+    socket: &mut ClientStream,
+    out: &mut BytesMut,
+) -> Result<()> {
+    let mut queries = crate::migrate::settings_delta(
+        &server.txn.settings,
+        &client.settings,
+        server.policy_role(),
+    );
+    queries.extend(crate::migrate::sql_prepared_delta(
+        &server.txn.sql_prepared,
+        &client.sql_prepared,
+    ));
+    if !queries.is_empty() {
+        server.replay(&queries, &[]).await.map_err(|e| {
+            ProxyError::Reset(format!(
+                "restoring this session's settings and prepared statements on another server connection failed: {e}"
+            ))
+        })?;
+        server.txn.settings = client.settings.clone();
+        server.txn.sql_prepared = client.sql_prepared.clone();
+    }
+    let changes = crate::migrate::reported_changes(&client.seen, &server.parameter_status);
+    if !changes.is_empty() {
+        out.clear();
+        for (name, value) in &changes {
+            backend::parameter_status(out, name, value);
+            match client.seen.iter_mut().find(|(n, _)| n == name) {
+                Some(e) => e.1 = value.clone(),
+                None => client.seen.push((name.clone(), value.clone())),
+            }
+        }
+        socket.write_all(out).await?;
+        socket.flush().await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// What the server said after a transaction that may have changed session state.
+fn learn(server: &mut ServerConnection, client: &mut ClientSession, snap: Snapshot) {
+    client.pins = snap.pins;
+    client.settings = snap.settings.clone();
+    server.txn.settings = snap.settings;
+    client.sql_prepared = snap.sql_prepared.clone();
+    server.txn.sql_prepared = snap.sql_prepared;
+    // Statements dbproxy created that the server no longer has (DISCARD, DEALLOCATE).
+    let present: std::collections::HashSet<&str> =
+        snap.parses.iter().map(|(n, _, _)| n.as_str()).collect();
+    server
+        .txn
+        .prepared
+        .retain(|key, _| present.contains(crate::txn::server_name(key).as_str()));
 }

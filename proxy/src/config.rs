@@ -96,6 +96,23 @@ pub struct RunArgs {
     #[arg(long = "server-lifetime", default_value_t = 3600)]
     pub server_lifetime: u64,
 
+    /// Which rotations move live sessions to new server connections at their next idle
+    /// point (session mode): `changed` (user, host, port or database changed), `always`, or
+    /// `never`. Transaction mode moves every new transaction anyway.
+    #[arg(long = "migrate", value_enum, default_value = "changed")]
+    pub migrate: crate::migrate::MigratePolicy,
+
+    /// Seconds a session that cannot move (LISTEN, temporary tables, WITH HOLD cursors,
+    /// session advisory locks, or never idle) keeps its old server after a rotation asked it
+    /// to move; then it is closed with FATAL 57P01 saying why.
+    #[arg(long = "migration-timeout", default_value_t = 60)]
+    pub migration_timeout: u64,
+
+    /// Transaction mode: prepared statements kept per server connection (least recently used
+    /// closed first), like pgbouncer's max_prepared_statements.
+    #[arg(long = "max-prepared-statements", default_value_t = 200)]
+    pub max_prepared_statements: usize,
+
     /// Seconds to keep serving normally after SIGTERM (the app is shutting down too and
     /// still needs its database) before refusing new clients and draining.
     #[arg(long = "shutdown-delay", default_value_t = 5)]

@@ -124,6 +124,11 @@ impl Credentials {
         self.current.borrow().clone()
     }
 
+    /// Follows the current generation (sessions watch it to know when to move).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Generation>>> {
+        self.current.subscribe()
+    }
+
     pub fn current_number(&self) -> u64 {
         self.current.borrow().as_ref().map_or(0, |g| g.number)
     }

@@ -81,6 +81,10 @@ pub enum ProxyError {
     #[error("the proxy is shutting down")]
     ShuttingDown,
 
+    /// The session could not follow a rotation within the migration timeout.
+    #[error("{0}")]
+    Unmovable(String),
+
     #[error("configuration error: {0}")]
     Config(String),
 }
@@ -92,7 +96,7 @@ impl ProxyError {
             ProxyError::ServerRejected { fields, .. } => &fields.code,
             ProxyError::Protocol(_) => "08P01",
             ProxyError::PoolExhausted(_) => "53300",
-            ProxyError::ShuttingDown => "57P01",
+            ProxyError::ShuttingDown | ProxyError::Unmovable(_) => "57P01",
             ProxyError::UnsupportedAuth(_) | ProxyError::TlsRequired(_) => "08004",
             ProxyError::SetRole { code, .. } => code,
             _ => "08006",

@@ -20,6 +20,8 @@ pub mod credentials;
 pub mod error;
 /// Binding listeners and accepting clients.
 pub mod listener;
+/// Moving live sessions to new server connections at safe points (rotation, migration).
+pub mod migrate;
 /// /healthz, /readyz and /metrics.
 pub mod ops;
 /// Server connections kept for reuse, limits, waiting and the janitor.
@@ -34,7 +36,11 @@ pub mod server;
 pub mod service;
 /// The shutdown signal passed to every task.
 pub mod shutdown;
+/// Just enough SQL lexing to know when to ask the server about session state.
+pub mod sql;
 /// Metric handles.
 pub mod stats;
 /// TLS towards clients (SSLRequest, certificate, mode) and the forwarding loop for TLS sessions.
 pub mod tls;
+/// Transaction pooling: the per-transaction forwarding loop and the session kept between.
+pub mod txn;

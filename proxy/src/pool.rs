@@ -40,7 +40,17 @@ pub struct Pool {
     retire_before: Mutex<Option<Instant>>,
     /// Set once at startup; the admin console reads it.
     admin: std::sync::OnceLock<Arc<crate::admin::AdminSettings>>,
+    /// The ParameterStatus a server sent at login, by generation and startup parameters:
+    /// transaction pooling greets new clients with it instead of taking a server (a client
+    /// must never wait for a server just to log in while others hold them all).
+    welcome: Mutex<Vec<Welcome>>,
 }
+
+/// Generation, startup parameters and the ParameterStatus a server sent at login.
+type Welcome = (u64, ServerParams, Arc<Vec<(String, String)>>);
+
+/// Login parameter sets remembered for greeting clients.
+const WELCOME_CACHE: usize = 16;
 
 /// See [`Pool::slot_guard`].
 pub struct SlotGuard<'a> {
@@ -86,6 +96,7 @@ impl Pool {
             paused: watch::channel(false).0,
             retire_before: Mutex::new(None),
             admin: std::sync::OnceLock::new(),
+            welcome: Mutex::new(Vec::new()),
         })
     }
 
@@ -95,6 +106,36 @@ impl Pool {
 
     pub fn admin_settings(&self) -> Option<Arc<crate::admin::AdminSettings>> {
         self.admin.get().cloned()
+    }
+
+    /// What a server of the current generation with these startup parameters said at login,
+    /// if one has logged in.
+    pub fn welcome(&self, params: &ServerParams) -> Option<Arc<Vec<(String, String)>>> {
+        let generation = self.credentials.current_number();
+        let cache = self.welcome.lock().ok()?;
+        cache
+            .iter()
+            .find(|(g, p, _)| *g == generation && p == params)
+            .map(|(_, _, w)| w.clone())
+    }
+
+    fn remember_welcome(&self, server: &ServerConnection) {
+        if let Ok(mut cache) = self.welcome.lock() {
+            if cache
+                .iter()
+                .any(|(g, p, _)| *g == server.generation && *p == server.params)
+            {
+                return;
+            }
+            if cache.len() >= WELCOME_CACHE {
+                cache.remove(0);
+            }
+            cache.push((
+                server.generation,
+                server.params.clone(),
+                Arc::new(server.parameter_status.clone()),
+            ));
+        }
     }
 
     pub fn credentials(&self) -> &Arc<Credentials> {
@@ -181,9 +222,29 @@ impl Pool {
         params: &ServerParams,
         deadline: Instant,
     ) -> Result<ServerConnection> {
+        self.acquire_with(params, deadline, false).await
+    }
+
+    /// A server connection for a session moving off `old` (which it still holds and gives
+    /// back right after): may exceed the pool size by one while both exist, so a full pool
+    /// of moving sessions cannot wait on itself.
+    pub async fn acquire_for_move(
+        &self,
+        params: &ServerParams,
+        deadline: Instant,
+    ) -> Result<ServerConnection> {
+        self.acquire_with(params, deadline, true).await
+    }
+
+    async fn acquire_with(
+        &self,
+        params: &ServerParams,
+        deadline: Instant,
+        exceed: bool,
+    ) -> Result<ServerConnection> {
         let started = Instant::now();
         self.stats.clients_waiting.increment(1.0);
-        let got = self.acquire_inner(params, deadline).await;
+        let got = self.acquire_inner(params, deadline, exceed).await;
         self.stats.clients_waiting.decrement(1.0);
         let waited = started.elapsed();
         self.stats.pool_wait.record(waited.as_secs_f64());
@@ -209,6 +270,7 @@ impl Pool {
         &self,
         params: &ServerParams,
         deadline: Instant,
+        exceed: bool,
     ) -> Result<ServerConnection> {
         loop {
             if self.is_paused() {
@@ -236,7 +298,7 @@ impl Pool {
                 }
                 if let Some(server) = found {
                     Decision::Take(server)
-                } else if state.open < self.config.size {
+                } else if state.open < self.config.size || exceed {
                     state.open += 1;
                     Decision::Open(None)
                 } else if !state.idle.is_empty() {
@@ -308,6 +370,7 @@ impl Pool {
                         connect_time: now,
                         request_time: now,
                     });
+                    self.remember_welcome(&server);
                     return Ok(server);
                 }
                 Err(e) => e,
@@ -359,13 +422,20 @@ impl Pool {
     /// Takes a connection back from a client. `clean` says the session ended at a safe point
     /// (idle, nothing in flight); only then, and only for the current generation within its
     /// lifetime, is it reset and kept.
-    pub async fn release(&self, mut server: ServerConnection, clean: bool) {
+    pub async fn release(&self, server: ServerConnection, clean: bool) {
+        self.release_with(server, clean, true).await
+    }
+
+    /// Like [`Pool::release`]; `reset: false` keeps the session state (transaction pooling
+    /// carries prepared statements and settings on the connection and syncs them per client).
+    pub async fn release_with(&self, mut server: ServerConnection, clean: bool, reset: bool) {
         self.stats.clients_active.decrement(1.0);
         let keep = clean
             && server.generation == self.credentials.current_number()
             && server.created.elapsed() < self.config.lifetime
             && !self.retired(&server);
-        if keep && server.reset().await.is_ok() {
+        let reset_ok = keep && (!reset || server.reset().await.is_ok());
+        if reset_ok {
             server.idle_since = Instant::now();
             let mut state = self.lock();
             // The generation may have changed during the reset.

@@ -40,6 +40,11 @@ pub enum SessionEnd {
     ClientMessageTooLarge(usize),
     /// The client sent bytes that are not a valid message stream.
     ClientProtocol(String),
+    /// Asked to stop at a safe point (a move to a new server), and there is one: the server
+    /// is idle, nothing in flight, no open extended sequence, both streams between messages.
+    SafePoint,
+    /// The migration deadline passed; the server-to-client stream is between messages.
+    Deadline,
 }
 
 /// What both directions of one session know about the server's state. Atomics only because
@@ -58,6 +63,14 @@ pub(crate) struct SessionState {
     pub(crate) draining: AtomicBool,
     /// Query and transaction timing for the metrics.
     clock: TransactionClock,
+    /// 0: run; 1: stop at the next safe point; 2: stop at the next message boundary.
+    pub(crate) stop: AtomicU8,
+    /// A message from the client (or to it, from the server) is only partly forwarded.
+    pub(crate) client_partial: AtomicBool,
+    pub(crate) server_partial: AtomicBool,
+    /// A direction is writing what it read: stopping must not drop it mid-write.
+    pub(crate) c2s_writing: AtomicBool,
+    pub(crate) s2c_writing: AtomicBool,
 }
 
 impl SessionState {
@@ -69,6 +82,45 @@ impl SessionState {
         }
     }
 
+    /// Whether the session may leave its server right now (stopping drops nothing).
+    pub(crate) fn at_safe_point(&self) -> bool {
+        self.pending.load(Relaxed) == 0
+            && !self.unsynced.load(Relaxed)
+            && self.status.load(Relaxed) == b'I'
+            && !self.client_partial.load(Relaxed)
+            && !self.server_partial.load(Relaxed)
+            && !self.c2s_writing.load(Relaxed)
+            && !self.s2c_writing.load(Relaxed)
+    }
+
+    /// What the server-to-client direction should end with after delivering a chunk, if a
+    /// stop was asked for.
+    pub(crate) fn stop_after_chunk(&self) -> Option<SessionEnd> {
+        match self.stop.load(Relaxed) {
+            0 => None,
+            1 if self.at_safe_point() => Some(SessionEnd::SafePoint),
+            2 if !self.server_partial.load(Relaxed) && !self.s2c_writing.load(Relaxed) => {
+                Some(if self.at_safe_point() {
+                    SessionEnd::SafePoint
+                } else {
+                    SessionEnd::Deadline
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// A stop was asked for (`kind`): the end to report now, if the session is already
+    /// where it may stop.
+    pub(crate) fn request_stop(&self, kind: crate::migrate::StopKind) -> Option<SessionEnd> {
+        let level = match kind {
+            crate::migrate::StopKind::SafePoint => 1,
+            crate::migrate::StopKind::Now => 2,
+        };
+        self.stop.fetch_max(level, Relaxed);
+        self.stop_after_chunk()
+    }
+
     /// Whether the server can be reset and reused after the session ended with `end`.
     pub(crate) fn server_clean(
         &self,
@@ -76,6 +128,9 @@ impl SessionState {
         client_walker: &MessageWalker,
         server_walker: &MessageWalker,
     ) -> bool {
+        if *end == SessionEnd::SafePoint {
+            return true;
+        }
         matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
             && client_walker.at_boundary()
             && server_walker.at_boundary()
@@ -164,6 +219,7 @@ pub async fn run_session(
     server: &mut TcpStream,
     max_client_message: usize,
     initial: &[u8],
+    mut signal: Option<&mut crate::migrate::MoveSignal>,
 ) -> SessionOutcome {
     let state = SessionState::new();
     let (mut client_read, mut client_write) = client.split();
@@ -187,10 +243,7 @@ pub async fn run_session(
             &state,
         );
         tokio::pin!(c2s, s2c);
-        let end = tokio::select! {
-            end = &mut c2s => end,
-            end = &mut s2c => end,
-        };
+        let end = select_with_signal(&mut c2s, &mut s2c, &state, &mut signal).await;
         if end == SessionEnd::ClientTerminated && state.pending.load(Relaxed) > 0 {
             // The client sent Terminate right behind queries (it may not read the answers,
             // but PostgreSQL would have sent them): deliver them, briefly, then end.
@@ -205,6 +258,37 @@ pub async fn run_session(
     };
     let server_clean = state.server_clean(&end, &client_walker, &server_walker);
     SessionOutcome { end, server_clean }
+}
+
+/// Runs both directions until one ends, or until a stop asked by `signal` finds the session
+/// where it may stop (directions that are behind check again after each chunk).
+pub(crate) async fn select_with_signal<A, B>(
+    c2s: &mut Pin<&mut A>,
+    s2c: &mut Pin<&mut B>,
+    state: &SessionState,
+    signal: &mut Option<&mut crate::migrate::MoveSignal>,
+) -> SessionEnd
+where
+    A: std::future::Future<Output = SessionEnd>,
+    B: std::future::Future<Output = SessionEnd>,
+{
+    loop {
+        let stop = async {
+            match signal.as_deref_mut() {
+                Some(s) => s.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            end = c2s.as_mut() => return end,
+            end = s2c.as_mut() => return end,
+            kind = stop => {
+                if let Some(end) = state.request_stop(kind) {
+                    return end;
+                }
+            }
+        }
+    }
 }
 
 /// Which side of a forwarding step failed.
@@ -356,11 +440,17 @@ async fn client_to_server(
             inspect_client(walker, state, max_message, &mut verdict, data)
         })
         .await;
+        state.client_partial.store(!walker.at_boundary(), Relaxed);
         match read {
             Ok(Some(stop)) => {
                 // Partial writes wait here, before the next read: backpressure.
-                if let Err(_e) = flush_backlog(dst, &mut backlog).await {
-                    return SessionEnd::ServerGone;
+                if !backlog.is_empty() {
+                    state.c2s_writing.store(true, Relaxed);
+                    let flushed = flush_backlog(dst, &mut backlog).await;
+                    state.c2s_writing.store(false, Relaxed);
+                    if flushed.is_err() {
+                        return SessionEnd::ServerGone;
+                    }
                 }
                 if stop {
                     return match verdict {
@@ -417,16 +507,25 @@ async fn server_to_client(
             Ok((data.len(), false))
         })
         .await;
+        state.server_partial.store(!walker.at_boundary(), Relaxed);
         match read {
             Ok(Some(_)) => {
-                if flush_backlog(dst, &mut backlog).await.is_err() {
-                    return SessionEnd::ClientGone;
+                if !backlog.is_empty() {
+                    state.s2c_writing.store(true, Relaxed);
+                    let flushed = flush_backlog(dst, &mut backlog).await;
+                    state.s2c_writing.store(false, Relaxed);
+                    if flushed.is_err() {
+                        return SessionEnd::ClientGone;
+                    }
                 }
                 if state.draining.load(Relaxed)
                     && state.pending.load(Relaxed) == 0
                     && walker.at_boundary()
                 {
                     return SessionEnd::ClientTerminated;
+                }
+                if let Some(end) = state.stop_after_chunk() {
+                    return end;
                 }
             }
             Ok(None) | Err(Failure::Read) | Err(Failure::Invalid(_)) => {

@@ -87,6 +87,11 @@ pub struct ServerConnection {
     /// Where cancels for this backend go, and how.
     pub cancel_route: CancelRoute,
     role: Option<String>,
+    /// `user@hosts/db` of the generation that opened it: a rotation that changes this moves
+    /// sessions (`--migrate changed`).
+    pub target: Arc<str>,
+    /// What transaction pooling left on this connection (prepared statements, settings).
+    pub txn: crate::txn::ServerSession,
 }
 
 impl std::fmt::Debug for ServerConnection {
@@ -415,6 +420,8 @@ impl ServerConnection {
             idle_since: now,
             cancel_route: route,
             role: generation.role.clone(),
+            target: crate::credentials::describe_dsn(dsn).into(),
+            txn: Default::default(),
         };
         if let Some(role) = conn.role.clone() {
             conn.simple_queries(&[&format!("SET ROLE {}", quote_ident(&role))])
@@ -429,6 +436,126 @@ impl ServerConnection {
                 })?;
         }
         Ok(conn)
+    }
+
+    /// The role dbproxy sets on this connection (`--set-role` / `--set-base-role`).
+    pub fn policy_role(&self) -> Option<&str> {
+        self.role.as_deref()
+    }
+
+    /// Runs one simple query and returns its rows as text (NULL as None). For dbproxy's own
+    /// questions to the server (session state before a move); never for client traffic.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            let (tag, mut body) =
+                read_message(&mut self.stream, &mut buf, MAX_LOGIN_MESSAGE).await?;
+            match tag {
+                b'D' => {
+                    if body.len() < 2 {
+                        return Err(ProxyError::Protocol("short DataRow".into()));
+                    }
+                    let n = body.get_i16().max(0) as usize;
+                    let mut row = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        if body.len() < 4 {
+                            return Err(ProxyError::Protocol("short DataRow".into()));
+                        }
+                        let len = body.get_i32();
+                        if len < 0 {
+                            row.push(None);
+                        } else {
+                            let len = len as usize;
+                            if body.len() < len {
+                                return Err(ProxyError::Protocol("short DataRow".into()));
+                            }
+                            let v = body.split_to(len);
+                            row.push(Some(String::from_utf8_lossy(&v).into_owned()));
+                        }
+                    }
+                    rows.push(row);
+                }
+                b'E' => {
+                    let f = parse_error_fields(&body);
+                    failure = Some(format!("{} ({})", f.message, f.code));
+                }
+                b'S' => self.note_parameter_status(&mut body)?,
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if !buf.is_empty() {
+            return Err(ProxyError::Reset("unexpected data after a query".into()));
+        }
+        match failure {
+            Some(message) => Err(ProxyError::Reset(message)),
+            None => Ok(rows),
+        }
+    }
+
+    fn note_parameter_status(&mut self, body: &mut BytesMut) -> Result<()> {
+        let name = take_cstr(body)?;
+        let value = take_cstr(body)?;
+        match self.parameter_status.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = value,
+            None => self.parameter_status.push((name, value)),
+        }
+        Ok(())
+    }
+
+    /// Re-creates session state on this connection in one round trip: simple queries first
+    /// (settings, SQL PREPARE), then protocol-level Parse messages (name, text, parameter
+    /// type OIDs) and a Sync. Any error fails the whole replay.
+    pub async fn replay(
+        &mut self,
+        queries: &[String],
+        parses: &[(String, String, Vec<u32>)],
+    ) -> Result<()> {
+        let mut out = BytesMut::with_capacity(256);
+        for q in queries {
+            frontend::query(q, &mut out)?;
+        }
+        for (name, text, types) in parses {
+            frontend::parse(name, text, types.iter().copied(), &mut out)?;
+        }
+        let mut remaining = queries.len();
+        if !parses.is_empty() {
+            frontend::sync(&mut out);
+            remaining += 1;
+        }
+        if remaining == 0 {
+            return Ok(());
+        }
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut failure = None;
+        while remaining > 0 {
+            let (tag, mut body) =
+                read_message(&mut self.stream, &mut buf, MAX_LOGIN_MESSAGE).await?;
+            match tag {
+                b'Z' => remaining -= 1,
+                b'E' => {
+                    let f = parse_error_fields(&body);
+                    failure.get_or_insert(format!("{} ({})", f.message, f.code));
+                }
+                b'S' => self.note_parameter_status(&mut body)?,
+                _ => {}
+            }
+        }
+        if !buf.is_empty() {
+            return Err(ProxyError::Reset("unexpected data after a replay".into()));
+        }
+        match failure {
+            Some(message) => Err(ProxyError::Reset(message)),
+            None => Ok(()),
+        }
     }
 
     /// Sends simple queries in one write and reads until each has its ReadyForQuery,
@@ -452,14 +579,7 @@ impl ServerConnection {
                     let f = parse_error_fields(&body);
                     failure = Some(format!("{} ({})", f.message, f.code));
                 }
-                b'S' => {
-                    let name = take_cstr(&mut body)?;
-                    let value = take_cstr(&mut body)?;
-                    match self.parameter_status.iter_mut().find(|(n, _)| *n == name) {
-                        Some(entry) => entry.1 = value,
-                        None => self.parameter_status.push((name, value)),
-                    }
-                }
+                b'S' => self.note_parameter_status(&mut body)?,
                 _ => {}
             }
         }
@@ -483,6 +603,9 @@ impl ServerConnection {
         if let Some(q) = set_role.as_deref() {
             queries.push(q);
         }
+        // DISCARD ALL drops prepared statements and settings, whatever transaction pooling
+        // left here.
+        self.txn = Default::default();
         match tokio::time::timeout(RESET_TIMEOUT, self.simple_queries(&queries)).await {
             Ok(r) => r,
             Err(_) => Err(ProxyError::Timeout("resetting a server connection")),

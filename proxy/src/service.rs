@@ -56,11 +56,6 @@ pub async fn run(
     args: RunArgs,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> Result<()> {
-    if args.pool_mode == PoolMode::Transaction {
-        return Err(ProxyError::Config(
-            "--pool-mode transaction is not supported yet; use --pool-mode session".into(),
-        ));
-    }
     if args.pool_size == 0 {
         return Err(ProxyError::Config("--pool-size must be at least 1".into()));
     }
@@ -148,6 +143,11 @@ pub async fn run(
             Duration::from_secs(args.poll_interval.max(1)),
         )?,
         cancel_routes: Default::default(),
+        transaction_mode: args.pool_mode == PoolMode::Transaction,
+        migrate: args.migrate,
+        migration_timeout: Duration::from_secs(args.migration_timeout),
+        max_prepared_statements: args.max_prepared_statements,
+        known_statements: Default::default(),
     });
     let counter = ClientCounter::new();
     for b in bound {

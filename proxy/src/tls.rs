@@ -112,6 +112,7 @@ pub async fn run_session_any<C, S>(
     server: &mut S,
     max_client_message: usize,
     initial: &[u8],
+    mut signal: Option<&mut crate::migrate::MoveSignal>,
 ) -> SessionOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -169,12 +170,16 @@ where
                     Ok(v) => v,
                     Err(e) => return SessionEnd::ClientProtocol(e),
                 };
-                if forward > 0
-                    && write_flush(&mut server_write, &buf[..forward])
-                        .await
-                        .is_err()
-                {
-                    return SessionEnd::ServerGone;
+                state
+                    .client_partial
+                    .store(!client_walker.at_boundary(), Relaxed);
+                if forward > 0 {
+                    state.c2s_writing.store(true, Relaxed);
+                    let written = write_flush(&mut server_write, &buf[..forward]).await;
+                    state.c2s_writing.store(false, Relaxed);
+                    if written.is_err() {
+                        return SessionEnd::ServerGone;
+                    }
                 }
                 if stop {
                     return finish(&verdict);
@@ -191,7 +196,13 @@ where
                 if inspect_server(&mut server_walker, &state, hot, &buf[..n]).is_err() {
                     return SessionEnd::ServerGone;
                 }
-                if write_flush(&mut client_write, &buf[..n]).await.is_err() {
+                state
+                    .server_partial
+                    .store(!server_walker.at_boundary(), Relaxed);
+                state.s2c_writing.store(true, Relaxed);
+                let written = write_flush(&mut client_write, &buf[..n]).await;
+                state.s2c_writing.store(false, Relaxed);
+                if written.is_err() {
                     return SessionEnd::ClientGone;
                 }
                 if state.draining.load(Relaxed)
@@ -200,13 +211,13 @@ where
                 {
                     return SessionEnd::ClientTerminated;
                 }
+                if let Some(end) = state.stop_after_chunk() {
+                    return end;
+                }
             }
         };
         tokio::pin!(c2s, s2c);
-        let end = tokio::select! {
-            end = &mut c2s => end,
-            end = &mut s2c => end,
-        };
+        let end = crate::proxy::select_with_signal(&mut c2s, &mut s2c, &state, &mut signal).await;
         if end == SessionEnd::ClientTerminated && state.pending.load(Relaxed) > 0 {
             state.draining.store(true, Relaxed);
             match tokio::time::timeout(DRAIN_TIMEOUT, &mut s2c).await {

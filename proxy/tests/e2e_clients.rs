@@ -644,10 +644,11 @@ async fn dbc_directory_layout() -> anyhow::Result<()> {
     let since = Instant::now();
     let latency = wait_for_session_user(proxy.port(), "app_b", since, PICKUP_DEADLINE).await?;
     println!("directory layout: app_a -> app_b observed after {latency:?}");
+    // A user change moves open sessions too (--migrate changed, the default).
     assert_eq!(
-        whoami(&client).await?.0,
-        "app_a",
-        "the open session keeps its backend"
+        session_user_soon(&client, "app_b").await?,
+        "app_b",
+        "the open session moves to the new user"
     );
     Ok(())
 }
@@ -693,7 +694,23 @@ async fn server_auth_md5_and_cleartext() -> anyhow::Result<()> {
         let since = write_uri(&secret, &db.uri("app_b"))?;
         let latency = wait_for_session_user(proxy.port(), "app_b", since, PICKUP_DEADLINE).await?;
         println!("{auth:?}: app_a -> app_b observed after {latency:?}");
-        assert_eq!(whoami(&c).await?.0, "app_a", "{auth:?}: open session");
+        assert_eq!(
+            session_user_soon(&c, "app_b").await?,
+            "app_b",
+            "{auth:?}: the open session moves to the new user"
+        );
     }
     Ok(())
+}
+
+/// The session user an open client sees, polled until it is `want` (or PICKUP_DEADLINE).
+async fn session_user_soon(client: &tokio_postgres::Client, want: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let user = whoami(client).await?.0;
+        if user == want || start.elapsed() > PICKUP_DEADLINE {
+            return Ok(user);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

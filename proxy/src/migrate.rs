@@ -1,0 +1,389 @@
+//! Moving a live session to a new server connection at a safe point (after ReadyForQuery 'I',
+//! nothing in flight, no open extended sequence), and what may stop it.
+//!
+//! The server says what a session holds: before a move dbproxy asks the old backend, in one
+//! round trip, for its session settings (`pg_settings` with `source = 'session'`: SET,
+//! set_config, SET ROLE, SET SESSION CHARACTERISTICS), its prepared statements
+//! (`pg_prepared_statements`, protocol and SQL), the reported parameters' current values, and
+//! the state that cannot move: LISTEN channels (`pg_listening_channels()`), temporary objects
+//! (`pg_class` in `pg_my_temp_schema()`), open cursors (`pg_cursors`: at an idle point only
+//! WITH HOLD ones survive) and session advisory locks (`pg_locks` of its own pid). A session
+//! holding any of those stays on its backend until it is gone or `--migration-timeout`
+//! passes; then the client receives FATAL 57P01 naming what pinned it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use tokio::sync::watch;
+
+use crate::credentials::Generation;
+use crate::error::{ProxyError, Result};
+use crate::server::{ServerConnection, quote_ident};
+use crate::sql::{find_prepare, quote_literal};
+
+/// `--migrate`: which rotations move live sessions (session mode) to new server connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MigratePolicy {
+    /// Rotations that change the user, host, port or database (the default): a new password
+    /// alone leaves sessions where they are (PostgreSQL keeps them logged in).
+    Changed,
+    /// Every rotation.
+    Always,
+    /// Never: sessions stay on their server until they end; only new sessions use the new
+    /// credentials.
+    Never,
+}
+
+/// How often a pinned session is asked again whether it still holds unmovable state.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// What a forwarding loop is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopKind {
+    /// Stop at the next safe point and let the session move.
+    SafePoint,
+    /// The migration timeout passed: stop at the next message boundary and close the client.
+    Now,
+}
+
+/// Tells a session when its server connection should be left: a newer credential generation
+/// that the policy says to move to, a recheck of a pinned session, or the migration deadline.
+pub struct MoveSignal {
+    rx: watch::Receiver<Option<Arc<Generation>>>,
+    policy: MigratePolicy,
+    timeout: Duration,
+    server_generation: u64,
+    server_target: Arc<str>,
+    /// Set once a move is wanted: when the session must be gone from its server.
+    deadline: Option<Instant>,
+    recheck_at: Option<Instant>,
+    /// The deadline has been reported; nothing more to say.
+    finished: bool,
+}
+
+impl MoveSignal {
+    pub fn new(
+        rx: watch::Receiver<Option<Arc<Generation>>>,
+        policy: MigratePolicy,
+        timeout: Duration,
+        server: &ServerConnection,
+    ) -> Self {
+        MoveSignal {
+            rx,
+            policy,
+            timeout,
+            server_generation: server.generation,
+            server_target: server.target.clone(),
+            deadline: None,
+            recheck_at: None,
+            finished: false,
+        }
+    }
+
+    /// Follows a new server connection: nothing is wanted until the next rotation.
+    pub fn rebase(&mut self, server: &ServerConnection) {
+        self.server_generation = server.generation;
+        self.server_target = server.target.clone();
+        self.deadline = None;
+        self.recheck_at = None;
+        self.finished = false;
+    }
+
+    /// A move was wanted but could not happen now (pinned, or the attempt failed): ask
+    /// again at the next safe point after a short while, until the deadline.
+    pub fn retry_later(&mut self) {
+        self.recheck_at = Some(Instant::now() + RECHECK);
+    }
+
+    /// Whether the session should move now (a rotation asks for it), without waiting.
+    pub fn wanted(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    fn requires_move(&self, generation: &Option<Arc<Generation>>) -> bool {
+        let Some(g) = generation else { return false };
+        if g.number <= self.server_generation {
+            return false;
+        }
+        match self.policy {
+            MigratePolicy::Never => false,
+            MigratePolicy::Always => true,
+            MigratePolicy::Changed => {
+                *crate::credentials::describe_dsn(&g.dsn) != *self.server_target
+            }
+        }
+    }
+
+    /// Completes when the loop should stop: first at the rotation that asks for a move
+    /// (`SafePoint`), then at each recheck time (`SafePoint`), then at the deadline (`Now`).
+    /// Cancel-safe: the loops recreate it each time one of their branches fires.
+    pub async fn wait(&mut self) -> StopKind {
+        if self.finished || self.policy == MigratePolicy::Never {
+            return std::future::pending().await;
+        }
+        if self.deadline.is_none() {
+            loop {
+                let current = self.rx.borrow_and_update().clone();
+                let wanted = self.requires_move(&current);
+                if wanted {
+                    break;
+                }
+                if self.rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+            self.deadline = Some(Instant::now() + self.timeout);
+            return StopKind::SafePoint;
+        }
+        let deadline = self.deadline.unwrap_or_else(Instant::now);
+        if let Some(at) = self.recheck_at.take()
+            && at < deadline
+        {
+            tokio::time::sleep_until(at.into()).await;
+            return StopKind::SafePoint;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+        self.finished = true;
+        StopKind::Now
+    }
+}
+
+/// What the old backend holds, as it told us.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Why the session cannot move (empty: it can).
+    pub pins: Vec<&'static str>,
+    /// Session-level settings (`pg_settings.source = 'session'`), current values.
+    pub settings: Vec<(String, String)>,
+    /// SQL prepared statements: name and the PREPARE statement that made it.
+    pub sql_prepared: Vec<(String, String)>,
+    /// Protocol prepared statements: name, text, parameter type OIDs.
+    pub parses: Vec<(String, String, Vec<u32>)>,
+    /// Current values of the parameters the server reports (what the client has seen).
+    pub reported: Vec<(String, String)>,
+}
+
+/// The reasons a session may be pinned, in the words the client will read.
+const PIN_LISTEN: &str = "it is listening on channels (LISTEN)";
+const PIN_TEMP: &str = "it holds temporary tables or other temporary objects";
+const PIN_CURSOR: &str = "it holds open cursors (WITH HOLD)";
+const PIN_LOCK: &str = "it holds session-level advisory locks";
+
+/// Asks a backend at a safe point what its session holds. `reported` names the parameters
+/// whose current values are wanted too.
+pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Result<Snapshot> {
+    let mut sql = String::from(
+        "SELECT 'pin', 'listen', NULL, NULL, NULL FROM pg_catalog.pg_listening_channels() HAVING count(*) > 0 \
+         UNION ALL SELECT 'pin', 'temp', NULL, NULL, NULL FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema() HAVING count(*) > 0 \
+         UNION ALL SELECT 'pin', 'cursor', NULL, NULL, NULL FROM pg_catalog.pg_cursors HAVING count(*) > 0 \
+         UNION ALL SELECT 'pin', 'lock', NULL, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() HAVING count(*) > 0 \
+         UNION ALL SELECT 'set', name, pg_catalog.current_setting(name), NULL, NULL FROM pg_catalog.pg_settings WHERE source = 'session' \
+         UNION ALL SELECT 'prep', name, statement, parameter_types::pg_catalog.oid[]::pg_catalog.text, from_sql::pg_catalog.text FROM pg_catalog.pg_prepared_statements",
+    );
+    if with_reported && !server.parameter_status.is_empty() {
+        let names: Vec<String> = server
+            .parameter_status
+            .iter()
+            .map(|(n, _)| quote_literal(n))
+            .collect();
+        sql.push_str(&format!(
+            " UNION ALL SELECT 'ps', n, pg_catalog.current_setting(n, true), NULL, NULL FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) n",
+            names.join(",")
+        ));
+    }
+    let rows = tokio::time::timeout(Duration::from_secs(10), server.query_rows(&sql))
+        .await
+        .map_err(|_| ProxyError::Timeout("asking a server connection for its session state"))??;
+    let policy_role = server.policy_role().map(str::to_owned);
+    let mut snap = Snapshot::default();
+    for row in rows {
+        let col = |i: usize| row.get(i).cloned().flatten();
+        let (Some(kind), Some(name)) = (col(0), col(1)) else {
+            continue;
+        };
+        match kind.as_str() {
+            "pin" => snap.pins.push(match name.as_str() {
+                "listen" => PIN_LISTEN,
+                "temp" => PIN_TEMP,
+                "cursor" => PIN_CURSOR,
+                _ => PIN_LOCK,
+            }),
+            "set" => {
+                let value = col(2).unwrap_or_default();
+                // dbproxy's own SET ROLE (--set-role / --set-base-role) is not the client's.
+                if name == "role" && policy_role.as_deref() == Some(value.as_str()) {
+                    continue;
+                }
+                snap.settings.push((name, value));
+            }
+            "prep" => {
+                let text = col(2).unwrap_or_default();
+                if col(4).as_deref() == Some("true") {
+                    let prepare = find_prepare(&text, &name).unwrap_or(&text).to_owned();
+                    snap.sql_prepared.push((name, prepare));
+                } else {
+                    let types = parse_oid_array(&col(3).unwrap_or_default());
+                    snap.parses.push((name, text, types));
+                }
+            }
+            "ps" => {
+                if let Some(v) = col(2) {
+                    snap.reported.push((name, v));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(snap)
+}
+
+/// `{23,25}` -> [23, 25].
+fn parse_oid_array(s: &str) -> Vec<u32> {
+    s.trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .filter_map(|t| t.trim().parse().ok())
+        .collect()
+}
+
+/// The statements that turn a connection's settings from `have` into `want`: set_config for
+/// every value that differs (it takes the value as current_setting printed it, lists and
+/// units included), RESET for settings only `have` holds. `policy_role` is restored instead of
+/// resetting `role`.
+pub fn settings_delta(
+    have: &[(String, String)],
+    want: &[(String, String)],
+    policy_role: Option<&str>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, _) in have {
+        if !want.iter().any(|(n, _)| n == name) {
+            out.push(match (name.as_str(), policy_role) {
+                ("role", Some(role)) => format!("SET ROLE {}", quote_ident(role)),
+                _ => format!("RESET {}", quote_ident(name)),
+            });
+        }
+    }
+    for (name, value) in want {
+        if have.iter().any(|(n, v)| n == name && v == value) {
+            continue;
+        }
+        out.push(format!(
+            "SELECT pg_catalog.set_config({}, {}, false)",
+            quote_literal(name),
+            quote_literal(value)
+        ));
+    }
+    out
+}
+
+/// The statements that turn a connection's SQL prepared statements from `have` into `want`.
+pub fn sql_prepared_delta(have: &[(String, String)], want: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, text) in have {
+        if !want.iter().any(|(n, t)| n == name && t == text) {
+            out.push(format!("DEALLOCATE {}", quote_ident(name)));
+        }
+    }
+    for (name, text) in want {
+        if !have.iter().any(|(n, t)| n == name && t == text) {
+            out.push(text.clone());
+        }
+    }
+    out
+}
+
+/// Reported parameters whose value on `new` differs from what the client has seen.
+pub fn reported_changes(
+    seen: &[(String, String)],
+    new: &[(String, String)],
+) -> Vec<(String, String)> {
+    new.iter()
+        .filter(|(n, v)| !seen.iter().any(|(sn, sv)| sn == n && sv == v))
+        .cloned()
+        .collect()
+}
+
+/// Re-creates a snapshot's movable state on a fresh connection (settings first, so names in
+/// PREPARE statements resolve with the client's search_path).
+pub async fn restore(server: &mut ServerConnection, snap: &Snapshot) -> Result<()> {
+    let mut queries = settings_delta(&[], &snap.settings, server.policy_role());
+    queries.extend(sql_prepared_delta(&[], &snap.sql_prepared));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        server.replay(&queries, &snap.parses),
+    )
+    .await
+    .map_err(|_| ProxyError::Timeout("restoring session state on a new server connection"))?
+}
+
+/// The client-facing explanation of a close after the migration timeout.
+pub fn pinned_message(pins: &[&str], timeout: Duration) -> String {
+    if pins.is_empty() {
+        format!(
+            "terminating connection: dbproxy moved to new database credentials and this session \
+             was not idle within the migration timeout ({} s); reconnect",
+            timeout.as_secs()
+        )
+    } else {
+        format!(
+            "terminating connection: dbproxy moved to new database credentials, but this session \
+             could not follow because {} (session state that only its old server has); it was \
+             kept for the migration timeout ({} s); reconnect",
+            pins.join(" and "),
+            timeout.as_secs()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(a: &str, b: &str) -> (String, String) {
+        (a.to_owned(), b.to_owned())
+    }
+
+    #[test]
+    fn deltas() {
+        let have = vec![
+            kv("work_mem", "4MB"),
+            kv("role", "x"),
+            kv("search_path", "a"),
+        ];
+        let want = vec![kv("work_mem", "8MB"), kv("search_path", "a")];
+        let d = settings_delta(&have, &want, Some("app"));
+        assert_eq!(
+            d,
+            vec![
+                "SET ROLE \"app\"".to_owned(),
+                "SELECT pg_catalog.set_config('work_mem', '8MB', false)".to_owned()
+            ]
+        );
+        assert_eq!(
+            settings_delta(&have, &[], None),
+            vec![
+                "RESET \"work_mem\"",
+                "RESET \"role\"",
+                "RESET \"search_path\""
+            ]
+        );
+        let d = sql_prepared_delta(
+            &[
+                kv("a", "PREPARE a AS SELECT 1"),
+                kv("b", "PREPARE b AS SELECT 2"),
+            ],
+            &[
+                kv("a", "PREPARE a AS SELECT 1"),
+                kv("b", "PREPARE b AS SELECT 3"),
+            ],
+        );
+        assert_eq!(d, vec!["DEALLOCATE \"b\"", "PREPARE b AS SELECT 3"]);
+        assert_eq!(parse_oid_array("{23,25}"), vec![23, 25]);
+        assert!(parse_oid_array("{}").is_empty());
+        assert_eq!(
+            reported_changes(&[kv("a", "1"), kv("b", "2")], &[kv("a", "1"), kv("b", "3")]),
+            vec![kv("b", "3")]
+        );
+    }
+}

@@ -1,0 +1,1011 @@
+//! Transaction pooling: a client holds a server connection for one transaction at a time.
+//!
+//! Between transactions the client's session lives in dbproxy ([`ClientSession`]): its named
+//! prepared statements (protocol Parse), its SQL prepared statements, its session settings and
+//! the parameters it has been told. Protocol statements are created on servers under a name
+//! derived from their text and parameter types (`dbproxy_<128-bit hash>`), so clients that
+//! prepare the same statement share it and two clients' `s1` never collide; a Bind or Describe
+//! on a server that lacks the statement is preceded by a Parse dbproxy injects (its
+//! ParseComplete is swallowed), a Parse the server already has is answered by dbproxy, and a
+//! Close of a statement is answered by dbproxy while the server keeps it for others (at most
+//! `--max-prepared-statements` per server, least recently used closed first). Settings and SQL
+//! prepared statements are learned from the server after a transaction that may have changed
+//! them (see [`crate::sql::may_touch_session_state`]) and re-applied, in the same round trip,
+//! on whichever server serves the client's next transaction. State that cannot move (LISTEN,
+//! temporary objects, WITH HOLD cursors, session advisory locks) pins the client to its
+//! server until it is gone.
+//!
+//! The forwarding loop here parses whole client messages and server message headers; the
+//! responses dbproxy owes or swallows are ordered by a queue of what each forwarded message
+//! will be answered with.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::migrate::{MoveSignal, StopKind};
+use crate::protocol::backend;
+use crate::proxy::{DRAIN_TIMEOUT, TransactionClock};
+use crate::sql::may_touch_session_state;
+use crate::stats::hot;
+
+/// What transaction pooling left on a server connection.
+#[derive(Debug, Default)]
+pub struct ServerSession {
+    /// Protocol statements created under dbproxy's names, by content key, with last use.
+    pub prepared: HashMap<[u8; 16], u64>,
+    /// Session settings as last applied or observed (`pg_settings.source = 'session'`).
+    pub settings: Vec<(String, String)>,
+    /// SQL prepared statements: name and PREPARE statement.
+    pub sql_prepared: Vec<(String, String)>,
+    tick: u64,
+}
+
+/// A client's named protocol statement.
+#[derive(Debug)]
+struct Statement {
+    key: [u8; 16],
+    /// The name on servers: `dbproxy_` and the key in hex.
+    server_name: String,
+    /// Parse body after the name: query text, NUL, parameter count and type OIDs.
+    rest: Bytes,
+}
+
+/// A client's session as dbproxy keeps it between transactions.
+#[derive(Debug)]
+pub struct ClientSession {
+    statements: HashMap<Vec<u8>, Arc<Statement>>,
+    /// Settings the client's session has (learned from the server after it changed them).
+    pub settings: Vec<(String, String)>,
+    /// SQL prepared statements (name, PREPARE statement).
+    pub sql_prepared: Vec<(String, String)>,
+    /// ParameterStatus values as this client last received them.
+    pub seen: Vec<(String, String)>,
+    /// Why the client cannot leave its server now.
+    pub pins: Vec<&'static str>,
+    /// Transaction status of the last ReadyForQuery.
+    pub status: u8,
+}
+
+impl ClientSession {
+    pub fn new(seen: Vec<(String, String)>) -> Self {
+        ClientSession {
+            statements: HashMap::new(),
+            settings: Vec::new(),
+            sql_prepared: Vec::new(),
+            seen,
+            pins: Vec::new(),
+            status: b'I',
+        }
+    }
+
+    pub fn statement_count(&self) -> usize {
+        self.statements.len()
+    }
+}
+
+/// What a forwarded message will be answered with (in order).
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete; `key` is set when the Parse created a dbproxy-named statement (undone if
+    /// the server skips or fails it).
+    Parse {
+        key: Option<[u8; 16]>,
+        swallow: bool,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close {
+        swallow: bool,
+    },
+    Sync,
+    /// Query or FunctionCall: everything up to ReadyForQuery.
+    Simple,
+    /// A reply dbproxy gives itself, once everything before it is answered.
+    Synthetic(Synthetic),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+    /// `DEALLOCATE name` of a protocol statement: CommandComplete and ReadyForQuery.
+    Deallocated,
+}
+
+/// Why a transaction round ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RoundEnd {
+    /// The server is idle with nothing in flight: it may be released or swapped.
+    SafePoint,
+    ClientTerminated,
+    ClientGone,
+    ServerGone,
+    ClientMessageTooLarge(usize),
+    ClientProtocol(String),
+    /// The migration deadline passed; the streams are at a message boundary.
+    Deadline,
+}
+
+pub struct RoundOutcome {
+    pub end: RoundEnd,
+    /// Nothing was in flight when the round ended (the server may be reused).
+    pub clean: bool,
+    /// The round ran statements that may have changed session state: ask the server.
+    pub recheck: bool,
+}
+
+/// Statements some server has accepted (by content key): a client that prepares one of
+/// these while it holds no server is answered by dbproxy (libpq's PQprepare is a blocking
+/// Parse+Sync; taking a server for it while other clients of the same thread hold every
+/// server in open transactions would deadlock, as pgbench -M prepared shows).
+#[derive(Default)]
+pub struct KnownStatements {
+    keys: Mutex<std::collections::HashSet<[u8; 16]>>,
+}
+
+/// Statements remembered as known (beyond this, new ones are not remembered).
+const KNOWN_STATEMENTS: usize = 100_000;
+
+impl KnownStatements {
+    fn insert(&self, key: [u8; 16]) {
+        if let Ok(mut keys) = self.keys.lock()
+            && keys.len() < KNOWN_STATEMENTS
+        {
+            keys.insert(key);
+        }
+    }
+
+    fn contains(&self, key: &[u8; 16]) -> bool {
+        self.keys.lock().map(|k| k.contains(key)).unwrap_or(false)
+    }
+}
+
+/// When the client, idle and without a server, sent only Parse messages of known statements
+/// and Sync (libpq's PQprepare), answers them without a server: the statements join the
+/// client's session and are created on whichever server later needs them. Returns the reply,
+/// or None (nothing consumed) when a server is needed.
+pub fn answer_without_server(
+    client: &mut ClientSession,
+    cbuf: &mut BytesMut,
+    known: &KnownStatements,
+) -> Option<BytesMut> {
+    if client.status != b'I' {
+        return None;
+    }
+    let mut at = 0;
+    let mut parses = Vec::new();
+    let mut synced = false;
+    while cbuf.len() >= at + 5 {
+        let tag = cbuf[at];
+        let len = i32::from_be_bytes([cbuf[at + 1], cbuf[at + 2], cbuf[at + 3], cbuf[at + 4]]);
+        if len < 4 || cbuf.len() < at + 1 + len as usize {
+            return None;
+        }
+        let body = &cbuf[at + 5..at + 1 + len as usize];
+        match tag {
+            b'P' => {
+                let name = cstr_bytes(body)?;
+                let rest = &body[name.len() + 1..];
+                if name.is_empty() || synced {
+                    return None;
+                }
+                let statement = Statement::new(Bytes::copy_from_slice(rest));
+                if !known.contains(&statement.key) {
+                    return None;
+                }
+                parses.push((name.to_vec(), statement));
+            }
+            b'S' if !parses.is_empty() => synced = true,
+            _ => return None,
+        }
+        at += 1 + len as usize;
+    }
+    if !synced || at != cbuf.len() {
+        return None;
+    }
+    cbuf.clear();
+    let mut out = BytesMut::with_capacity(parses.len() * 5 + 6);
+    for (name, statement) in parses {
+        client.statements.insert(name, Arc::new(statement));
+        out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+    }
+    backend::ready_for_query(&mut out, b'I');
+    Some(out)
+}
+
+/// Settings for a round.
+pub struct RoundConfig<'a> {
+    /// Statements servers have accepted (process-wide).
+    pub known: &'a KnownStatements,
+    pub max_message: usize,
+    pub max_prepared: usize,
+    /// End the round at the first safe point (not while pinned).
+    pub end_at_safe_point: bool,
+}
+
+struct Shared<'a> {
+    queue: VecDeque<Expect>,
+    server: &'a mut ServerSession,
+    server_params: &'a mut Vec<(String, String)>,
+    client: &'a mut ClientSession,
+    unsynced: bool,
+    recheck: bool,
+    terminated: bool,
+    /// 0: run; 1: stop at a safe point; 2: stop at a message boundary.
+    stop: u8,
+    /// A server message is being passed through in pieces (not at a boundary).
+    server_partial: bool,
+    /// Somebody is writing (the other side must not be dropped mid-write).
+    writing_to_server: bool,
+    writing_to_client: bool,
+    /// A synthetic reply is at the head of the queue.
+    synthetic_ready: bool,
+    max_prepared: usize,
+    clock: TransactionClock,
+    known: &'a KnownStatements,
+}
+
+/// Messages larger than this are passed through in pieces rather than buffered whole.
+const STREAM_ABOVE: usize = 64 * 1024;
+
+/// Runs one round: forwards the client's messages (starting with those in `cbuf`) to `server`
+/// and the replies back, until a safe point (when asked to end there), the deadline of
+/// `signal`, or either side ending.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_round<C, S>(
+    client: &mut C,
+    server_stream: &mut S,
+    server: &mut ServerSession,
+    server_params: &mut Vec<(String, String)>,
+    session: &mut ClientSession,
+    cbuf: &mut BytesMut,
+    config: &RoundConfig<'_>,
+    mut signal: Option<&mut MoveSignal>,
+) -> RoundOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let shared = Local(Mutex::new(Shared {
+        queue: VecDeque::new(),
+        server,
+        server_params,
+        client: session,
+        unsynced: false,
+        recheck: false,
+        terminated: false,
+        stop: 0,
+        server_partial: false,
+        writing_to_server: false,
+        writing_to_client: false,
+        synthetic_ready: false,
+        max_prepared: config.max_prepared,
+        clock: TransactionClock::default(),
+        known: config.known,
+    }));
+    let wake = Notify::new();
+    let end_at_safe_point = AtomicBool::new(config.end_at_safe_point);
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut server_read, mut server_write) = tokio::io::split(server_stream);
+
+    let end = {
+        let c2s = async {
+            let mut out = BytesMut::new();
+            loop {
+                let verdict = process_client(&mut shared.borrow_mut(), cbuf, &mut out, config);
+                if !out.is_empty() {
+                    shared.borrow_mut().writing_to_server = true;
+                    let written = async {
+                        server_write.write_all(&out).await?;
+                        server_write.flush().await
+                    }
+                    .await;
+                    shared.borrow_mut().writing_to_server = false;
+                    if written.is_err() {
+                        return RoundEnd::ServerGone;
+                    }
+                    out.clear();
+                    if out.capacity() > STREAM_ABOVE {
+                        out = BytesMut::new();
+                    }
+                }
+                if shared.borrow().synthetic_ready {
+                    wake.notify_one();
+                }
+                match verdict {
+                    ClientVerdict::Continue => {}
+                    ClientVerdict::Terminate => {
+                        shared.borrow_mut().terminated = true;
+                        wake.notify_one();
+                        return RoundEnd::ClientTerminated;
+                    }
+                    ClientVerdict::TooLarge(len) => return RoundEnd::ClientMessageTooLarge(len),
+                    ClientVerdict::Invalid(e) => return RoundEnd::ClientProtocol(e),
+                }
+                if cbuf.capacity() - cbuf.len() < 1024 {
+                    cbuf.reserve(8 * 1024);
+                }
+                match client_read.read_buf(cbuf).await {
+                    Ok(0) | Err(_) => return RoundEnd::ClientGone,
+                    Ok(n) => crate::proxy::count_client_bytes(n),
+                }
+            }
+        };
+        let s2c = async {
+            let mut sbuf = BytesMut::with_capacity(8 * 1024);
+            let mut out = BytesMut::with_capacity(8 * 1024);
+            let mut passthrough = 0usize;
+            let mut progressed = false;
+            loop {
+                {
+                    let mut sh = shared.borrow_mut();
+                    if let Err(e) = process_server(
+                        &mut sh,
+                        &mut sbuf,
+                        &mut out,
+                        &mut passthrough,
+                        &mut progressed,
+                    ) {
+                        tracing::debug!(error = %e, "invalid server message stream");
+                        return RoundEnd::ServerGone;
+                    }
+                    sh.server_partial = passthrough > 0;
+                }
+                if !out.is_empty() {
+                    shared.borrow_mut().writing_to_client = true;
+                    let written = async {
+                        client_write.write_all(&out).await?;
+                        client_write.flush().await
+                    }
+                    .await;
+                    shared.borrow_mut().writing_to_client = false;
+                    if written.is_err() {
+                        return RoundEnd::ClientGone;
+                    }
+                    crate::proxy::count_server_bytes(out.len());
+                    out.clear();
+                    if out.capacity() > STREAM_ABOVE {
+                        out = BytesMut::with_capacity(8 * 1024);
+                    }
+                }
+                {
+                    let sh = shared.borrow();
+                    let idle = sh.queue.is_empty() && !sh.unsynced && !sh.writing_to_server;
+                    if sh.terminated && sh.queue.is_empty() {
+                        return RoundEnd::ClientTerminated;
+                    }
+                    if idle
+                        && progressed
+                        && sh.client.status == b'I'
+                        && (end_at_safe_point.load(Relaxed) || sh.stop >= 1 || sh.recheck)
+                    {
+                        return RoundEnd::SafePoint;
+                    }
+                    if sh.stop == 2 && passthrough == 0 {
+                        return RoundEnd::Deadline;
+                    }
+                }
+                if sbuf.capacity() - sbuf.len() < 1024 {
+                    sbuf.reserve(8 * 1024);
+                }
+                tokio::select! {
+                    read = server_read.read_buf(&mut sbuf) => match read {
+                        Ok(0) | Err(_) => return RoundEnd::ServerGone,
+                        Ok(_) => {}
+                    },
+                    _ = wake.notified() => {}
+                }
+            }
+        };
+        tokio::pin!(c2s, s2c);
+        loop {
+            let stop = async {
+                match signal.as_deref_mut() {
+                    Some(s) => s.wait().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                end = &mut c2s => {
+                    if end == RoundEnd::ClientTerminated && !shared.borrow().queue.is_empty() {
+                        // Deliver what the server still owes (PostgreSQL would), then end.
+                        break match tokio::time::timeout(DRAIN_TIMEOUT, &mut s2c).await {
+                            Ok(RoundEnd::ClientTerminated) | Err(_) => RoundEnd::ClientTerminated,
+                            Ok(other) => other,
+                        };
+                    }
+                    break end;
+                }
+                end = &mut s2c => break end,
+                kind = stop => {
+                    let mut sh = shared.borrow_mut();
+                    sh.stop = sh.stop.max(match kind { StopKind::SafePoint => 1, StopKind::Now => 2 });
+                    let quiet = !sh.writing_to_client && !sh.writing_to_server && !sh.server_partial;
+                    let safe = quiet && sh.queue.is_empty() && !sh.unsynced && sh.client.status == b'I';
+                    if safe {
+                        break RoundEnd::SafePoint;
+                    }
+                    if sh.stop == 2 && !sh.writing_to_client && !sh.server_partial {
+                        break RoundEnd::Deadline;
+                    }
+                    end_at_safe_point.store(true, Relaxed);
+                    drop(sh);
+                    wake.notify_one();
+                }
+            }
+        }
+    };
+    let sh = shared.borrow();
+    let clean = sh.queue.is_empty()
+        && !sh.unsynced
+        && !sh.server_partial
+        && !sh.writing_to_server
+        && !sh.writing_to_client
+        && sh.client.status == b'I';
+    RoundOutcome {
+        end,
+        clean,
+        recheck: sh.recheck,
+    }
+}
+
+/// State both directions of one task share; never locked across an await, so never contended
+/// (a Mutex only because the task must be Send).
+struct Local<T>(Mutex<T>);
+
+impl<T> Local<T> {
+    fn borrow(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn borrow_mut(&self) -> MutexGuard<'_, T> {
+        self.borrow()
+    }
+}
+
+enum ClientVerdict {
+    Continue,
+    Terminate,
+    TooLarge(usize),
+    Invalid(String),
+}
+
+/// Takes every complete message from `cbuf`, rewriting and answering as needed; what goes to
+/// the server is appended to `out`.
+fn process_client(
+    sh: &mut Shared<'_>,
+    cbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    config: &RoundConfig<'_>,
+) -> ClientVerdict {
+    let hot = hot();
+    loop {
+        if cbuf.len() < 5 {
+            return ClientVerdict::Continue;
+        }
+        let tag = cbuf[0];
+        let len = i32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
+        if len < 4 {
+            return ClientVerdict::Invalid(format!(
+                "invalid message length {len} for message type {:?}",
+                char::from(tag)
+            ));
+        }
+        let len = len as usize;
+        if len > config.max_message {
+            return ClientVerdict::TooLarge(len);
+        }
+        if cbuf.len() < len + 1 {
+            cbuf.reserve(len + 1 - cbuf.len());
+            return ClientVerdict::Continue;
+        }
+        let mut msg = cbuf.split_to(len + 1);
+        if cbuf.is_empty() && cbuf.capacity() > STREAM_ABOVE {
+            *cbuf = BytesMut::new();
+        }
+        let body = msg.split_off(5);
+        match tag {
+            b'X' => return ClientVerdict::Terminate,
+            b'Q' => {
+                sh.clock.request_sent(hot);
+                let text = cstr(&body).unwrap_or("");
+                if may_touch_session_state(text) {
+                    sh.recheck = true;
+                }
+                if let Some(name) = deallocate_target(text)
+                    && sh.client.statements.remove(name.as_bytes()).is_some()
+                {
+                    // A protocol statement: the server knows it under another name and keeps
+                    // it for other clients; answer as PostgreSQL would.
+                    push_synthetic(sh, Synthetic::Deallocated);
+                    continue;
+                }
+                sh.queue.push_back(Expect::Simple);
+                out.extend_from_slice(&msg);
+                out.extend_from_slice(&body);
+            }
+            b'F' => {
+                sh.clock.request_sent(hot);
+                sh.queue.push_back(Expect::Simple);
+                out.extend_from_slice(&msg);
+                out.extend_from_slice(&body);
+            }
+            b'P' => {
+                sh.unsynced = true;
+                let Some(name) = cstr_bytes(&body) else {
+                    return ClientVerdict::Invalid("Parse without a statement name".into());
+                };
+                let rest = body.slice_ref_after(name.len() + 1);
+                if cstr(&rest).is_some_and(may_touch_session_state) {
+                    sh.recheck = true;
+                }
+                if name.is_empty() {
+                    sh.queue.push_back(Expect::Parse {
+                        key: None,
+                        swallow: false,
+                    });
+                    out.extend_from_slice(&msg);
+                    out.extend_from_slice(&body);
+                    continue;
+                }
+                let statement = Arc::new(Statement::new(rest));
+                sh.client
+                    .statements
+                    .insert(name.to_vec(), statement.clone());
+                if sh.touch(&statement.key) {
+                    push_synthetic(sh, Synthetic::ParseComplete);
+                } else {
+                    sh.create(&statement, false, out);
+                }
+            }
+            b'B' | b'D' => {
+                sh.unsynced = true;
+                sh.queue.push_back(if tag == b'B' {
+                    Expect::Bind
+                } else {
+                    Expect::Describe
+                });
+                // Bind: portal, statement, ...; Describe: 'S' or 'P', name.
+                let (prefix_len, name) = if tag == b'B' {
+                    let portal = cstr_bytes(&body).map_or(0, |p| p.len() + 1);
+                    (portal, body.get(portal..).and_then(cstr_bytes))
+                } else if body.first() == Some(&b'S') {
+                    (1, body.get(1..).and_then(cstr_bytes))
+                } else {
+                    (0, None)
+                };
+                let statement = name
+                    .filter(|n| !n.is_empty())
+                    .and_then(|n| sh.client.statements.get(n).cloned());
+                match (statement, name) {
+                    (Some(statement), Some(name)) => {
+                        // The queue entry for this message must come after the injected Parse.
+                        let expect = sh.queue.pop_back();
+                        if !sh.touch(&statement.key) {
+                            sh.create(&statement, true, out);
+                        }
+                        sh.queue.extend(expect);
+                        let tail = &body[prefix_len + name.len() + 1..];
+                        let new_len = 4 + prefix_len + statement.server_name.len() + 1 + tail.len();
+                        out.put_u8(tag);
+                        out.put_i32(new_len as i32);
+                        out.extend_from_slice(&body[..prefix_len]);
+                        out.extend_from_slice(statement.server_name.as_bytes());
+                        out.put_u8(0);
+                        out.extend_from_slice(tail);
+                    }
+                    _ => {
+                        out.extend_from_slice(&msg);
+                        out.extend_from_slice(&body);
+                    }
+                }
+            }
+            b'C' => {
+                sh.unsynced = true;
+                if body.first() == Some(&b'S') {
+                    // Closing a statement: the server keeps it (under dbproxy's name) for
+                    // others; closing an unknown name is not an error in PostgreSQL either.
+                    if let Some(name) = body.get(1..).and_then(cstr_bytes) {
+                        sh.client.statements.remove(name);
+                    }
+                    push_synthetic(sh, Synthetic::CloseComplete);
+                } else {
+                    sh.queue.push_back(Expect::Close { swallow: false });
+                    out.extend_from_slice(&msg);
+                    out.extend_from_slice(&body);
+                }
+            }
+            b'E' => {
+                sh.unsynced = true;
+                sh.queue.push_back(Expect::Execute);
+                out.extend_from_slice(&msg);
+                out.extend_from_slice(&body);
+            }
+            b'S' => {
+                sh.clock.request_sent(hot);
+                sh.unsynced = false;
+                sh.queue.push_back(Expect::Sync);
+                out.extend_from_slice(&msg);
+                out.extend_from_slice(&body);
+            }
+            _ => {
+                // Flush, CopyData/CopyDone/CopyFail and anything else: as is (the server
+                // answers what it does not know with an error).
+                out.extend_from_slice(&msg);
+                out.extend_from_slice(&body);
+            }
+        }
+    }
+}
+
+fn push_synthetic(sh: &mut Shared<'_>, s: Synthetic) {
+    sh.queue.push_back(Expect::Synthetic(s));
+    if sh.queue.len() == 1 {
+        sh.synthetic_ready = true;
+    }
+}
+
+impl Statement {
+    fn new(rest: Bytes) -> Self {
+        let digest = Sha256::digest(&rest);
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        let server_name = server_name(&key);
+        Statement {
+            key,
+            server_name,
+            rest,
+        }
+    }
+}
+
+impl Shared<'_> {
+    /// Marks a statement used on this server; false when the server does not have it.
+    fn touch(&mut self, key: &[u8; 16]) -> bool {
+        self.server.tick += 1;
+        let tick = self.server.tick;
+        match self.server.prepared.get_mut(key) {
+            Some(t) => {
+                *t = tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends a Parse creating `statement` on the server under dbproxy's name (its reply
+    /// swallowed when dbproxy injected it), closing the least recently used statement first
+    /// when the server holds the maximum.
+    fn create(&mut self, statement: &Statement, injected: bool, out: &mut BytesMut) {
+        if self.server.prepared.len() >= self.max_prepared.max(1)
+            && let Some((&oldest, _)) = self.server.prepared.iter().min_by_key(|(_, t)| **t)
+        {
+            self.server.prepared.remove(&oldest);
+            let name = Statement::name_of(&oldest);
+            out.put_u8(b'C');
+            out.put_i32((4 + 1 + name.len() + 1) as i32);
+            out.put_u8(b'S');
+            out.extend_from_slice(name.as_bytes());
+            out.put_u8(0);
+            self.queue.push_back(Expect::Close { swallow: true });
+        }
+        self.server.tick += 1;
+        self.server.prepared.insert(statement.key, self.server.tick);
+        out.put_u8(b'P');
+        out.put_i32((4 + statement.server_name.len() + 1 + statement.rest.len()) as i32);
+        out.extend_from_slice(statement.server_name.as_bytes());
+        out.put_u8(0);
+        out.extend_from_slice(&statement.rest);
+        self.queue.push_back(Expect::Parse {
+            key: Some(statement.key),
+            swallow: injected,
+        });
+    }
+
+    /// Emits the synthetic replies now at the head of the queue.
+    fn emit_synthetics(&mut self, out: &mut BytesMut) -> bool {
+        let mut any = false;
+        while let Some(Expect::Synthetic(s)) = self.queue.front() {
+            let s = *s;
+            self.queue.pop_front();
+            any = true;
+            match s {
+                Synthetic::ParseComplete => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
+                Synthetic::CloseComplete => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
+                Synthetic::Deallocated => {
+                    if self.client.status == b'E' {
+                        backend::error_response(
+                            out,
+                            "ERROR",
+                            "25P02",
+                            "current transaction is aborted, commands ignored until end of transaction block",
+                            None,
+                            None,
+                        );
+                    } else {
+                        out.put_u8(b'C');
+                        out.put_i32(4 + "DEALLOCATE".len() as i32 + 1);
+                        out.extend_from_slice(b"DEALLOCATE\0");
+                    }
+                    backend::ready_for_query(out, self.client.status);
+                }
+            }
+        }
+        self.synthetic_ready = false;
+        any
+    }
+
+    /// The server failed a message of an extended sequence: it skips everything up to Sync,
+    /// so do the replies dbproxy owed or would swallow in between.
+    fn skip_to_sync(&mut self) {
+        while let Some(front) = self.queue.front() {
+            match front {
+                Expect::Sync => break,
+                Expect::Parse { key: Some(key), .. } => {
+                    let key = *key;
+                    self.server.prepared.remove(&key);
+                }
+                _ => {}
+            }
+            self.queue.pop_front();
+        }
+    }
+}
+
+impl Statement {
+    fn name_of(key: &[u8; 16]) -> String {
+        server_name(key)
+    }
+}
+
+/// The name dbproxy gives a statement on servers: `dbproxy_` and its key in hex.
+pub fn server_name(key: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(8 + 32);
+    s.push_str("dbproxy_");
+    for b in key {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Reads server messages from `sbuf`: tracks the replies owed, swallows the ones dbproxy
+/// caused, emits the ones dbproxy owes, and appends what the client gets to `out`.
+fn process_server(
+    sh: &mut Shared<'_>,
+    sbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    passthrough: &mut usize,
+    progressed: &mut bool,
+) -> Result<(), String> {
+    let hot = hot();
+    if sh.emit_synthetics(out) {
+        *progressed = true;
+    }
+    loop {
+        if *passthrough > 0 {
+            let n = (*passthrough).min(sbuf.len());
+            if n == 0 {
+                return Ok(());
+            }
+            out.extend_from_slice(&sbuf[..n]);
+            sbuf.advance(n);
+            *passthrough -= n;
+            continue;
+        }
+        if sbuf.len() < 5 {
+            return Ok(());
+        }
+        let tag = sbuf[0];
+        let len = i32::from_be_bytes([sbuf[1], sbuf[2], sbuf[3], sbuf[4]]);
+        if len < 4 {
+            return Err(format!("invalid server message length {len}"));
+        }
+        let len = len as usize;
+        let whole = len + 1;
+        // Header-level decisions are enough for big messages (rows, copy data).
+        if whole > STREAM_ABOVE && sbuf.len() < whole {
+            if matches!(tag, b'D' | b'd' | b'T' | b'N' | b'E' | b'A') {
+                sh.note_completion(tag, &[]);
+                out.extend_from_slice(&sbuf[..5]);
+                sbuf.advance(5);
+                *passthrough = len - 4;
+                continue;
+            }
+            sbuf.reserve(whole - sbuf.len());
+            return Ok(());
+        }
+        if sbuf.len() < whole {
+            sbuf.reserve(whole - sbuf.len());
+            return Ok(());
+        }
+        let msg = sbuf.split_to(whole);
+        let body = &msg[5..];
+        let forward = match tag {
+            b'Z' => {
+                let status = body.first().copied().unwrap_or(b'I');
+                sh.client.status = status;
+                while let Some(front) = sh.queue.pop_front() {
+                    if matches!(front, Expect::Sync | Expect::Simple) {
+                        break;
+                    }
+                }
+                let still_pending = sh
+                    .queue
+                    .iter()
+                    .any(|e| matches!(e, Expect::Sync | Expect::Simple));
+                sh.clock.ready_for_query(hot, status, still_pending);
+                *progressed = true;
+                true
+            }
+            b'S' => {
+                if let (Some(name), Some(value)) = (
+                    cstr_bytes(body),
+                    body.iter()
+                        .position(|&b| b == 0)
+                        .and_then(|p| body.get(p + 1..))
+                        .and_then(cstr_bytes),
+                ) {
+                    let name = String::from_utf8_lossy(name).into_owned();
+                    let value = String::from_utf8_lossy(value).into_owned();
+                    upsert(sh.server_params, &name, &value);
+                    upsert(&mut sh.client.seen, &name, &value);
+                }
+                true
+            }
+            b'1' => match sh.queue.front() {
+                Some(Expect::Parse { swallow, key }) => {
+                    let swallow = *swallow;
+                    if let Some(key) = key {
+                        sh.known.insert(*key);
+                    }
+                    sh.queue.pop_front();
+                    !swallow
+                }
+                _ => true,
+            },
+            b'3' => match sh.queue.front() {
+                Some(Expect::Close { swallow }) => {
+                    let swallow = *swallow;
+                    sh.queue.pop_front();
+                    !swallow
+                }
+                _ => true,
+            },
+            b'E' => {
+                match sh.queue.front() {
+                    Some(Expect::Simple) | None => {}
+                    Some(_) => sh.skip_to_sync(),
+                }
+                true
+            }
+            b'C' => {
+                let tag_text = cstr_bytes(body).unwrap_or(b"");
+                if tag_text == b"DISCARD ALL" || tag_text == b"DEALLOCATE ALL" {
+                    // Every prepared statement of the session is gone, dbproxy's names too.
+                    sh.client.statements.clear();
+                    sh.server.prepared.clear();
+                    sh.client.sql_prepared.clear();
+                    sh.server.sql_prepared.clear();
+                }
+                sh.note_completion(tag, body);
+                true
+            }
+            _ => {
+                sh.note_completion(tag, body);
+                true
+            }
+        };
+        if forward {
+            out.extend_from_slice(&msg);
+        }
+        if sh.emit_synthetics(out) {
+            *progressed = true;
+        }
+    }
+}
+
+impl Shared<'_> {
+    /// Pops the queue entry a reply completes (Bind, Describe, Execute).
+    fn note_completion(&mut self, tag: u8, _body: &[u8]) {
+        let done = matches!(
+            (tag, self.queue.front()),
+            (b'2', Some(Expect::Bind))
+                | (b'T' | b'n', Some(Expect::Describe))
+                | (b'C' | b'I' | b's', Some(Expect::Execute))
+        );
+        if done {
+            self.queue.pop_front();
+        }
+    }
+}
+
+fn upsert(list: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match list.iter_mut().find(|(n, _)| n == name) {
+        Some(e) => {
+            if e.1 != value {
+                e.1 = value.to_owned();
+            }
+        }
+        None => list.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+/// The bytes of a NUL-terminated string at the start of `b` (without the NUL).
+fn cstr_bytes(b: &[u8]) -> Option<&[u8]> {
+    b.iter().position(|&c| c == 0).map(|p| &b[..p])
+}
+
+fn cstr(b: &[u8]) -> Option<&str> {
+    cstr_bytes(b).and_then(|s| std::str::from_utf8(s).ok())
+}
+
+trait SliceAfter {
+    fn slice_ref_after(&self, at: usize) -> Bytes;
+}
+
+impl SliceAfter for BytesMut {
+    fn slice_ref_after(&self, at: usize) -> Bytes {
+        Bytes::copy_from_slice(self.get(at..).unwrap_or(&[]))
+    }
+}
+
+/// The statement name of a query that is exactly `DEALLOCATE [PREPARE] name`.
+fn deallocate_target(text: &str) -> Option<String> {
+    let statements = crate::sql::split_statements(text);
+    let [one] = statements.as_slice() else {
+        return None;
+    };
+    let kw = crate::sql::leading_keywords(one, 3);
+    if kw.first().map(String::as_str) != Some("DEALLOCATE") {
+        return None;
+    }
+    let words: Vec<&str> = one.split_whitespace().collect();
+    let name = match words.as_slice() {
+        [_, name] => *name,
+        [_, p, name] if p.eq_ignore_ascii_case("prepare") => *name,
+        _ => return None,
+    };
+    if name.eq_ignore_ascii_case("all") {
+        return None;
+    }
+    Some(
+        match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => name.to_lowercase(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deallocate_targets() {
+        assert_eq!(deallocate_target("DEALLOCATE s1"), Some("s1".into()));
+        assert_eq!(
+            deallocate_target("deallocate prepare \"S1\";"),
+            Some("S1".into())
+        );
+        assert_eq!(deallocate_target("DEALLOCATE ALL"), None);
+        assert_eq!(deallocate_target("DEALLOCATE a; select 1"), None);
+        assert_eq!(deallocate_target("select 1"), None);
+    }
+
+    #[test]
+    fn statement_names_depend_on_text_and_types() {
+        let a = Statement::new(Bytes::from_static(b"select $1\0\0\x01\0\0\0\x17"));
+        let b = Statement::new(Bytes::from_static(b"select $1\0\0\x01\0\0\0\x19"));
+        assert_ne!(a.server_name, b.server_name);
+        assert_eq!(a.server_name, Statement::name_of(&a.key));
+        assert!(a.server_name.len() < 64);
+    }
+}
