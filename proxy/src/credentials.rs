@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dbcred::tls::ServerTlsPolicy;
 use dbcred::{Dsn, FileWatcher, HostKind, ReloadHandle, SslMode, TimedEvent, WatchEvent};
 use tokio::sync::{Notify, watch};
 
@@ -29,19 +30,25 @@ pub struct Generation {
     pub scram_password: Arc<[u8]>,
     /// The SCRAM salted password, derived once and shared by every login of this generation.
     pub scram_cache: Arc<SaltedPasswordCache>,
+    /// The DSN's TLS policy (sslmode, root certificates, client certificate), built once: its
+    /// files are read when the generation is validated, so a DSN whose sslrootcert cannot be
+    /// used is rejected and the last good generation stays.
+    pub tls: ServerTlsPolicy,
 }
 
 impl Generation {
-    pub fn new(number: u64, dsn: Dsn, policy: &RolePolicy) -> Self {
+    pub fn new(number: u64, dsn: Dsn, policy: &RolePolicy) -> Result<Self> {
         let role = dsn.user().and_then(|u| policy.role_for(u));
         let scram_password = normalize(dsn.password().unwrap_or("")).into();
-        Generation {
+        let tls = ServerTlsPolicy::from_dsn(&dsn).map_err(|e| ProxyError::BadDsn(e.to_string()))?;
+        Ok(Generation {
             number,
             dsn,
             role,
             scram_password,
             scram_cache: Arc::default(),
-        }
+            tls,
+        })
     }
 
     /// `user@host:port` for logs: enough to tell generations apart, never the password.
@@ -214,7 +221,7 @@ impl Credentials {
 
     /// Logs in once with `dsn` to prove it works; returns the candidate generation.
     pub async fn validate(&self, dsn: &Dsn) -> Result<Generation> {
-        let candidate = Generation::new(0, dsn.clone(), &self.role_policy);
+        let candidate = Generation::new(0, dsn.clone(), &self.role_policy)?;
         let deadline = Instant::now() + self.validate_timeout;
         let conn = ServerConnection::connect(&candidate, &Arc::new(Vec::new()), deadline).await?;
         conn.close();

@@ -3,14 +3,14 @@
 //! md5, cleartext), SET ROLE, reset with DISCARD ALL, and cancel.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use dbcred::HostKind;
 use dbcred::tls::{
     Attempt, AttemptFailure, ChannelBinding, PgStream, ServerTlsPolicy, TlsError, negotiate,
 };
-use dbcred::{Dsn, HostKind};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
@@ -32,33 +32,9 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Per-host login limit when the DSN gives no connect_timeout.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How many DSNs keep their built TLS policy (the current generation, a candidate, and a
-/// couple of older ones whose connections are still open).
-const POLICY_CACHE: usize = 4;
-
 /// The startup parameters (other than user and database) a server connection was opened
 /// with; clients reuse only servers whose parameters equal theirs.
 pub type ServerParams = Arc<Vec<(String, String)>>;
-
-/// The TLS policy of a DSN, built (certificate files read) once per DSN and shared by every
-/// connection of its generation. A policy that cannot be built fails the login, so a new DSN
-/// with, say, an unreadable sslrootcert is rejected and the last good generation stays.
-pub fn tls_policy(dsn: &Dsn) -> Result<ServerTlsPolicy> {
-    static CACHE: Mutex<Vec<(Dsn, ServerTlsPolicy)>> = Mutex::new(Vec::new());
-    if let Ok(cache) = CACHE.lock()
-        && let Some((_, policy)) = cache.iter().find(|(d, _)| d == dsn)
-    {
-        return Ok(policy.clone());
-    }
-    let policy = ServerTlsPolicy::from_dsn(dsn).map_err(|e| ProxyError::BadDsn(e.to_string()))?;
-    if let Ok(mut cache) = CACHE.lock() {
-        if cache.len() >= POLICY_CACHE {
-            cache.remove(0);
-        }
-        cache.push((dsn.clone(), policy.clone()));
-    }
-    Ok(policy)
-}
 
 /// How to reach a backend again for a CancelRequest: same address, same TLS as its session
 /// (PostgreSQL reads a CancelRequest after an SSLRequest too).
@@ -143,7 +119,7 @@ impl ServerConnection {
         deadline: Instant,
     ) -> Result<Self> {
         let dsn = &generation.dsn;
-        let policy = tls_policy(dsn)?;
+        let policy = generation.tls.clone();
         let per_host = dsn.connect_timeout().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let mut last_err = ProxyError::BadDsn("the DSN names no host".into());
         for target in dsn.hosts() {
