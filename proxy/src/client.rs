@@ -448,10 +448,10 @@ async fn session(
                 match try_move(ctx, &mut server, &server_params, socket, out).await {
                     Ok(Moved::To(new)) => {
                         let old = std::mem::replace(&mut server, *new);
-                        assign(ctx, &cancel_key, &server);
                         tracked.set_server(Some(server.backend_pid));
+                        // Cancels in flight for the old server land first; then cancels go to
+                        // the new one.
                         unassign(ctx, &cancel_key, &old).await;
-                        // Re-point the cancel key at the new server (unassign cleared it).
                         assign(ctx, &cancel_key, &server);
                         tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
                         metrics::counter!("dbproxy_migrations_total", "result" => "moved")
@@ -476,6 +476,23 @@ async fn session(
                 }
             }
             SessionEnd::Deadline => {
+                if outcome.server_clean
+                    && let Ok(Moved::To(new)) =
+                        try_move(ctx, &mut server, &server_params, socket, out).await
+                {
+                    // Idle and no longer pinned at the last moment: move after all.
+                    let old = std::mem::replace(&mut server, *new);
+                    tracked.set_server(Some(server.backend_pid));
+                    unassign(ctx, &cancel_key, &old).await;
+                    assign(ctx, &cancel_key, &server);
+                    metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
+                    ctx.pool.release(old, true).await;
+                    if let Some(sig) = signal.as_mut() {
+                        sig.rebase(&server);
+                    }
+                    pins.clear();
+                    continue;
+                }
                 metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
                 tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
                 unassign(ctx, &cancel_key, &server).await;
@@ -697,6 +714,20 @@ async fn transaction_session(
                 }
             }
             RoundEnd::Deadline => {
+                // Idle at the deadline: ask once more whether the state is gone.
+                if outcome.clean
+                    && let Ok(snap) = crate::migrate::snapshot(server, false).await
+                {
+                    learn(server, &mut client, snap);
+                    if client.pins.is_empty() {
+                        signal = None;
+                        let server = held.take().expect("held");
+                        unassign(ctx, &cancel_key, &server).await;
+                        assigned = false;
+                        ctx.pool.release_with(server, true, false).await;
+                        continue;
+                    }
+                }
                 metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
                 let server = held.take().expect("held");
                 unassign(ctx, &cancel_key, &server).await;

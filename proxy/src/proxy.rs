@@ -100,11 +100,7 @@ impl SessionState {
             0 => None,
             1 if self.at_safe_point() => Some(SessionEnd::SafePoint),
             2 if !self.server_partial.load(Relaxed) && !self.s2c_writing.load(Relaxed) => {
-                Some(if self.at_safe_point() {
-                    SessionEnd::SafePoint
-                } else {
-                    SessionEnd::Deadline
-                })
+                Some(SessionEnd::Deadline)
             }
             _ => None,
         }
@@ -130,6 +126,10 @@ impl SessionState {
     ) -> bool {
         if *end == SessionEnd::SafePoint {
             return true;
+        }
+        if *end == SessionEnd::Deadline {
+            // The caller may still move the session if it happens to be idle.
+            return self.at_safe_point();
         }
         matches!(end, SessionEnd::ClientTerminated | SessionEnd::ClientGone)
             && client_walker.at_boundary()

@@ -382,15 +382,15 @@ where
                     if sh.terminated && sh.queue.is_empty() {
                         return RoundEnd::ClientTerminated;
                     }
+                    if sh.stop == 2 && passthrough == 0 {
+                        return RoundEnd::Deadline;
+                    }
                     if idle
                         && progressed
                         && sh.client.status == b'I'
                         && (end_at_safe_point.load(Relaxed) || sh.stop >= 1 || sh.recheck)
                     {
                         return RoundEnd::SafePoint;
-                    }
-                    if sh.stop == 2 && passthrough == 0 {
-                        return RoundEnd::Deadline;
                     }
                 }
                 if sbuf.capacity() - sbuf.len() < 1024 {
@@ -430,11 +430,11 @@ where
                     sh.stop = sh.stop.max(match kind { StopKind::SafePoint => 1, StopKind::Now => 2 });
                     let quiet = !sh.writing_to_client && !sh.writing_to_server && !sh.server_partial;
                     let safe = quiet && sh.queue.is_empty() && !sh.unsynced && sh.client.status == b'I';
-                    if safe {
-                        break RoundEnd::SafePoint;
-                    }
                     if sh.stop == 2 && !sh.writing_to_client && !sh.server_partial {
                         break RoundEnd::Deadline;
+                    }
+                    if safe {
+                        break RoundEnd::SafePoint;
                     }
                     end_at_safe_point.store(true, Relaxed);
                     drop(sh);
