@@ -104,7 +104,9 @@ pub async fn serve_client(
     let mut out = BytesMut::with_capacity(1024);
     let login = tokio::time::timeout(
         ctx.login_timeout,
-        login(&mut socket, require_password, &ctx, &mut out),
+        // Boxed, like the pool wait below: a cold phase's state must not stay part of every
+        // idle client's task.
+        Box::pin(login(&mut socket, require_password, &ctx, &mut out)),
     )
     .await;
     let params = match login {
@@ -128,7 +130,21 @@ pub async fn serve_client(
     if crate::admin::is_admin_database(&params) {
         return crate::admin::serve(&mut socket, peer, params, &ctx).await;
     }
-    if let Err(e) = session(&mut socket, peer, params, early, &ctx, &mut out, shutdown).await {
+    let served = if ctx.transaction_mode {
+        Box::pin(transaction_session(
+            &mut socket,
+            peer,
+            params,
+            early,
+            &ctx,
+            &mut out,
+            shutdown,
+        ))
+        .await
+    } else {
+        session(&mut socket, peer, params, early, &ctx, &mut out, shutdown).await
+    };
+    if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "client session ended with an error");
         send_error(&mut socket, &mut out, &e).await;
     }
@@ -373,11 +389,11 @@ async fn session(
     out: &mut BytesMut,
     mut shutdown: Shutdown,
 ) -> Result<()> {
-    if ctx.transaction_mode {
-        return transaction_session(socket, peer, params, early, ctx, out, shutdown).await;
-    }
-    // Usually empty: release the login buffer instead of carrying it through the session.
+    // Usually empty: release the login buffer (4 KiB) instead of carrying it through the
+    // session. The explicit drop matters: a shadowed parameter lives to the end of the
+    // function, and an empty `BytesMut` split from the buffer still owns it.
     let early = if early.is_empty() {
+        drop(early);
         BytesMut::new()
     } else {
         early
@@ -386,19 +402,30 @@ async fn session(
     let server_params = Arc::new(params.forwarded);
     let deadline = Instant::now() + ctx.pool_timeout;
     let mut server = tokio::select! {
-        s = ctx.pool.acquire(&server_params, deadline) => s?,
+        // Boxed: opening a server connection (TCP, SCRAM, SET ROLE) needs kilobytes of
+        // future state that would otherwise stay in every idle session's task.
+        s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
         _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
     };
+    // Only the pool needed these; the server holds its own copy (moves use that).
+    drop(server_params);
     tracked.set_server(Some(server.backend_pid));
     // If this task panics or is dropped before the release below, the slot is given back.
     let slot = ctx.pool.slot_guard();
     let cancel_key = ctx.cancels.register();
     assign(ctx, &cancel_key, &server);
 
-    if let Err(e) = replay_login(socket, out, &server.parameter_status, &cancel_key).await {
-        unassign(ctx, &cancel_key, &server).await;
+    if let Err(e) = Box::pin(replay_login(
+        socket,
+        out,
+        &server.parameter_status,
+        &cancel_key,
+    ))
+    .await
+    {
+        Box::pin(unassign(ctx, &cancel_key, &server)).await;
         slot.disarm();
-        ctx.pool.release(server, true).await;
+        Box::pin(ctx.pool.release(server, true)).await;
         return Err(e.into());
     }
     // Nothing is kept per idle session: the forwarding loop reads into stack buffers.
@@ -445,18 +472,18 @@ async fn session(
                 let Some(sig) = signal.as_mut() else {
                     break outcome;
                 };
-                match try_move(ctx, &mut server, &server_params, socket, out).await {
+                match Box::pin(try_move(ctx, &mut server, socket, out)).await {
                     Ok(Moved::To(new)) => {
                         let old = std::mem::replace(&mut server, *new);
                         tracked.set_server(Some(server.backend_pid));
                         // Cancels in flight for the old server land first; then cancels go to
                         // the new one.
-                        unassign(ctx, &cancel_key, &old).await;
+                        Box::pin(unassign(ctx, &cancel_key, &old)).await;
                         assign(ctx, &cancel_key, &server);
                         tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
                         metrics::counter!("dbproxy_migrations_total", "result" => "moved")
                             .increment(1);
-                        ctx.pool.release(old, true).await;
+                        Box::pin(ctx.pool.release(old, true)).await;
                         sig.rebase(&server);
                         pins.clear();
                     }
@@ -478,15 +505,15 @@ async fn session(
             SessionEnd::Deadline => {
                 if outcome.server_clean
                     && let Ok(Moved::To(new)) =
-                        try_move(ctx, &mut server, &server_params, socket, out).await
+                        Box::pin(try_move(ctx, &mut server, socket, out)).await
                 {
                     // Idle and no longer pinned at the last moment: move after all.
                     let old = std::mem::replace(&mut server, *new);
                     tracked.set_server(Some(server.backend_pid));
-                    unassign(ctx, &cancel_key, &old).await;
+                    Box::pin(unassign(ctx, &cancel_key, &old)).await;
                     assign(ctx, &cancel_key, &server);
                     metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
-                    ctx.pool.release(old, true).await;
+                    Box::pin(ctx.pool.release(old, true)).await;
                     if let Some(sig) = signal.as_mut() {
                         sig.rebase(&server);
                     }
@@ -495,9 +522,9 @@ async fn session(
                 }
                 metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
                 tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
-                unassign(ctx, &cancel_key, &server).await;
+                Box::pin(unassign(ctx, &cancel_key, &server)).await;
                 slot.disarm();
-                ctx.pool.release(server, false).await;
+                Box::pin(ctx.pool.release(server, false)).await;
                 return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
                     &pins,
                     ctx.migration_timeout,
@@ -508,11 +535,12 @@ async fn session(
     };
     // Unregister first, then let cancels already on their way land: a cancel must never
     // reach the backend once it may serve someone else.
-    unassign(ctx, &cancel_key, &server).await;
+    Box::pin(unassign(ctx, &cancel_key, &server)).await;
     drop(cancel_key);
     tracing::trace!(%peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
     slot.disarm();
-    ctx.pool.release(server, outcome.server_clean).await;
+    // Boxed: the reset's state would otherwise be part of every idle session's task.
+    Box::pin(ctx.pool.release(server, outcome.server_clean)).await;
     session_result(outcome.end, ctx)
 }
 
@@ -538,16 +566,16 @@ enum Moved {
 async fn try_move(
     ctx: &ClientContext,
     server: &mut ServerConnection,
-    params: &crate::server::ServerParams,
     socket: &mut ClientStream,
     out: &mut BytesMut,
 ) -> Result<Moved> {
+    let params = server.params.clone();
     let snap = crate::migrate::snapshot(server, true).await?;
     if !snap.pins.is_empty() {
         return Ok(Moved::Pinned(snap.pins));
     }
     let deadline = Instant::now() + ctx.pool_timeout;
-    let mut new = ctx.pool.acquire_for_move(params, deadline).await?;
+    let mut new = ctx.pool.acquire_for_move(&params, deadline).await?;
     if let Err(e) = crate::migrate::restore(&mut new, &snap).await {
         ctx.pool.release(new, false).await;
         return Err(e);
@@ -589,14 +617,14 @@ async fn transaction_session(
     // Greet the client with what a server with its parameters said at login; only the first
     // client of a generation waits for a server to learn it.
     let (welcome, first) = match ctx.pool.welcome(&server_params) {
-        Some(welcome) => (welcome.as_ref().clone(), None),
+        Some(welcome) => (welcome.to_vec(), None),
         None => {
             let deadline = Instant::now() + ctx.pool_timeout;
             let first = tokio::select! {
                 s = ctx.pool.acquire(&server_params, deadline) => s?,
                 _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
             };
-            (first.parameter_status.clone(), Some(first))
+            (first.parameter_status.to_vec(), Some(first))
         }
     };
     let replayed = replay_login(socket, out, &welcome, &cancel_key).await;
@@ -633,6 +661,10 @@ async fn transaction_session(
                     },
                     _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
                 }
+            }
+            if cbuf.first() == Some(&b'X') {
+                // Terminate while holding no server: nothing to forward.
+                return Ok(());
             }
             if let Some(reply) =
                 crate::txn::answer_without_server(&mut client, &mut cbuf, &ctx.known_statements)

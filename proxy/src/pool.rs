@@ -47,7 +47,7 @@ pub struct Pool {
 }
 
 /// Generation, startup parameters and the ParameterStatus a server sent at login.
-type Welcome = (u64, ServerParams, Arc<Vec<(String, String)>>);
+type Welcome = (u64, ServerParams, crate::server::ParameterStatus);
 
 /// Login parameter sets remembered for greeting clients.
 const WELCOME_CACHE: usize = 16;
@@ -110,7 +110,7 @@ impl Pool {
 
     /// What a server of the current generation with these startup parameters said at login,
     /// if one has logged in.
-    pub fn welcome(&self, params: &ServerParams) -> Option<Arc<Vec<(String, String)>>> {
+    pub fn welcome(&self, params: &ServerParams) -> Option<crate::server::ParameterStatus> {
         let generation = self.credentials.current_number();
         let cache = self.welcome.lock().ok()?;
         cache
@@ -133,7 +133,7 @@ impl Pool {
             cache.push((
                 server.generation,
                 server.params.clone(),
-                Arc::new(server.parameter_status.clone()),
+                server.parameter_status.clone(),
             ));
         }
     }

@@ -36,6 +36,52 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// with; clients reuse only servers whose parameters equal theirs.
 pub type ServerParams = Arc<Vec<(String, String)>>;
 
+/// ParameterStatus values as a server last reported them. Connections that report the same
+/// values (nearly all of them) share one copy: a private one costs about 1 kB of strings per
+/// session, held even while the session is idle.
+pub type ParameterStatus = Arc<ParameterList>;
+
+/// (name, value) pairs in the order the server sent them.
+pub type ParameterList = [(String, String)];
+
+/// How many distinct live ParameterStatus sets are shared at most; beyond that (clients
+/// with many different startup parameters) a connection keeps its own copy.
+const MAX_SHARED_PARAMETER_STATUS: usize = 64;
+
+/// The shared copy of `list` if a live connection already has the same values.
+pub fn share_parameter_status(list: Vec<(String, String)>) -> ParameterStatus {
+    static SHARED: std::sync::Mutex<Vec<std::sync::Weak<ParameterList>>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    shared.retain(|w| w.strong_count() > 0);
+    if let Some(found) = shared
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .find(|s| **s == *list)
+    {
+        return found;
+    }
+    let list: ParameterStatus = list.into();
+    if shared.len() < MAX_SHARED_PARAMETER_STATUS {
+        shared.push(Arc::downgrade(&list));
+    }
+    list
+}
+
+/// Sets one reported value in a shared list (copy on write; unchanged values keep sharing).
+pub fn set_parameter_status(list: &mut ParameterStatus, name: &str, value: &str) {
+    let known = list.iter().find(|(n, _)| n == name);
+    if known.is_some_and(|(_, v)| v == value) {
+        return;
+    }
+    let mut copy = list.to_vec();
+    match copy.iter_mut().find(|(n, _)| n == name) {
+        Some(entry) => entry.1 = value.to_owned(),
+        None => copy.push((name.to_owned(), value.to_owned())),
+    }
+    *list = share_parameter_status(copy);
+}
+
 /// How to reach a backend again for a CancelRequest: same address, same TLS as its session
 /// (PostgreSQL reads a CancelRequest after an SSLRequest too).
 #[derive(Clone, Debug)]
@@ -54,7 +100,7 @@ pub struct ServerConnection {
     pub generation: u64,
     pub params: ServerParams,
     /// ParameterStatus values as the server last reported them, replayed to each client.
-    pub parameter_status: Vec<(String, String)>,
+    pub parameter_status: ParameterStatus,
     pub backend_pid: i32,
     pub backend_key: i32,
     pub peer: SocketAddr,
@@ -388,7 +434,7 @@ impl ServerConnection {
             stream,
             generation: generation.number,
             params: params.clone(),
-            parameter_status,
+            parameter_status: share_parameter_status(parameter_status),
             backend_pid: backend.0,
             backend_key: backend.1,
             peer: addr,
@@ -478,10 +524,7 @@ impl ServerConnection {
     fn note_parameter_status(&mut self, body: &mut BytesMut) -> Result<()> {
         let name = take_cstr(body)?;
         let value = take_cstr(body)?;
-        match self.parameter_status.iter_mut().find(|(n, _)| *n == name) {
-            Some(entry) => entry.1 = value,
-            None => self.parameter_status.push((name, value)),
-        }
+        set_parameter_status(&mut self.parameter_status, &name, &value);
         Ok(())
     }
 
@@ -692,6 +735,27 @@ pub async fn send_cancel(route: &CancelRoute, pid: i32, key: i32) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_parameter_status_is_shared() {
+        let list = |tz: &str| {
+            vec![
+                ("TimeZone".to_owned(), tz.to_owned()),
+                ("server_version".to_owned(), "15".to_owned()),
+            ]
+        };
+        let a = share_parameter_status(list("UTC"));
+        let b = share_parameter_status(list("UTC"));
+        assert!(Arc::ptr_eq(&a, &b));
+        let mut c = share_parameter_status(list("Europe/Paris"));
+        assert!(!Arc::ptr_eq(&a, &c));
+        set_parameter_status(&mut c, "TimeZone", "UTC");
+        assert!(Arc::ptr_eq(&a, &c), "copy on write finds the shared copy");
+        // Once every holder is gone, an equal list gets a fresh copy, not a dangling one.
+        drop((a, b, c));
+        let d = share_parameter_status(list("UTC"));
+        assert_eq!(*d, *list("UTC"));
+    }
 
     #[test]
     fn quotes_identifiers() {

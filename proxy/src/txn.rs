@@ -234,7 +234,7 @@ pub struct RoundConfig<'a> {
 struct Shared<'a> {
     queue: VecDeque<Expect>,
     server: &'a mut ServerSession,
-    server_params: &'a mut Vec<(String, String)>,
+    server_params: &'a mut crate::server::ParameterStatus,
     client: &'a mut ClientSession,
     unsynced: bool,
     recheck: bool,
@@ -264,7 +264,7 @@ pub async fn run_round<C, S>(
     client: &mut C,
     server_stream: &mut S,
     server: &mut ServerSession,
-    server_params: &mut Vec<(String, String)>,
+    server_params: &mut crate::server::ParameterStatus,
     session: &mut ClientSession,
     cbuf: &mut BytesMut,
     config: &RoundConfig<'_>,
@@ -855,7 +855,7 @@ fn process_server(
                 ) {
                     let name = String::from_utf8_lossy(name).into_owned();
                     let value = String::from_utf8_lossy(value).into_owned();
-                    upsert(sh.server_params, &name, &value);
+                    crate::server::set_parameter_status(sh.server_params, &name, &value);
                     upsert(&mut sh.client.seen, &name, &value);
                 }
                 true
