@@ -801,17 +801,15 @@ async fn sync_session(
     socket: &mut ClientStream,
     out: &mut BytesMut,
 ) -> Result<()> {
-    let mut queries = crate::migrate::settings_delta(
+    let queries = crate::migrate::restore_statements(
         &server.txn.settings,
         &client.settings,
-        server.policy_role(),
-    );
-    queries.extend(crate::migrate::sql_prepared_delta(
         &server.txn.sql_prepared,
         &client.sql_prepared,
-    ));
+        server.policy_role(),
+    );
     if !queries.is_empty() {
-        server.replay(&queries, &[]).await.map_err(|e| {
+        server.replay(&queries, &[], &[]).await.map_err(|e| {
             ProxyError::Reset(format!(
                 "restoring this session's settings and prepared statements on another server connection failed: {e}"
             ))

@@ -173,12 +173,21 @@ const PIN_LOCK: &str = "it holds session-level advisory locks";
 /// Asks a backend at a safe point what its session holds. `reported` names the parameters
 /// whose current values are wanted too.
 pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Result<Snapshot> {
+    // The client's own timeouts must not cancel dbproxy's question, so they are turned off
+    // for it (SET LOCAL, in the implicit transaction of this one query string); their session
+    // values are read first (cheap) and compared with their values at session start (SET
+    // LOCAL ... TO DEFAULT) to know whether the client changed them.
     let mut sql = String::from(
-        "SELECT 'pin', 'listen', NULL, NULL, NULL FROM pg_catalog.pg_listening_channels() HAVING count(*) > 0 \
+        "SELECT 'cur', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'); \
+         SET LOCAL statement_timeout TO DEFAULT; SET LOCAL lock_timeout TO DEFAULT; \
+         SELECT 'def', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'); \
+         SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+         SELECT 'pin', 'listen', NULL, NULL, NULL FROM pg_catalog.pg_listening_channels() HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'temp', NULL, NULL, NULL FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema() HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'cursor', NULL, NULL, NULL FROM pg_catalog.pg_cursors HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'lock', NULL, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() HAVING count(*) > 0 \
          UNION ALL SELECT 'set', name, pg_catalog.current_setting(name), NULL, NULL FROM pg_catalog.pg_settings WHERE source = 'session' \
+         UNION ALL SELECT 'role', 'role', pg_catalog.current_setting('role'), NULL, NULL \
          UNION ALL SELECT 'prep', name, statement, parameter_types::pg_catalog.oid[]::pg_catalog.text, from_sql::pg_catalog.text FROM pg_catalog.pg_prepared_statements",
     );
     if with_reported && !server.parameter_status.is_empty() {
@@ -197,25 +206,37 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
         .map_err(|_| ProxyError::Timeout("asking a server connection for its session state"))??;
     let policy_role = server.policy_role().map(str::to_owned);
     let mut snap = Snapshot::default();
+    let mut timeouts: [(Option<String>, Option<String>); 2] = Default::default();
     for row in rows {
         let col = |i: usize| row.get(i).cloned().flatten();
         let (Some(kind), Some(name)) = (col(0), col(1)) else {
             continue;
         };
         match kind.as_str() {
+            "cur" => {
+                timeouts[0].0 = Some(name);
+                timeouts[1].0 = col(2);
+            }
+            "def" => {
+                timeouts[0].1 = Some(name);
+                timeouts[1].1 = col(2);
+            }
+            // Read under dbproxy's SET LOCAL: the values above are the session's.
+            "set" if TIMEOUTS.contains(&name.as_str()) => {}
             "pin" => snap.pins.push(match name.as_str() {
                 "listen" => PIN_LISTEN,
                 "temp" => PIN_TEMP,
                 "cursor" => PIN_CURSOR,
                 _ => PIN_LOCK,
             }),
-            "set" => {
+            "set" => snap.settings.push((name, col(2).unwrap_or_default())),
+            "role" => {
+                // `role` is hidden from pg_settings: ask for it directly. dbproxy's own SET
+                // ROLE (--set-role / --set-base-role) is the baseline, not the client's.
                 let value = col(2).unwrap_or_default();
-                // dbproxy's own SET ROLE (--set-role / --set-base-role) is not the client's.
-                if name == "role" && policy_role.as_deref() == Some(value.as_str()) {
-                    continue;
+                if value != policy_role.as_deref().unwrap_or("none") {
+                    snap.settings.push((name, value));
                 }
-                snap.settings.push((name, value));
             }
             "prep" => {
                 let text = col(2).unwrap_or_default();
@@ -235,8 +256,18 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
             _ => {}
         }
     }
+    for (name, (current, default)) in TIMEOUTS.iter().zip(timeouts) {
+        if let Some(current) = current
+            && Some(&current) != default.as_ref()
+        {
+            snap.settings.push(((*name).to_owned(), current));
+        }
+    }
     Ok(snap)
 }
+
+/// Settings dbproxy turns off for its own statements.
+const TIMEOUTS: [&str; 2] = ["statement_timeout", "lock_timeout"];
 
 /// `{23,25}` -> [23, 25].
 fn parse_oid_array(s: &str) -> Vec<u32> {
@@ -304,14 +335,66 @@ pub fn reported_changes(
         .collect()
 }
 
-/// Re-creates a snapshot's movable state on a fresh connection (settings first, so names in
-/// PREPARE statements resolve with the client's search_path).
+/// Wraps state-restoring statements in one transaction (each still its own Query message, so a
+/// restored standard_conforming_strings applies to the statements after it), with the client's
+/// own statement and lock timeouts off for its duration. All or nothing.
+pub fn in_transaction(statements: Vec<String>) -> Vec<String> {
+    if statements.is_empty() {
+        return statements;
+    }
+    let mut out = Vec::with_capacity(statements.len() + 4);
+    out.push("BEGIN".to_owned());
+    out.push("SET LOCAL statement_timeout = 0".to_owned());
+    out.push("SET LOCAL lock_timeout = 0".to_owned());
+    out.extend(statements);
+    out.push("COMMIT".to_owned());
+    out
+}
+
+/// The statements that turn a connection's settings and SQL prepared statements into the
+/// client's: settings first (names in PREPARE statements resolve with the client's
+/// search_path), then DEALLOCATE/PREPARE, each PREPARE lexed with
+/// standard_conforming_strings on (PostgreSQL's default: a statement prepared before the
+/// client turned it off must not be re-read with backslash escapes).
+pub fn restore_statements(
+    have_settings: &[(String, String)],
+    want_settings: &[(String, String)],
+    have_prepared: &[(String, String)],
+    want_prepared: &[(String, String)],
+    policy_role: Option<&str>,
+) -> Vec<String> {
+    let mut statements = settings_delta(have_settings, want_settings, policy_role);
+    let prepared = sql_prepared_delta(have_prepared, want_prepared);
+    if !prepared.is_empty() {
+        statements.push("SET LOCAL standard_conforming_strings = on".to_owned());
+        statements.extend(prepared);
+        // Back to the client's value for the rest of the transaction (the session value,
+        // which the settings above may have set, takes over at COMMIT anyway).
+    }
+    in_transaction(statements)
+}
+
+/// Re-creates a snapshot's movable state on a fresh connection.
 pub async fn restore(server: &mut ServerConnection, snap: &Snapshot) -> Result<()> {
-    let mut queries = settings_delta(&[], &snap.settings, server.policy_role());
-    queries.extend(sql_prepared_delta(&[], &snap.sql_prepared));
+    let mut queries = restore_statements(
+        &[],
+        &snap.settings,
+        &[],
+        &snap.sql_prepared,
+        server.policy_role(),
+    );
+    let mut after = Vec::new();
+    if queries.is_empty() && !snap.parses.is_empty() {
+        // Nothing but protocol statements: still one transaction with the timeouts off.
+        queries = in_transaction(vec!["SELECT 1".to_owned()]);
+    }
+    // The protocol-level Parses go inside the same transaction, before its COMMIT.
+    if queries.last().is_some_and(|q| q == "COMMIT") {
+        after.push(queries.pop().unwrap_or_default());
+    }
     tokio::time::timeout(
         Duration::from_secs(10),
-        server.replay(&queries, &snap.parses),
+        server.replay(&queries, &snap.parses, &after),
     )
     .await
     .map_err(|_| ProxyError::Timeout("restoring session state on a new server connection"))?

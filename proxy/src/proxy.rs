@@ -68,6 +68,10 @@ pub(crate) struct SessionState {
     /// A message from the client (or to it, from the server) is only partly forwarded.
     pub(crate) client_partial: AtomicBool,
     pub(crate) server_partial: AtomicBool,
+    /// The client is sending COPY data (PostgreSQL ignores Sync meanwhile).
+    pub(crate) copy_in: AtomicBool,
+    /// Syncs sent since the last Execute/Query (ignored if a COPY turns out to follow).
+    pub(crate) syncs_since_request: AtomicUsize,
     /// A direction is writing what it read: stopping must not drop it mid-write.
     pub(crate) c2s_writing: AtomicBool,
     pub(crate) s2c_writing: AtomicBool,
@@ -374,12 +378,38 @@ pub(crate) fn inspect_client(
                 *verdict = ClientVerdict::Terminate;
                 ControlFlow::Break(())
             }
+            Event::Start { tag: b'S', .. } if state.copy_in.load(Relaxed) => {
+                // PostgreSQL ignores Sync while it receives COPY data: no reply comes.
+                ControlFlow::Continue(())
+            }
+            Event::Start {
+                tag: tag @ (b'd' | b'c' | b'f'),
+                ..
+            } => {
+                if !state.copy_in.swap(true, Relaxed) {
+                    // The first COPY message after the Execute that started the COPY: the
+                    // Syncs the client sent in between (libpq and tokio-postgres send one right
+                    // behind the Execute) were ignored by the server.
+                    let ignored = state.syncs_since_request.swap(0, Relaxed);
+                    let _ = state
+                        .pending
+                        .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(ignored)));
+                }
+                if tag != b'd' {
+                    state.copy_in.store(false, Relaxed);
+                }
+                ControlFlow::Continue(())
+            }
             Event::Start { tag, .. } => {
+                if matches!(tag, b'E' | b'Q' | b'F') {
+                    state.syncs_since_request.store(0, Relaxed);
+                }
                 if expects_ready_for_query(tag) {
                     state.clock.request_sent(hot);
                     state.pending.fetch_add(1, Relaxed);
                     if tag == b'S' {
                         state.unsynced.store(false, Relaxed);
+                        state.syncs_since_request.fetch_add(1, Relaxed);
                     }
                 } else if opens_extended_sequence(tag) {
                     state.clock.request_sent(hot);

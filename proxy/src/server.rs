@@ -530,11 +530,12 @@ impl ServerConnection {
 
     /// Re-creates session state on this connection in one round trip: simple queries first
     /// (settings, SQL PREPARE), then protocol-level Parse messages (name, text, parameter
-    /// type OIDs) and a Sync. Any error fails the whole replay.
+    /// type OIDs) and a Sync, then `after` (COMMIT). Any error fails the whole replay.
     pub async fn replay(
         &mut self,
         queries: &[String],
         parses: &[(String, String, Vec<u32>)],
+        after: &[String],
     ) -> Result<()> {
         let mut out = BytesMut::with_capacity(256);
         for q in queries {
@@ -543,10 +544,13 @@ impl ServerConnection {
         for (name, text, types) in parses {
             frontend::parse(name, text, types.iter().copied(), &mut out)?;
         }
-        let mut remaining = queries.len();
+        let mut remaining = queries.len() + after.len();
         if !parses.is_empty() {
             frontend::sync(&mut out);
             remaining += 1;
+        }
+        for q in after {
+            frontend::query(q, &mut out)?;
         }
         if remaining == 0 {
             return Ok(());

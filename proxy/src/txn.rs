@@ -55,6 +55,8 @@ struct Statement {
     server_name: String,
     /// Parse body after the name: query text, NUL, parameter count and type OIDs.
     rest: Bytes,
+    /// Executing it may change session state (see `may_touch_session_state`).
+    touches_state: bool,
 }
 
 /// A client's session as dbproxy keeps it between transactions.
@@ -112,8 +114,10 @@ enum Expect {
     Synthetic(Synthetic),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Synthetic {
+    /// A Parse of a name the client already has: 42P05, as PostgreSQL answers.
+    AlreadyExists(String),
     ParseComplete,
     CloseComplete,
     /// `DEALLOCATE name` of a protocol statement: CommandComplete and ReadyForQuery.
@@ -194,7 +198,7 @@ pub fn answer_without_server(
             b'P' => {
                 let name = cstr_bytes(body)?;
                 let rest = &body[name.len() + 1..];
-                if name.is_empty() || synced {
+                if name.is_empty() || synced || client.statements.contains_key(name) {
                     return None;
                 }
                 let statement = Statement::new(Bytes::copy_from_slice(rest));
@@ -249,6 +253,11 @@ struct Shared<'a> {
     /// A synthetic reply is at the head of the queue.
     synthetic_ready: bool,
     max_prepared: usize,
+    /// The client is sending COPY data: the server ignores its Syncs until CopyDone/CopyFail.
+    copy_in: bool,
+    /// dbproxy answered an extended-protocol message with an error: like PostgreSQL, skip the
+    /// client's messages up to its Sync.
+    skipping: bool,
     clock: TransactionClock,
     known: &'a KnownStatements,
 }
@@ -288,6 +297,8 @@ where
         writing_to_client: false,
         synthetic_ready: false,
         max_prepared: config.max_prepared,
+        copy_in: false,
+        skipping: false,
         clock: TransactionClock::default(),
         known: config.known,
     }));
@@ -512,6 +523,12 @@ fn process_client(
             *cbuf = BytesMut::new();
         }
         let body = msg.split_off(5);
+        if sh.skipping {
+            if tag != b'S' {
+                continue;
+            }
+            sh.skipping = false;
+        }
         match tag {
             b'X' => return ClientVerdict::Terminate,
             b'Q' => {
@@ -556,6 +573,12 @@ fn process_client(
                     out.extend_from_slice(&body);
                     continue;
                 }
+                if sh.client.statements.contains_key(name) {
+                    let name = String::from_utf8_lossy(name).into_owned();
+                    push_synthetic(sh, Synthetic::AlreadyExists(name));
+                    sh.skipping = true;
+                    continue;
+                }
                 let statement = Arc::new(Statement::new(rest));
                 sh.client
                     .statements
@@ -587,6 +610,9 @@ fn process_client(
                     .and_then(|n| sh.client.statements.get(n).cloned());
                 match (statement, name) {
                     (Some(statement), Some(name)) => {
+                        if tag == b'B' && statement.touches_state {
+                            sh.recheck = true;
+                        }
                         // The queue entry for this message must come after the injected Parse.
                         let expect = sh.queue.pop_back();
                         if !sh.touch(&statement.key) {
@@ -630,9 +656,26 @@ fn process_client(
                 out.extend_from_slice(&body);
             }
             b'S' => {
-                sh.clock.request_sent(hot);
-                sh.unsynced = false;
-                sh.queue.push_back(Expect::Sync);
+                if !sh.copy_in {
+                    sh.clock.request_sent(hot);
+                    sh.unsynced = false;
+                    sh.queue.push_back(Expect::Sync);
+                }
+                out.extend_from_slice(&msg);
+                out.extend_from_slice(&body);
+            }
+            b'd' | b'c' | b'f' => {
+                if !sh.copy_in {
+                    // The first COPY message after the Execute (or Query) that started the
+                    // COPY: PostgreSQL ignored the Syncs the client sent in between (libpq and
+                    // tokio-postgres send one right behind the Execute), so no reply comes
+                    // for them.
+                    sh.copy_in = true;
+                    sh.forget_syncs_since_last_request();
+                }
+                if tag != b'd' {
+                    sh.copy_in = false;
+                }
                 out.extend_from_slice(&msg);
                 out.extend_from_slice(&body);
             }
@@ -659,10 +702,12 @@ impl Statement {
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         let server_name = server_name(&key);
+        let touches_state = cstr(&rest).is_some_and(may_touch_session_state);
         Statement {
             key,
             server_name,
             rest,
+            touches_state,
         }
     }
 }
@@ -710,14 +755,42 @@ impl Shared<'_> {
         });
     }
 
+    /// Drops the Sync entries queued after the last Execute or Query.
+    fn forget_syncs_since_last_request(&mut self) {
+        let Some(last) = self
+            .queue
+            .iter()
+            .rposition(|e| matches!(e, Expect::Execute | Expect::Simple))
+        else {
+            return;
+        };
+        let mut i = last + 1;
+        while i < self.queue.len() {
+            if matches!(self.queue[i], Expect::Sync) {
+                self.queue.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Emits the synthetic replies now at the head of the queue.
     fn emit_synthetics(&mut self, out: &mut BytesMut) -> bool {
         let mut any = false;
-        while let Some(Expect::Synthetic(s)) = self.queue.front() {
-            let s = *s;
-            self.queue.pop_front();
+        while let Some(Expect::Synthetic(_)) = self.queue.front() {
+            let Some(Expect::Synthetic(s)) = self.queue.pop_front() else {
+                break;
+            };
             any = true;
             match s {
+                Synthetic::AlreadyExists(name) => backend::error_response(
+                    out,
+                    "ERROR",
+                    "42P05",
+                    &format!("prepared statement \"{name}\" already exists"),
+                    None,
+                    None,
+                ),
                 Synthetic::ParseComplete => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
                 Synthetic::CloseComplete => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
                 Synthetic::Deallocated => {

@@ -635,6 +635,8 @@ pub fn write_uri(secret: &SecretDir, uri: &str) -> anyhow::Result<Instant> {
 #[derive(Default)]
 pub struct WorkloadStats {
     pub sessions: AtomicU64,
+    /// Held sessions that moved to a new backend (a rotation changed user or host).
+    pub moves: AtomicU64,
     pub queries: AtomicU64,
     pub errors: Mutex<Vec<String>>,
 }
@@ -707,18 +709,40 @@ impl Workload {
                     Err(_) => return stats.error(format!("holder{i} connect hung")),
                 };
                 stats.sessions.fetch_add(1, Ordering::Relaxed);
-                let mut pid = None;
+                // Session state that must survive every rotation: when a rotation moves the
+                // session to a new backend (--migrate changed: user or host changed), dbproxy
+                // carries its settings along.
+                let lock_timeout = format!("{}s", 100 + i);
+                if let Err(err) = client
+                    .batch_execute(&format!("SET lock_timeout = '{lock_timeout}'"))
+                    .await
+                {
+                    return stats.error(format!("holder{i} SET: {err:?}"));
+                }
+                let mut last: Option<(String, i32)> = None;
                 for _ in 0..MAX_ITERATIONS {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    match tokio::time::timeout(CLIENT_OP_TIMEOUT, whoami(&client)).await {
-                        Ok(Ok((_, _, p))) => {
-                            stats.queries.fetch_add(1, Ordering::Relaxed);
-                            // session mode: a client keeps its backend for the whole session
-                            if *pid.get_or_insert(p) != p {
-                                stats.error(format!("holder{i}: backend changed mid-session"));
+                    let check = async {
+                        let who = whoami(&client).await?;
+                        let setting = client.query_one("SHOW lock_timeout", &[]).await?;
+                        Ok::<_, tokio_postgres::Error>((who, setting.get::<_, String>(0)))
+                    };
+                    match tokio::time::timeout(CLIENT_OP_TIMEOUT, check).await {
+                        Ok(Ok(((user, _, p), setting))) => {
+                            stats.queries.fetch_add(2, Ordering::Relaxed);
+                            if setting != lock_timeout {
+                                stats.error(format!(
+                                    "holder{i}: lost its SET across a rotation ({setting})"
+                                ));
                             }
+                            // A changed backend is a move (counted; the SET above proves the
+                            // session came along).
+                            if last.as_ref().is_some_and(|(_, last_pid)| *last_pid != p) {
+                                stats.moves.fetch_add(1, Ordering::Relaxed);
+                            }
+                            last = Some((user, p));
                         }
                         Ok(Err(err)) => stats.error(format!("holder{i}: {err:?}")),
                         Err(_) => stats.error(format!("holder{i}: query hung")),
@@ -940,4 +964,450 @@ pub fn assert_no_secrets(text: &str, secrets: &[&str], what: &str) {
             "secret #{i} appears in {what}"
         );
     }
+}
+
+/// How a client connection ended, as its connection task saw it: an unsolicited FATAL (such as
+/// `57P01` when the proxy gives up migrating a pinned session) ends the connection, not a query.
+#[derive(Debug, Clone)]
+pub struct ConnectionEnd {
+    /// SQLSTATE of the server's (or proxy's) error, when the end was an ErrorResponse.
+    pub code: Option<String>,
+    /// The error's message (the server's message text for an ErrorResponse).
+    pub message: String,
+    pub at: Instant,
+}
+
+/// A session whose connection task forwards notifications (LISTEN/NOTIFY) and records how the
+/// connection ended.
+pub struct ObservedClient {
+    pub client: Client,
+    pub notifications: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    end: Arc<Mutex<Option<ConnectionEnd>>>,
+}
+
+impl ObservedClient {
+    /// How the connection ended, if it did.
+    pub fn ended(&self) -> Option<ConnectionEnd> {
+        self.end.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Waits up to `timeout` for the connection to end.
+    pub async fn wait_ended(&self, timeout: Duration) -> Option<ConnectionEnd> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.ended() {
+                return Some(end);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits up to `timeout` for a notification on `channel`; returns its payload.
+    pub async fn next_notification(&mut self, channel: &str, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.notifications.recv()).await {
+                Ok(Some(n)) if n.channel() == channel => return Some(n.payload().to_string()),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// The SQLSTATE and message behind a failed query: the query's own error when it carries
+    /// one, else (the connection was closed under it) the error that ended the connection.
+    pub async fn failure_of(&self, err: &tokio_postgres::Error) -> (Option<String>, String) {
+        if let Some(db) = err.as_db_error() {
+            return (Some(db.code().code().to_string()), db.message().to_string());
+        }
+        match self.wait_ended(Duration::from_secs(5)).await {
+            Some(end) => (end.code, end.message),
+            None => (None, format!("{err:?}")),
+        }
+    }
+}
+
+/// [`connect_with`], keeping notifications and the connection's end observable.
+pub async fn connect_observed(
+    cfg: &tokio_postgres::Config,
+) -> Result<ObservedClient, tokio_postgres::Error> {
+    let (client, mut connection) = cfg.connect(NoTls).await?;
+    let (tx, notifications) = tokio::sync::mpsc::unbounded_channel();
+    let end = Arc::new(Mutex::new(None));
+    let end_slot = end.clone();
+    tokio::spawn(async move {
+        let result = loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(n);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => break Err(err),
+                None => break Ok(()),
+            }
+        };
+        let ended = match result {
+            Ok(()) => ConnectionEnd {
+                code: None,
+                message: "connection closed".to_string(),
+                at: Instant::now(),
+            },
+            Err(err) => ConnectionEnd {
+                code: err.as_db_error().map(|d| d.code().code().to_string()),
+                message: err
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| format!("{err:?}")),
+                at: Instant::now(),
+            },
+        };
+        if let Ok(mut slot) = end_slot.lock() {
+            *slot = Some(ended);
+        }
+    });
+    Ok(ObservedClient {
+        client,
+        notifications,
+        end,
+    })
+}
+
+/// A client configuration for the proxy's first listener, like [`connect`] uses.
+pub fn proxy_config(port: u16, user: &str, application_name: &str) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname("anything")
+        .application_name(application_name)
+        .connect_timeout(Duration::from_secs(30));
+    cfg
+}
+
+/// The SQLSTATE of an error, as text (`None` when it is not a server error).
+pub fn sqlstate(err: &tokio_postgres::Error) -> Option<String> {
+    err.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// `inet_server_port()` of the backend that serves the session right now.
+pub async fn server_port(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT inet_server_port()", &[])
+        .await?
+        .get(0))
+}
+
+/// One backend message as a raw protocol test sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    ParseComplete,
+    BindComplete,
+    CloseComplete,
+    NoData,
+    RowDescription,
+    ParameterDescription,
+    DataRow(Vec<Option<String>>),
+    CommandComplete(String),
+    EmptyQuery,
+    Error { code: String, message: String },
+    Notice,
+    ParameterStatus(String, String),
+    ReadyForQuery(u8),
+    Other(u8),
+}
+
+/// A hand-driven protocol 3.0 session (no TLS, no password), for tests that need exact control
+/// of message boundaries (Flush without Sync, Close, ParameterStatus) that tokio-postgres hides.
+pub struct RawSession {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    /// ParameterStatus messages received at login.
+    pub parameters: Vec<(String, String)>,
+    /// BackendKeyData (pid, secret) received at login.
+    pub key: (i32, i32),
+}
+
+fn put_cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// A frontend message: tag, length, body.
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Builders for the frontend messages raw tests send.
+pub mod msg {
+    use super::{frame, put_cstr};
+
+    pub fn query(sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_cstr(&mut b, sql);
+        frame(b'Q', &b)
+    }
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_cstr(&mut b, name);
+        put_cstr(&mut b, sql);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        frame(b'P', &b)
+    }
+    /// Bind with text parameters and text results.
+    pub fn bind(portal: &str, statement: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_cstr(&mut b, portal);
+        put_cstr(&mut b, statement);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        frame(b'B', &b)
+    }
+    pub fn describe_statement(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        put_cstr(&mut b, name);
+        frame(b'D', &b)
+    }
+    pub fn execute(portal: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_cstr(&mut b, portal);
+        b.extend_from_slice(&0i32.to_be_bytes());
+        frame(b'E', &b)
+    }
+    pub fn close_statement(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        put_cstr(&mut b, name);
+        frame(b'C', &b)
+    }
+    pub fn sync() -> Vec<u8> {
+        frame(b'S', &[])
+    }
+    pub fn flush() -> Vec<u8> {
+        frame(b'H', &[])
+    }
+}
+
+fn take_cstr(body: &[u8], at: &mut usize) -> String {
+    let start = (*at).min(body.len());
+    let end = body[start..]
+        .iter()
+        .position(|&b| b == 0)
+        .map(|p| start + p)
+        .unwrap_or(body.len());
+    *at = (end + 1).min(body.len() + 1);
+    String::from_utf8_lossy(&body[start..end]).into_owned()
+}
+
+fn parse_reply(tag: u8, body: &[u8]) -> Reply {
+    match tag {
+        b'1' => Reply::ParseComplete,
+        b'2' => Reply::BindComplete,
+        b'3' => Reply::CloseComplete,
+        b'n' => Reply::NoData,
+        b'T' => Reply::RowDescription,
+        b't' => Reply::ParameterDescription,
+        b'I' => Reply::EmptyQuery,
+        b'N' => Reply::Notice,
+        b'Z' => Reply::ReadyForQuery(body.first().copied().unwrap_or(0)),
+        b'C' => {
+            let mut at = 0;
+            Reply::CommandComplete(take_cstr(body, &mut at))
+        }
+        b'S' => {
+            let mut at = 0;
+            let k = take_cstr(body, &mut at);
+            let v = take_cstr(body, &mut at);
+            Reply::ParameterStatus(k, v)
+        }
+        b'E' => {
+            let (mut code, mut message) = (String::new(), String::new());
+            let mut at = 0;
+            while at < body.len() && body[at] != 0 {
+                let field = body[at];
+                at += 1;
+                let value = take_cstr(body, &mut at);
+                match field {
+                    b'C' => code = value,
+                    b'M' => message = value,
+                    _ => {}
+                }
+            }
+            Reply::Error { code, message }
+        }
+        b'D' => {
+            let mut cols = Vec::new();
+            if body.len() >= 2 {
+                let n = i16::from_be_bytes([body[0], body[1]]);
+                let mut at = 2;
+                for _ in 0..n.max(0) {
+                    if at + 4 > body.len() {
+                        break;
+                    }
+                    let len =
+                        i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+                    at += 4;
+                    if len < 0 {
+                        cols.push(None);
+                    } else {
+                        let end = (at + len as usize).min(body.len());
+                        cols.push(Some(String::from_utf8_lossy(&body[at..end]).into_owned()));
+                        at = end;
+                    }
+                }
+            }
+            Reply::DataRow(cols)
+        }
+        other => Reply::Other(other),
+    }
+}
+
+impl RawSession {
+    /// Logs in as `user` (no password: the proxy's loopback clients need none) and reads up to
+    /// the first ReadyForQuery.
+    pub async fn connect(port: u16, user: &str) -> anyhow::Result<RawSession> {
+        use tokio::io::AsyncWriteExt;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        .context("connecting to the proxy hung")??;
+        let mut session = RawSession {
+            stream,
+            buf: Vec::new(),
+            parameters: Vec::new(),
+            key: (0, 0),
+        };
+        let mut body = Vec::new();
+        body.extend_from_slice(&196_608i32.to_be_bytes());
+        for (k, v) in [
+            ("user", user),
+            ("database", "anything"),
+            ("application_name", "rawtest"),
+        ] {
+            put_cstr(&mut body, k);
+            put_cstr(&mut body, v);
+        }
+        body.push(0);
+        let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        startup.extend_from_slice(&body);
+        session.stream.write_all(&startup).await?;
+        loop {
+            let (tag, body) = session.read_raw().await?;
+            match tag {
+                b'R' => {
+                    let code = body
+                        .get(..4)
+                        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    anyhow::ensure!(
+                        code == Some(0),
+                        "the proxy asked for authentication {code:?}"
+                    );
+                }
+                b'K' if body.len() >= 8 => {
+                    session.key = (
+                        i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                        i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                    );
+                }
+                _ => match parse_reply(tag, &body) {
+                    Reply::ParameterStatus(k, v) => session.parameters.push((k, v)),
+                    Reply::ReadyForQuery(_) => return Ok(session),
+                    Reply::Error { code, message } => bail!("login failed: {code} {message}"),
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    /// Sends the concatenation of `messages` in one write.
+    pub async fn send(&mut self, messages: &[Vec<u8>]) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let all: Vec<u8> = messages.concat();
+        self.stream.write_all(&all).await?;
+        Ok(())
+    }
+
+    async fn read_raw(&mut self) -> anyhow::Result<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                anyhow::ensure!(len >= 4, "bad message length {len}");
+                let total = 1 + len as usize;
+                if self.buf.len() >= total {
+                    let tag = self.buf[0];
+                    let body = self.buf[5..total].to_vec();
+                    self.buf.drain(..total);
+                    return Ok((tag, body));
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(CLIENT_OP_TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .context("no message from the proxy within the client timeout")??;
+            anyhow::ensure!(n > 0, "the proxy closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next backend message.
+    pub async fn read(&mut self) -> anyhow::Result<Reply> {
+        let (tag, body) = self.read_raw().await?;
+        Ok(parse_reply(tag, &body))
+    }
+
+    /// Messages up to and including the next ReadyForQuery.
+    pub async fn until_ready(&mut self) -> anyhow::Result<Vec<Reply>> {
+        let mut out = Vec::new();
+        loop {
+            let reply = self.read().await?;
+            let done = matches!(reply, Reply::ReadyForQuery(_));
+            out.push(reply);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Reads exactly `n` messages (for a Flush, which ends with no ReadyForQuery).
+    pub async fn read_n(&mut self, n: usize) -> anyhow::Result<Vec<Reply>> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.read().await?);
+        }
+        Ok(out)
+    }
+}
+
+/// The first column of every DataRow among `replies`.
+pub fn first_column(replies: &[Reply]) -> Vec<Option<String>> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::DataRow(cols) => Some(cols.first().cloned().flatten()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The SQLSTATEs of every ErrorResponse among `replies`.
+pub fn error_codes(replies: &[Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Error { code, .. } => Some(code.clone()),
+            _ => None,
+        })
+        .collect()
 }

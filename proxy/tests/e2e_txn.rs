@@ -1,0 +1,1945 @@
+//! End-to-end: `--pool-mode transaction` through the real `dbproxy` binary to a real PostgreSQL.
+//! More clients than server connections, each keeping its own prepared statements (protocol and
+//! SQL) and settings across backends; session state that cannot move pins a backend; psql and
+//! pgbench work unchanged; cancels reach only the query they were meant for.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use common::*;
+use dbtests::SecretDir;
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+/// A cluster and a transaction-mode proxy in front of it, with `extra` flags. Bind the result
+/// as `let (db, _secret, proxy) = ...` so the proxy stops before the Secret and the cluster go.
+async fn txn_proxy(extra: &[&str]) -> anyhow::Result<(AppCluster, SecretDir, ProxyProcess)> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--pool-mode", "transaction"])
+        .args(extra.iter().copied())
+        .start()?;
+    Ok((db, secret, proxy))
+}
+
+/// Opens a transaction on `client`, so it holds one server connection until [`release`];
+/// returns that backend's pid. Used to force other clients onto another backend.
+async fn hold(client: &Client) -> anyhow::Result<i32> {
+    tokio::time::timeout(CLIENT_OP_TIMEOUT, async {
+        client.batch_execute("BEGIN").await?;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(pid)
+    })
+    .await
+    .context("BEGIN on a holder client hung (no server connection free?)")?
+    .context("holder BEGIN failed")
+}
+
+async fn release(client: &Client) -> anyhow::Result<()> {
+    client
+        .batch_execute("COMMIT")
+        .await
+        .context("holder COMMIT")
+}
+
+/// `pg_backend_pid()` and the given settings, from one statement (so from one backend).
+async fn settings_and_pid(client: &Client, names: &[&str]) -> anyhow::Result<(Vec<String>, i32)> {
+    let mut sql = String::from("SELECT pg_backend_pid()");
+    for n in names {
+        sql.push_str(&format!(", current_setting('{n}')"));
+    }
+    let row = tokio::time::timeout(CLIENT_OP_TIMEOUT, client.query_one(sql.as_str(), &[]))
+        .await
+        .context("query hung")??;
+    let values = (0..names.len())
+        .map(|i| row.get::<_, String>(i + 1))
+        .collect();
+    Ok((values, row.get(0)))
+}
+
+/// The one-row, one-column text result of a simple-protocol query.
+async fn simple_value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    let messages = client.simple_query(sql).await?;
+    Ok(messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// Server connections of `app_a` right now (every one the proxy opened).
+async fn app_backends(admin: &Client) -> anyhow::Result<i64> {
+    Ok(admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_a'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Six clients on a pool of two, each with named statements prepared once (tokio-postgres names
+/// them `s0`, `s1`, ... in every client, with different text per client) and executed across many
+/// transactions: every result is right, the clients share the backends, and the proxy never
+/// opens more than two server connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn named_statements_across_shared_backends() -> anyhow::Result<()> {
+    const CLIENTS: usize = 6;
+    const ITERATIONS: i32 = 40;
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let admin = db.admin().await?;
+    let port = proxy.port();
+
+    // every client connected at once: in session mode the third would wait for a backend
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let c = tokio::time::timeout(CLIENT_OP_TIMEOUT, connect(port, &format!("c{k}")))
+            .await
+            .context("connect hung")??;
+        clients.push(c);
+    }
+    let mut tasks = Vec::new();
+    for (k, client) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let k = k as i32;
+            let mul = client
+                .prepare(&format!(
+                    "SELECT $1::int4 * {} AS v, pg_backend_pid()",
+                    k + 2
+                ))
+                .await
+                .context("prepare mul")?;
+            let tag = client
+                .prepare(&format!("SELECT $1::text || '-client{k}'"))
+                .await
+                .context("prepare tag")?;
+            let mut pids = HashSet::new();
+            for i in 0..ITERATIONS {
+                let row = client
+                    .query_one(&mul, &[&i])
+                    .await
+                    .with_context(|| format!("client {k}: execute mul, iteration {i}"))?;
+                let v: i32 = row.get(0);
+                ensure!(
+                    v == i * (k + 2),
+                    "client {k}: its statement s0 returned {v}, want {} (another client's statement?)",
+                    i * (k + 2)
+                );
+                pids.insert(row.get::<_, i32>(1));
+                let row = client
+                    .query_one(&tag, &[&format!("it{i}")])
+                    .await
+                    .with_context(|| format!("client {k}: execute tag, iteration {i}"))?;
+                let t: String = row.get(0);
+                ensure!(
+                    t == format!("it{i}-client{k}"),
+                    "client {k}: statement s1 returned {t:?}"
+                );
+                // an unnamed statement in between (tokio-postgres query_typed)
+                let row = client
+                    .query_typed_one("SELECT $1::int8 + 1", &[(&i64::from(i), tokio_postgres::types::Type::INT8)])
+                    .await
+                    .with_context(|| format!("client {k}: unnamed statement, iteration {i}"))?;
+                ensure!(row.get::<_, i64>(0) == i64::from(i) + 1);
+            }
+            Ok::<_, anyhow::Error>(pids)
+        }));
+    }
+    let mut max_backends = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !tasks.iter().all(|t| t.is_finished()) {
+        ensure!(
+            Instant::now() < deadline,
+            "6 clients x {ITERATIONS} iterations did not finish within 120 s"
+        );
+        max_backends = max_backends.max(app_backends(&admin).await?);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut all = HashSet::new();
+    let mut per_client = Vec::new();
+    for task in tasks {
+        let pids = task.await??;
+        per_client.push(pids.len());
+        all.extend(pids);
+    }
+    println!(
+        "backends seen: {} in all, per client {per_client:?}; at most {max_backends} server connections",
+        all.len()
+    );
+    assert!(
+        max_backends <= 2,
+        "--pool-size 2 but {max_backends} server connections were open at once"
+    );
+    assert!(
+        all.len() < CLIENTS,
+        "{CLIENTS} clients were served by {} backends: not shared",
+        all.len()
+    );
+    assert!(
+        per_client.iter().any(|&n| n >= 2),
+        "no client ever moved to another backend between transactions ({per_client:?})"
+    );
+    Ok(())
+}
+
+/// An explicit transaction (simple BEGIN/COMMIT, tokio-postgres' Transaction, ROLLBACK) keeps one
+/// backend from BEGIN to its end, while other clients run on the other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explicit_transaction_stays_on_one_backend() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let mut tasks = Vec::new();
+    for k in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect(port, &format!("tx{k}")).await?;
+            let mut pids_between = HashSet::new();
+            for round in 0..10 {
+                // simple-protocol BEGIN, extended queries inside
+                client.batch_execute("BEGIN").await?;
+                let first: i32 = client
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await?
+                    .get(0);
+                client
+                    .execute(
+                        "INSERT INTO items (note) VALUES ($1)",
+                        &[&format!("tx{k}-{round}")],
+                    )
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                for _ in 0..3 {
+                    let pid: i32 = client
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .await?
+                        .get(0);
+                    ensure!(
+                        pid == first,
+                        "client {k} round {round}: backend {first} -> {pid} inside BEGIN..COMMIT"
+                    );
+                }
+                // our own uncommitted row is visible: same backend, same transaction
+                let n: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM items WHERE note = $1",
+                        &[&format!("tx{k}-{round}")],
+                    )
+                    .await?
+                    .get(0);
+                ensure!(n == 1, "client {k}: own uncommitted insert not visible");
+                if round % 2 == 0 {
+                    client.batch_execute("COMMIT").await?;
+                } else {
+                    client.batch_execute("ROLLBACK").await?;
+                }
+                // tokio-postgres' Transaction (BEGIN sent as a simple query, then extended)
+                let tx = client.transaction().await?;
+                let a: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let b: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                ensure!(a == b, "client {k}: Transaction moved from {a} to {b}");
+                tx.commit().await?;
+                pids_between.insert(first);
+            }
+            // rolled back rows are gone, committed ones stay
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM items WHERE note LIKE $1",
+                    &[&format!("tx{k}-%")],
+                )
+                .await?
+                .get(0);
+            ensure!(n == 5, "client {k}: {n} committed rows, want 5");
+            Ok::<_, anyhow::Error>(pids_between)
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .context("a client hung")???;
+    }
+    Ok(())
+}
+
+/// With a pool of two: `h1` and `h2` take both server connections, then the one on `avoid` keeps
+/// it and the other lets go, so the next transaction of any other client runs on the other
+/// backend whatever the proxy's preference (affinity, LIFO). Returns the holder still holding and
+/// its backend pid; [`release`] it afterwards.
+async fn keep_only<'a>(
+    h1: &'a Client,
+    h2: &'a Client,
+    avoid: i32,
+) -> anyhow::Result<(&'a Client, i32)> {
+    let p1 = hold(h1).await?;
+    let p2 = hold(h2).await?;
+    ensure!(p1 != p2, "two open transactions on one backend ({p1})");
+    if p2 == avoid {
+        release(h1).await?;
+        Ok((h2, p2))
+    } else {
+        release(h2).await?;
+        Ok((h1, p1))
+    }
+}
+
+/// A client under test, the settings it should see, and the backends it ran on.
+struct SettingsClient<'a> {
+    name: &'static str,
+    client: &'a Client,
+    want: Vec<String>,
+    pids: HashSet<i32>,
+    last: i32,
+}
+
+/// Rounds in which each client under test is forced onto the backend it did not use last: it
+/// must see its own settings there, the holder left on its previous backend and a clean client
+/// must see the defaults. Every client must have run on both backends.
+async fn settings_rounds(
+    clients: &mut [SettingsClient<'_>],
+    clean: &Client,
+    (h1, h2): (&Client, &Client),
+    names: &[&str],
+    defaults: &[String],
+    what: &str,
+) -> anyhow::Result<()> {
+    for c in clients.iter_mut() {
+        let (values, pid) = settings_and_pid(c.client, names).await?;
+        ensure!(
+            values == c.want,
+            "{what}: client {} sees {values:?} on backend {pid}, want {:?}",
+            c.name,
+            c.want
+        );
+        c.last = pid;
+        c.pids.insert(pid);
+    }
+    for round in 0..6 {
+        for c in clients.iter_mut() {
+            let (holder, hpid) = keep_only(h1, h2, c.last).await?;
+            let (values, _) = settings_and_pid(holder, names).await?;
+            ensure!(
+                values == defaults,
+                "{what}, round {round}: a clean client on backend {hpid} (where client {} ran last) sees {values:?}, want the defaults {defaults:?}",
+                c.name
+            );
+            let (values, pid) = settings_and_pid(c.client, names).await?;
+            ensure!(pid != c.last, "client {} was not moved", c.name);
+            ensure!(
+                values == c.want,
+                "{what}, round {round}: client {} moved from backend {} to {pid} sees {values:?}, want {:?}",
+                c.name,
+                c.last,
+                c.want
+            );
+            c.last = pid;
+            c.pids.insert(pid);
+            release(holder).await?;
+            let (values, pid) = settings_and_pid(clean, names).await?;
+            ensure!(
+                values == defaults,
+                "{what}, round {round}: clean client on backend {pid} sees {values:?}, want the defaults {defaults:?}"
+            );
+        }
+    }
+    for c in clients.iter() {
+        ensure!(
+            c.pids.len() >= 2,
+            "client {} stayed on {:?}",
+            c.name,
+            c.pids
+        );
+    }
+    Ok(())
+}
+
+/// The server defaults of `names`, read directly.
+async fn server_defaults(db: &AppCluster, names: &[&str]) -> anyhow::Result<Vec<String>> {
+    let admin = db.admin().await?;
+    let mut out = Vec::new();
+    for n in names {
+        out.push(
+            admin
+                .query_one("SELECT current_setting($1)", &[n])
+                .await?
+                .get(0),
+        );
+    }
+    Ok(out)
+}
+
+/// SET and RESET sent as simple queries persist for their client on whichever backend serves it
+/// next, and never show up for another client on the same backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simple_set_and_reset_follow_their_client_only() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let names = ["work_mem", "lock_timeout"];
+    let defaults = server_defaults(&db, &names).await?;
+    assert_eq!(defaults[1], "0");
+    let (a, b, clean) = (
+        connect(port, "a").await?,
+        connect(port, "b").await?,
+        connect(port, "clean").await?,
+    );
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    a.batch_execute("SET work_mem = '7MB'").await?;
+    b.batch_execute("SET lock_timeout TO 1234; SET application_name = 'bee'")
+        .await?;
+    let mut clients = [
+        SettingsClient {
+            name: "a",
+            client: &a,
+            want: vec!["7MB".into(), defaults[1].clone()],
+            pids: HashSet::new(),
+            last: 0,
+        },
+        SettingsClient {
+            name: "b",
+            client: &b,
+            want: vec![defaults[0].clone(), "1234ms".into()],
+            pids: HashSet::new(),
+            last: 0,
+        },
+    ];
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "after SET",
+    )
+    .await?;
+    let apps: HashSet<String> = [
+        simple_value(&b, "SHOW application_name").await?,
+        simple_value(&b, "SHOW application_name").await?,
+    ]
+    .into();
+    assert_eq!(apps, HashSet::from(["bee".to_string()]));
+
+    a.batch_execute("RESET work_mem").await?;
+    b.batch_execute("RESET ALL").await?;
+    for c in clients.iter_mut() {
+        c.want = defaults.clone();
+        c.pids.clear();
+    }
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "after RESET",
+    )
+    .await?;
+    Ok(())
+}
+
+/// set_config(..., false) and SET sent through the extended protocol as named statements
+/// (tokio-postgres prepares them in one round trip and executes them in the next) persist for
+/// their client only, like a simple-query SET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn set_config_and_extended_set_follow_their_client_only() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let names = ["statement_timeout", "lock_timeout"];
+    let defaults = server_defaults(&db, &names).await?;
+    let (c, d, clean) = (
+        connect(port, "c").await?,
+        connect(port, "d").await?,
+        connect(port, "clean").await?,
+    );
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    let set: String = c
+        .query_one("SELECT set_config('statement_timeout', '4321', false)", &[])
+        .await?
+        .get(0);
+    assert_eq!(set, "4321ms");
+    d.execute("SET lock_timeout = '1234'", &[]).await?;
+    let mut clients = [
+        SettingsClient {
+            name: "c (set_config)",
+            client: &c,
+            want: vec!["4321ms".into(), defaults[1].clone()],
+            pids: HashSet::new(),
+            last: 0,
+        },
+        SettingsClient {
+            name: "d (extended SET)",
+            client: &d,
+            want: vec![defaults[0].clone(), "1234ms".into()],
+            pids: HashSet::new(),
+            last: 0,
+        },
+    ];
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "after set_config / extended SET",
+    )
+    .await?;
+    Ok(())
+}
+
+/// PostgreSQL's transaction rules for settings hold across backends: a SET rolled back is gone,
+/// SET LOCAL and set_config(..., true) end with their transaction, a SET committed inside a
+/// transaction block stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_scoped_settings_follow_postgres_rules() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let names = ["work_mem"];
+    let defaults = server_defaults(&db, &names).await?;
+    let (a, clean) = (connect(port, "a").await?, connect(port, "clean").await?);
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    let check = |want: &str| {
+        [SettingsClient {
+            name: "a",
+            client: &a,
+            want: vec![want.to_string()],
+            pids: HashSet::new(),
+            last: 0,
+        }]
+    };
+    let hs = (&h1, &h2);
+
+    a.batch_execute("SET work_mem = '7MB'").await?;
+    settings_rounds(
+        &mut check("7MB"),
+        &clean,
+        hs,
+        &names,
+        &defaults,
+        "after SET",
+    )
+    .await?;
+    a.batch_execute("BEGIN; SET work_mem = '9MB'; ROLLBACK")
+        .await?;
+    settings_rounds(
+        &mut check("7MB"),
+        &clean,
+        hs,
+        &names,
+        &defaults,
+        "after a rolled back SET",
+    )
+    .await?;
+    a.batch_execute("BEGIN; SET LOCAL work_mem = '11MB'; COMMIT")
+        .await?;
+    settings_rounds(
+        &mut check("7MB"),
+        &clean,
+        hs,
+        &names,
+        &defaults,
+        "after SET LOCAL",
+    )
+    .await?;
+    a.batch_execute("BEGIN").await?;
+    a.query_one("SELECT set_config('work_mem', '12MB', true)", &[])
+        .await?;
+    a.batch_execute("COMMIT").await?;
+    settings_rounds(
+        &mut check("7MB"),
+        &clean,
+        hs,
+        &names,
+        &defaults,
+        "after set_config(..., true)",
+    )
+    .await?;
+    // a SET in a transaction that then fails is rolled back with it
+    a.batch_execute("BEGIN").await?;
+    a.batch_execute("SET work_mem = '14MB'").await?;
+    let err = a
+        .batch_execute("SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
+    a.batch_execute("ROLLBACK").await?;
+    settings_rounds(
+        &mut check("7MB"),
+        &clean,
+        hs,
+        &names,
+        &defaults,
+        "after a SET in a failed transaction",
+    )
+    .await?;
+    a.batch_execute("BEGIN; SET work_mem = '13MB'; COMMIT")
+        .await?;
+    settings_rounds(
+        &mut check("13MB"),
+        &clean,
+        hs,
+        &names,
+        &defaults,
+        "after a SET committed in a transaction block",
+    )
+    .await?;
+    Ok(())
+}
+
+/// The backend pid serving `client`'s next transaction.
+async fn pid_of(client: &Client) -> anyhow::Result<i32> {
+    Ok(settings_and_pid(client, &[]).await?.1)
+}
+
+/// SQL PREPARE/EXECUTE across transactions and backends, per client (two clients use the same
+/// name for different statements); DEALLOCATE makes EXECUTE fail with 26000 everywhere; DISCARD
+/// ALL forgets SQL and protocol prepared statements and settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sql_prepare_deallocate_and_discard_all() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let admin = db.admin().await?;
+    let default_wm: String = admin.query_one("SHOW work_mem", &[]).await?.get(0);
+    let port = proxy.port();
+    let a = connect(port, "a").await?;
+    let b = connect(port, "b").await?;
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+
+    a.batch_execute("PREPARE q(int) AS SELECT ($1 * 3) || ':' || pg_backend_pid()")
+        .await?;
+    b.batch_execute("PREPARE q(int) AS SELECT ($1 + 1000) || ':' || pg_backend_pid()")
+        .await?;
+    let protocol = a.prepare("SELECT $1::int4 - 1").await?;
+    a.batch_execute("SET work_mem = '6MB'").await?;
+
+    let split = |s: String| -> (i64, i32) {
+        let (v, p) = s.split_once(':').unwrap_or(("-1", "-1"));
+        (v.parse().unwrap_or(-1), p.parse().unwrap_or(-1))
+    };
+    let mut a_last = pid_of(&a).await?;
+    let mut a_pids = HashSet::from([a_last]);
+    for r in 0..8i64 {
+        let (holder, _) = keep_only(&h1, &h2, a_last).await?;
+        let (v, pid) = split(simple_value(&a, &format!("EXECUTE q({r})")).await?);
+        assert_eq!(
+            v,
+            r * 3,
+            "client a's q on backend {pid} (moved from {a_last})"
+        );
+        assert_ne!(pid, a_last);
+        a_last = pid;
+        a_pids.insert(pid);
+        let (v, pid) = split(simple_value(&b, &format!("EXECUTE q({r})")).await?);
+        assert_eq!(v, r + 1000, "client b's q on backend {pid}");
+        let row = a.query_one(&protocol, &[&(r as i32)]).await?;
+        assert_eq!(row.get::<_, i32>(0), r as i32 - 1);
+        release(holder).await?;
+    }
+    assert!(
+        a_pids.len() >= 2,
+        "client a never changed backend: {a_pids:?}"
+    );
+    // another client has no q of its own
+    let err = simple_value(&h1, "EXECUTE q(1)")
+        .await
+        .expect_err("h1 never prepared q");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
+        "{err:?}"
+    );
+
+    a.batch_execute("DEALLOCATE q").await?;
+    a_last = pid_of(&a).await?;
+    for r in 0..4 {
+        let (holder, _) = keep_only(&h1, &h2, a_last).await?;
+        let err = simple_value(&a, "EXECUTE q(1)")
+            .await
+            .expect_err("q was deallocated");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
+            "EXECUTE after DEALLOCATE (round {r}): {err:?}"
+        );
+        a_last = pid_of(&a).await?;
+        release(holder).await?;
+    }
+    // b's q is untouched by a's DEALLOCATE
+    let (v, _) = split(simple_value(&b, "EXECUTE q(5)").await?);
+    assert_eq!(v, 1005);
+    // PREPARE the same name again after DEALLOCATE works
+    a.batch_execute("PREPARE q AS SELECT 'again'").await?;
+    assert_eq!(simple_value(&a, "EXECUTE q").await?, "again");
+
+    a.batch_execute("PREPARE r AS SELECT 'r'").await?;
+    assert_eq!(simple_value(&a, "EXECUTE r").await?, "r");
+    a.batch_execute("DISCARD ALL").await?;
+    a_last = pid_of(&a).await?;
+    for round in 0..4 {
+        let (holder, _) = keep_only(&h1, &h2, a_last).await?;
+        for name in ["q", "r"] {
+            let err = simple_value(&a, &format!("EXECUTE {name}"))
+                .await
+                .expect_err("DISCARD ALL forgets SQL prepared statements");
+            assert_eq!(
+                err.code(),
+                Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
+                "round {round}: EXECUTE {name} after DISCARD ALL: {err:?}"
+            );
+        }
+        // like PostgreSQL: DISCARD ALL also deallocates protocol-level statements
+        let err = a
+            .query_one(&protocol, &[&1i32])
+            .await
+            .expect_err("DISCARD ALL forgets protocol prepared statements");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
+            "round {round}: protocol statement after DISCARD ALL: {err:?}"
+        );
+        let (values, pid) = settings_and_pid(&a, &["work_mem"]).await?;
+        assert_eq!(
+            values[0], default_wm,
+            "work_mem after DISCARD ALL on backend {pid}"
+        );
+        a_last = pid;
+        release(holder).await?;
+    }
+    // b still has everything
+    let (v, _) = split(simple_value(&b, "EXECUTE q(1)").await?);
+    assert_eq!(v, 1001);
+    Ok(())
+}
+
+/// The raw session's backend pid (a simple query, so its own transaction).
+async fn raw_pid(raw: &mut RawSession) -> anyhow::Result<i32> {
+    raw.send(&[msg::query("SELECT pg_backend_pid()")]).await?;
+    let replies = raw.until_ready().await?;
+    let pid = first_column(&replies)
+        .first()
+        .cloned()
+        .flatten()
+        .unwrap_or_default();
+    pid.parse()
+        .with_context(|| format!("pg_backend_pid(): {replies:?}"))
+}
+
+/// Close of a protocol statement is honoured on every backend (Bind then fails with 26000, and
+/// the name can be Parsed again with other text); Parse of a name the client already has fails
+/// with 42P05 as on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn protocol_close_is_honoured_across_backends() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    let mut raw = RawSession::connect(port, "raw").await?;
+
+    raw.send(&[
+        msg::parse("foo", "SELECT ($1::int4 + 1) || ':' || pg_backend_pid()"),
+        msg::sync(),
+    ])
+    .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(replies[0], Reply::ParseComplete, "{replies:?}");
+
+    let mut last = raw_pid(&mut raw).await?;
+    let mut pids = HashSet::from([last]);
+    for r in 0..6 {
+        let (holder, _) = keep_only(&h1, &h2, last).await?;
+        raw.send(&[msg::bind("", "foo", &["41"]), msg::execute(""), msg::sync()])
+            .await?;
+        let replies = raw.until_ready().await?;
+        let value = first_column(&replies);
+        let text = value.first().cloned().flatten().unwrap_or_default();
+        let (v, pid) = text.split_once(':').unwrap_or(("", ""));
+        assert_eq!(v, "42", "round {r}, moved from backend {last}: {replies:?}");
+        let pid: i32 = pid.parse()?;
+        assert_ne!(pid, last);
+        last = pid;
+        pids.insert(pid);
+        release(holder).await?;
+    }
+    assert!(
+        pids.len() >= 2,
+        "the raw client never changed backend: {pids:?}"
+    );
+
+    raw.send(&[msg::close_statement("foo"), msg::sync()])
+        .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(replies[0], Reply::CloseComplete, "{replies:?}");
+    last = raw_pid(&mut raw).await?;
+    for r in 0..4 {
+        let (holder, _) = keep_only(&h1, &h2, last).await?;
+        raw.send(&[msg::bind("", "foo", &["1"]), msg::execute(""), msg::sync()])
+            .await?;
+        let replies = raw.until_ready().await?;
+        assert_eq!(
+            error_codes(&replies),
+            ["26000"],
+            "round {r}: Bind of a closed statement: {replies:?}"
+        );
+        last = raw_pid(&mut raw).await?;
+        release(holder).await?;
+    }
+    // the name is free again, with other text, on every backend
+    raw.send(&[msg::parse("foo", "SELECT 'second'"), msg::sync()])
+        .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(
+        replies[0],
+        Reply::ParseComplete,
+        "re-Parse after Close: {replies:?}"
+    );
+    last = raw_pid(&mut raw).await?;
+    for r in 0..4 {
+        let (holder, _) = keep_only(&h1, &h2, last).await?;
+        raw.send(&[msg::bind("", "foo", &[]), msg::execute(""), msg::sync()])
+            .await?;
+        let replies = raw.until_ready().await?;
+        assert_eq!(
+            first_column(&replies),
+            [Some("second".to_string())],
+            "round {r}: {replies:?}"
+        );
+        last = raw_pid(&mut raw).await?;
+        release(holder).await?;
+    }
+    // PostgreSQL refuses a second Parse of an existing name
+    raw.send(&[msg::parse("foo", "SELECT 'third'"), msg::sync()])
+        .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(
+        error_codes(&replies),
+        ["42P05"],
+        "Parse of a name the client already prepared: {replies:?}"
+    );
+    Ok(())
+}
+
+/// Inside an extended-protocol sequence (Parse/Bind/Execute/Flush, no Sync yet) the client keeps
+/// its backend and its implicit transaction: another client waits, and the second Execute sees
+/// the same transaction id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extended_sequence_holds_backend_until_sync() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let port = proxy.port();
+    let other = connect(port, "other").await?;
+    let mut raw = RawSession::connect(port, "raw").await?;
+    raw.send(&[
+        msg::parse("", "SELECT txid_current()::text || ':' || pg_backend_pid()"),
+        msg::bind("", "", &[]),
+        msg::execute(""),
+        msg::flush(),
+    ])
+    .await?;
+    // ParseComplete, BindComplete, DataRow, CommandComplete
+    let replies = raw.read_n(4).await?;
+    let first = first_column(&replies);
+    assert_eq!(first.len(), 1, "{replies:?}");
+
+    let waiter = tokio::spawn(async move {
+        let r = other.query_one("SELECT pg_backend_pid()", &[]).await;
+        (r.map(|row| row.get::<_, i32>(0)), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiter.is_finished(),
+        "another client ran on the only backend while the raw client was inside an extended sequence"
+    );
+    raw.send(&[msg::bind("", "", &[]), msg::execute(""), msg::sync()])
+        .await?;
+    let synced = Instant::now();
+    let replies = raw.until_ready().await?;
+    let second = first_column(&replies);
+    assert_eq!(
+        second, first,
+        "the second Execute before Sync ran in another transaction or on another backend: {replies:?}"
+    );
+    let (result, done) = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .context("the waiting client never got the backend after Sync")??;
+    result?;
+    assert!(done >= synced);
+    Ok(())
+}
+
+/// `--max-prepared-statements 3`: a client cycling through 10 named statements gets right answers
+/// (the proxy re-Parses evicted ones) and the server connection holds at most 3 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_prepared_statements_bounds_each_server_connection() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) =
+        txn_proxy(&["--pool-size", "1", "--max-prepared-statements", "3"]).await?;
+    let client = proxy.connect().await?;
+    let mut statements = Vec::new();
+    for k in 0..10 {
+        statements.push(client.prepare(&format!("SELECT $1::int4 + {k}")).await?);
+    }
+    for round in 0..5 {
+        for (k, stmt) in statements.iter().enumerate() {
+            let row = client.query_one(stmt, &[&round]).await?;
+            assert_eq!(
+                row.get::<_, i32>(0),
+                round + k as i32,
+                "statement {k}, round {round}"
+            );
+        }
+    }
+    let held: i64 = simple_value(
+        &client,
+        "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql",
+    )
+    .await?
+    .parse()?;
+    println!("protocol statements on the server connection: {held}");
+    assert!(
+        held <= 3,
+        "--max-prepared-statements 3 but the server connection holds {held}"
+    );
+    Ok(())
+}
+
+fn psql(port: u16, commands: &[&str]) -> std::io::Result<std::process::Output> {
+    let port = port.to_string();
+    let mut cmd = Command::new(psql_bin());
+    cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "anything",
+            "-d",
+            "anything",
+        ]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
+        .env_remove("PGSERVICE")
+        .env("PGCONNECT_TIMEOUT", "30")
+        .output()
+}
+
+/// psql through transaction mode: several -c commands (SET, PREPARE/EXECUTE) in one session and a
+/// multi-statement string with a transaction; a second psql session sees none of the first's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_through_transaction_mode() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let admin = db.admin().await?;
+    let default_wm: String = admin.query_one("SHOW work_mem", &[]).await?.get(0);
+    let port = proxy.port();
+    // a concurrent client keeps the other backend busy now and then
+    let busy = connect(port, "busy").await?;
+    let busy_task = tokio::spawn(async move {
+        for _ in 0..40 {
+            if busy
+                .batch_execute("BEGIN; SELECT pg_sleep(0.05); COMMIT")
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    });
+    let out = tokio::task::spawn_blocking(move || {
+        psql(
+            port,
+            &[
+                "SET work_mem = '5MB'",
+                "SHOW work_mem",
+                "PREPARE p(int) AS SELECT $1 * 2",
+                "EXECUTE p(21)",
+                "SELECT 1 AS a; SELECT 'two'; BEGIN; INSERT INTO items (note) VALUES ('psql-txn') RETURNING note; COMMIT",
+                "SELECT count(*) FROM items WHERE note = 'psql-txn'",
+                "EXECUTE p(50)",
+                "SHOW work_mem",
+            ],
+        )
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "psql failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["5MB", "42", "1", "two", "psql-txn", "1", "100", "5MB"],
+        "psql output"
+    );
+    // a new psql session: default work_mem, no statement p
+    let out = tokio::task::spawn_blocking(move || psql(port, &["SHOW work_mem", "EXECUTE p(1)"]))
+        .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [default_wm.as_str()],
+        "stderr: {stderr}"
+    );
+    assert!(
+        !out.status.success() && stderr.contains("prepared statement \"p\" does not exist"),
+        "a new session must not see another session's statement p: {}\n{stderr}",
+        out.status
+    );
+    assert!(busy_task.await?, "the concurrent client failed");
+    Ok(())
+}
+
+/// Runs pgbench; fails unless it exits 0 with zero failed transactions; returns its stdout.
+fn run_pgbench(args: &[String], password: Option<&str>) -> anyhow::Result<String> {
+    let bin = dbtests::load::pgbench_bin()?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(args)
+        .env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
+        .env_remove("PGSERVICE")
+        .env("PGCONNECT_TIMEOUT", "30");
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "pgbench {args:?} failed: {}\nstdout:\n{stdout}\nstderr (last 3000 bytes):\n{}",
+        out.status,
+        &stderr[stderr.len().saturating_sub(3000)..]
+    );
+    Ok(stdout)
+}
+
+/// The number after `prefix` on the line that starts with it.
+fn pgbench_number(stdout: &str, prefix: &str) -> Option<u64> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// pgbench `-M prepared` through transaction mode with more clients than server connections:
+/// select-only and TPC-B-like (multi-statement transactions) both finish with zero failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pgbench_prepared_through_transaction_mode() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let (host, db_port) = (db.cluster.host().to_string(), db.cluster.port().to_string());
+    let password = db.password("app_a");
+    tokio::task::spawn_blocking(move || {
+        run_pgbench(
+            &[
+                "-i", "-q", "-s", "1", "-h", &host, "-p", &db_port, "-U", "app_a", APP_DB,
+            ]
+            .map(String::from),
+            Some(&password),
+        )
+    })
+    .await??;
+    let port = proxy.port().to_string();
+    for (script, secs) in [(Some("-S"), "8"), (None, "6")] {
+        let mut args: Vec<String> = ["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", secs]
+            .map(String::from)
+            .to_vec();
+        args.extend(script.map(String::from));
+        args.extend(["-h", "127.0.0.1", "-p", &port, "-U", "anything", APP_DB].map(String::from));
+        let stdout = tokio::task::spawn_blocking(move || run_pgbench(&args, None)).await??;
+        let processed = pgbench_number(&stdout, "number of transactions actually processed: ");
+        let failed = pgbench_number(&stdout, "number of failed transactions: ");
+        println!(
+            "pgbench -M prepared {}: processed {processed:?}, failed {failed:?}",
+            script.unwrap_or("tpcb-like")
+        );
+        assert!(
+            processed.is_some_and(|n| n > 0),
+            "pgbench processed no transaction:\n{stdout}"
+        );
+        assert_eq!(
+            failed,
+            Some(0),
+            "pgbench reported failed transactions:\n{stdout}"
+        );
+    }
+    Ok(())
+}
+
+/// A LISTEN client keeps its backend (pinned) and receives every notification across its own
+/// transactions while other clients share the remaining backend; after UNLISTEN the backend goes
+/// back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listen_pins_backend_and_keeps_notifications() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let mut listener = connect_observed(&proxy_config(port, "listener", "listener")).await?;
+    listener.client.batch_execute("LISTEN txn_chan").await?;
+    let pinned: i32 = listener
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let notifier = connect(port, "notifier").await?;
+    let worker = connect(port, "worker").await?;
+    for i in 0..10 {
+        notifier
+            .execute("SELECT pg_notify('txn_chan', $1)", &[&format!("msg{i}")])
+            .await?;
+        let got = listener
+            .next_notification("txn_chan", Duration::from_secs(10))
+            .await;
+        assert_eq!(
+            got.as_deref(),
+            Some(format!("msg{i}").as_str()),
+            "notification {i}"
+        );
+        let pid: i32 = listener
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        assert_eq!(pid, pinned, "round {i}: the LISTEN client left its backend");
+        let tx_pid = hold(&worker).await?;
+        assert_ne!(tx_pid, pinned, "another client got the pinned backend");
+        release(&worker).await?;
+    }
+    let channels = simple_value(
+        &listener.client,
+        "SELECT string_agg(c, ',') FROM pg_listening_channels() c",
+    )
+    .await?;
+    assert_eq!(channels, "txn_chan");
+
+    listener.client.batch_execute("UNLISTEN *").await?;
+    // both backends can now be held at once by two other clients
+    let p1 = hold(&worker).await?;
+    let p2 = hold(&notifier).await?;
+    assert_ne!(p1, p2);
+    release(&worker).await?;
+    release(&notifier).await?;
+    assert!(
+        listener.ended().is_none(),
+        "the listener's connection ended"
+    );
+    Ok(())
+}
+
+/// Waits until two clients can each hold a backend at the same time (pool of 2): proof that no
+/// third session keeps one pinned.
+async fn both_backends_free(w1: &Client, w2: &Client, what: &str) -> anyhow::Result<()> {
+    let p1 = hold(w1).await?;
+    let p2 = tokio::time::timeout(Duration::from_secs(20), hold(w2))
+        .await
+        .with_context(|| format!("{what}: the second backend stayed pinned"))??;
+    assert_ne!(p1, p2);
+    release(w1).await?;
+    release(w2).await?;
+    Ok(())
+}
+
+/// A temporary table and a WITH HOLD cursor each pin the client's backend
+/// until they are gone; meanwhile the other clients never get that backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_state_pins_backend_until_gone() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
+    let port = proxy.port();
+    let t = connect(port, "t").await?;
+    let w1 = connect(port, "w1").await?;
+    let w2 = connect(port, "w2").await?;
+    // temporary table
+    t.batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1), (2), (3)")
+        .await?;
+    let pinned: i32 = t.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    for round in 0..5 {
+        let hpid = hold(&w1).await?;
+        assert_ne!(
+            hpid, pinned,
+            "round {round}: another client got the temp table's backend"
+        );
+        release(&w1).await?;
+        let row = t
+            .query_one("SELECT count(*), pg_backend_pid() FROM scratch", &[])
+            .await?;
+        assert_eq!(row.get::<_, i64>(0), 3);
+        assert_eq!(
+            row.get::<_, i32>(1),
+            pinned,
+            "round {round}: temp table client moved"
+        );
+    }
+    t.batch_execute("DROP TABLE scratch").await?;
+    both_backends_free(&w1, &w2, "after DROP of the temp table").await?;
+
+    // WITH HOLD cursor
+    t.batch_execute("DECLARE c CURSOR WITH HOLD FOR SELECT generate_series(1, 10)")
+        .await?;
+    let pinned: i32 = t.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let mut fetched = Vec::new();
+    for round in 0..3 {
+        let hpid = hold(&w1).await?;
+        assert_ne!(
+            hpid, pinned,
+            "round {round}: another client got the cursor's backend"
+        );
+        release(&w1).await?;
+        for m in t.simple_query("FETCH 3 FROM c").await? {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                fetched.push(r.get(0).unwrap_or_default().to_string());
+            }
+        }
+    }
+    assert_eq!(fetched, ["1", "2", "3", "4", "5", "6", "7", "8", "9"]);
+    t.batch_execute("CLOSE c").await?;
+    both_backends_free(&w1, &w2, "after CLOSE of the WITH HOLD cursor").await?;
+
+    Ok(())
+}
+
+/// With a pool of two and nothing else running: whether only one backend is available to other
+/// clients (a session pins the other). Uses throwaway clients, so a request left waiting for a
+/// backend goes away with its connection.
+async fn one_backend_pinned(port: u16) -> anyhow::Result<bool> {
+    let x = connect(port, "probe-x").await?;
+    let y = connect(port, "probe-y").await?;
+    hold(&x).await?;
+    let second = tokio::time::timeout(Duration::from_secs(3), hold(&y)).await;
+    release(&x).await?;
+    Ok(match second {
+        Ok(Ok(_)) => {
+            release(&y).await?;
+            false
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => true,
+    })
+}
+
+/// A session advisory lock pins the client's backend until it is unlocked, whether lock and
+/// unlock are sent as simple queries or as named extended statements (tokio-postgres prepares
+/// them in one round trip and executes them in the next).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn advisory_locks_pin_until_unlocked() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
+    let port = proxy.port();
+    let w1 = connect(port, "w1").await?;
+    // each way of locking and unlocking with its own client (dropped after, which must free its
+    // backend), every failure collected so one run shows them all
+    let mut failures = Vec::new();
+
+    // simple lock, simple unlock
+    let t = connect(port, "t1").await?;
+    t.batch_execute("SELECT pg_advisory_lock(4242)").await?;
+    let got: bool = w1
+        .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+        .await?
+        .get(0);
+    assert!(!got, "the advisory lock of another session was free");
+    if !one_backend_pinned(port).await? {
+        failures.push("simple lock: the lock holder's backend was available to other clients");
+    }
+    if simple_value(&t, "SELECT pg_advisory_unlock(4242)").await? != "t" {
+        failures.push("simple unlock ran on a backend that does not hold the lock");
+    }
+    if one_backend_pinned(port).await? {
+        failures.push("simple unlock: the backend stayed pinned after the lock was gone");
+    }
+    drop(t);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // simple lock, extended unlock
+    let t = connect(port, "t2").await?;
+    t.batch_execute("SELECT pg_advisory_lock(4243)").await?;
+    if !one_backend_pinned(port).await? {
+        failures.push("simple lock (2): the lock holder's backend was available to other clients");
+    }
+    let released: bool = t
+        .query_one("SELECT pg_advisory_unlock(4243)", &[])
+        .await?
+        .get(0);
+    if !released {
+        failures.push("extended unlock ran on a backend that does not hold the lock");
+    }
+    if one_backend_pinned(port).await? {
+        failures.push(
+            "pg_advisory_unlock as a named extended statement: the backend stayed pinned after the lock was gone",
+        );
+    }
+    drop(t);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !one_backend_pinned(port).await?,
+        "a client that disconnected still pins its backend"
+    );
+
+    // extended lock, extended unlock
+    let t = connect(port, "t3").await?;
+    t.query_one("SELECT 1 FROM pg_advisory_lock(4244)", &[])
+        .await?;
+    if !one_backend_pinned(port).await? {
+        failures.push(
+            "pg_advisory_lock as a named extended statement: the lock holder's backend was available to other clients",
+        );
+    }
+    let released: bool = t
+        .query_one("SELECT pg_advisory_unlock(4244)", &[])
+        .await?
+        .get(0);
+    if !released {
+        failures.push(
+            "pg_advisory_unlock (extended) ran on a backend that does not hold the lock taken by an extended pg_advisory_lock",
+        );
+    }
+    if one_backend_pinned(port).await? {
+        failures
+            .push("extended lock and unlock: the backend stayed pinned after the lock was gone");
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    Ok(())
+}
+
+/// A cancel reaches the backend running the client's query at that moment (57014) and no other
+/// client's query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_reaches_the_running_query_only() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let victim = proxy.connect().await?;
+    let bystander = proxy.connect().await?;
+    // a few transactions first, so the victim has been on more than one backend
+    for _ in 0..5 {
+        whoami(&victim).await?;
+        whoami(&bystander).await?;
+    }
+    let token = victim.cancel_token();
+    let bystander_task = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = bystander.simple_query("SELECT pg_sleep(4)").await;
+        (r, t.elapsed())
+    });
+    let victim_task = tokio::spawn(async move {
+        let r = victim.simple_query("SELECT pg_sleep(30)").await;
+        (r, victim)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cancelled_at = Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let (result, victim) = tokio::time::timeout(Duration::from_secs(20), victim_task)
+        .await
+        .context("the cancelled query did not return within 20 s")??;
+    let err = result.expect_err("the cancelled query must fail");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+    println!("cancel answered after {:?}", cancelled_at.elapsed());
+    let (result, elapsed) = tokio::time::timeout(Duration::from_secs(30), bystander_task).await??;
+    result.map_err(|e| anyhow::anyhow!("the other client's query was disturbed: {e:?}"))?;
+    assert!(
+        elapsed >= Duration::from_secs(4),
+        "bystander returned after {elapsed:?}"
+    );
+    // the victim's session goes on
+    whoami(&victim).await?;
+    Ok(())
+}
+
+/// A cancel sent by an idle client whose former backend now runs another client's query cancels
+/// nothing (pool of one, so the other client is certainly on that backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_from_idle_client_cancels_nothing() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let idle = proxy.connect().await?;
+    let busy = proxy.connect().await?;
+    let (_, _, idle_pid) = whoami(&idle).await?;
+    let token = idle.cancel_token();
+    let busy_task = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = simple_value(&busy, "SELECT pg_backend_pid() FROM pg_sleep(5)").await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let (result, elapsed) = tokio::time::timeout(Duration::from_secs(30), busy_task)
+        .await
+        .context("the busy client's query hung")??;
+    let pid = result.map_err(|e| {
+        anyhow::anyhow!("the idle client's cancel hit another client's query: {e:?}")
+    })?;
+    assert_eq!(
+        pid.parse::<i32>()?,
+        idle_pid,
+        "with --pool-size 1 the busy client must run on the idle client's former backend"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(5),
+        "pg_sleep(5) returned after {elapsed:?}"
+    );
+    // the idle client is unharmed
+    whoami(&idle).await?;
+    Ok(())
+}
+
+/// tokio-postgres pipelines requests: many in flight on one client at once (several Syncs
+/// outstanding), named and unnamed statements mixed, on three clients sharing two backends;
+/// every answer is right and reaches the request it belongs to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_in_transaction_mode() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let mut tasks = Vec::new();
+    for k in 0..3i32 {
+        tasks.push(tokio::spawn(async move {
+            let c = connect(port, &format!("pipe{k}")).await?;
+            let stmt = c.prepare(&format!("SELECT $1::int4 * 2 + {k}")).await?;
+            for round in 0..5 {
+                let futures = (0..40i32).map(|i| {
+                    let (c, stmt) = (&c, &stmt);
+                    async move {
+                        if i % 2 == 0 {
+                            let v: i32 = c.query_one(stmt, &[&i]).await?.get(0);
+                            Ok::<_, tokio_postgres::Error>((i, v, i * 2 + k))
+                        } else {
+                            let v: i32 = c
+                                .query_typed_one(
+                                    "SELECT $1::int4 + 1000",
+                                    &[(&i, tokio_postgres::types::Type::INT4)],
+                                )
+                                .await?
+                                .get(0);
+                            Ok((i, v, i + 1000))
+                        }
+                    }
+                });
+                let results = tokio::time::timeout(
+                    CLIENT_OP_TIMEOUT,
+                    futures_util::future::try_join_all(futures),
+                )
+                .await
+                .context("pipelined requests hung")??;
+                for (i, got, want) in results {
+                    ensure!(
+                        got == want,
+                        "client {k} round {round}: request {i} got {got}, want {want}"
+                    );
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .context("a pipelining client hung")???;
+    }
+    Ok(())
+}
+
+/// COPY FROM STDIN and COPY TO STDOUT through transaction mode: the client keeps its backend
+/// for the whole COPY while another client keeps working on the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_in_and_out_in_transaction_mode() -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let c = connect(port, "copier").await?;
+    let other = connect(port, "other").await?;
+    let sink = c
+        .copy_in::<_, bytes::Bytes>("COPY items (note) FROM STDIN")
+        .await?;
+    futures_util::pin_mut!(sink);
+    for i in 0..1000 {
+        sink.send(bytes::Bytes::from(format!("copy-{i}\n"))).await?;
+        if i % 100 == 0 {
+            tokio::task::yield_now().await;
+            // another client is served meanwhile (by the other backend)
+            tokio::time::timeout(Duration::from_secs(30), whoami(&other))
+                .await
+                .context("another client starved during a COPY")??;
+        }
+    }
+    let n = sink.finish().await?;
+    assert_eq!(n, 1000);
+    let stream = c
+        .copy_out("COPY (SELECT note FROM items WHERE note LIKE 'copy-%' ORDER BY id) TO STDOUT")
+        .await?;
+    futures_util::pin_mut!(stream);
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend_from_slice(&chunk?);
+    }
+    let text = String::from_utf8(data)?;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1000);
+    assert_eq!((lines[0], lines[999]), ("copy-0", "copy-999"));
+    // both sessions go on
+    whoami(&c).await?;
+    whoami(&other).await?;
+    Ok(())
+}
+
+/// Errors in every place a client can make them (a Parse error, a Bind error, an execution error
+/// through the extended protocol, an error in the middle of a multi-statement simple query)
+/// leave the session and the backend usable; a failed explicit transaction keeps its backend
+/// until ROLLBACK (pool of one: the other client waits for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn errors_leave_sessions_and_backends_usable() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let port = proxy.port();
+    let a = connect(port, "a").await?;
+    let b = connect(port, "b").await?;
+
+    let err = a.prepare("SELEC 1").await.expect_err("syntax error");
+    assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR), "{err:?}");
+    whoami(&b).await?;
+    let err = a
+        .query_one("SELECT 1/0", &[])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err:?}");
+    whoami(&b).await?;
+    let err = a
+        .batch_execute("SELECT 1; SELECT 1/0; SELECT 2")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err:?}");
+    whoami(&a).await?;
+    whoami(&b).await?;
+
+    // a Bind with the wrong number of parameters, then the rest of the sequence up to Sync
+    let mut raw = RawSession::connect(port, "raw").await?;
+    raw.send(&[
+        msg::parse("", "SELECT $1::int4"),
+        msg::bind("", "", &[]),
+        msg::execute(""),
+        msg::sync(),
+    ])
+    .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(error_codes(&replies), ["08P01"], "{replies:?}");
+    assert_eq!(replies.last(), Some(&Reply::ReadyForQuery(b'I')));
+    raw.send(&[msg::query("SELECT 'after'")]).await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(first_column(&replies), [Some("after".to_string())]);
+    whoami(&b).await?;
+
+    // a failed explicit transaction holds the only backend until ROLLBACK
+    a.batch_execute("BEGIN").await?;
+    let err = a.batch_execute("SELECT 1/0").await.expect_err("failed");
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
+    let err = a
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("in a failed transaction");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{err:?}"
+    );
+    let waiter = tokio::spawn(async move {
+        let r = simple_value(&b, "SELECT pg_current_xact_id_if_assigned() IS NULL").await;
+        (r, b)
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiter.is_finished(),
+        "another client ran while the failed transaction still held the only backend"
+    );
+    a.batch_execute("ROLLBACK").await?;
+    let (r, _b) = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .context("the waiting client never got the backend after ROLLBACK")??;
+    assert_eq!(
+        r?, "t",
+        "the waiting client ran inside someone else's transaction"
+    );
+    whoami(&a).await?;
+    Ok(())
+}
+
+/// Clients that go away inside a transaction (with Terminate, or by closing the socket) or while
+/// pinned (LISTEN, temp table, advisory lock) leave nothing for the next client of the backend
+/// (pool of one): the transaction is rolled back; channels, temp tables and locks are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disconnected_clients_leave_nothing_behind() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let port = proxy.port();
+    let probe = |tag: &'static str| async move {
+        let c = connect(port, "next").await?;
+        let row = tokio::time::timeout(
+            CLIENT_OP_TIMEOUT,
+            c.query_one(
+                "SELECT (SELECT count(*) FROM items WHERE note = $1),
+                        pg_current_xact_id_if_assigned() IS NULL,
+                        (SELECT count(*) FROM pg_listening_channels()),
+                        (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()),
+                        (SELECT count(*) FROM pg_locks
+                         WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+                        pg_backend_pid()",
+                &[&tag],
+            ),
+        )
+        .await
+        .context("the next client never got the backend")??;
+        Ok::<_, anyhow::Error>((
+            row.get::<_, i64>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3),
+            row.get::<_, i64>(4),
+            row.get::<_, i32>(5),
+        ))
+    };
+
+    // Terminate inside a transaction (tokio-postgres sends it when the client is dropped)
+    let a = connect(port, "a").await?;
+    a.batch_execute("BEGIN; INSERT INTO items (note) VALUES ('ghost1')")
+        .await?;
+    let (_, _, a_pid) = whoami(&a).await?;
+    drop(a);
+    let (ghosts, no_xact, _, _, _, pid) = probe("ghost1").await?;
+    println!("after Terminate in a transaction: backend {a_pid} -> next client on {pid}");
+    assert_eq!(
+        (ghosts, no_xact),
+        (0, true),
+        "the next client saw the departed client's open transaction"
+    );
+
+    // the socket closed inside a transaction, no Terminate
+    let mut raw = RawSession::connect(port, "raw").await?;
+    raw.send(&[msg::query(
+        "BEGIN; INSERT INTO items (note) VALUES ('ghost2')",
+    )])
+    .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(
+        replies.last(),
+        Some(&Reply::ReadyForQuery(b'T')),
+        "{replies:?}"
+    );
+    drop(raw);
+    let (ghosts, no_xact, _, _, _, _) = probe("ghost2").await?;
+    assert_eq!(
+        (ghosts, no_xact),
+        (0, true),
+        "the next client saw the vanished client's open transaction"
+    );
+
+    // pinned by LISTEN, a temp table and an advisory lock, then gone
+    let c = connect(port, "c").await?;
+    c.batch_execute(
+        "LISTEN left_behind; CREATE TEMP TABLE left_behind (x int); SELECT pg_advisory_lock(99)",
+    )
+    .await?;
+    drop(c);
+    let (_, _, channels, temps, locks, _) = probe("none").await?;
+    assert_eq!(
+        (channels, temps, locks),
+        (0, 0, 0),
+        "the next client inherited LISTEN channels / temp tables / advisory locks"
+    );
+    Ok(())
+}
+
+/// COPY FROM STDIN the way tokio-postgres sends it: Bind/Execute/Sync, then (after
+/// CopyInResponse) CopyData, CopyDone/Sync, then Close/Sync of the statement. PostgreSQL ignores
+/// a Sync received in copy-in mode, so two Syncs get one ReadyForQuery; every later reply must
+/// still come in order (CloseComplete before the ReadyForQuery that follows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_in_with_sync_before_data_keeps_replies_in_order() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let mut raw = RawSession::connect(proxy.port(), "raw").await?;
+    raw.send(&[
+        msg::parse("s0", "COPY items (note) FROM STDIN"),
+        msg::describe_statement("s0"),
+        msg::sync(),
+    ])
+    .await?;
+    let replies = raw.until_ready().await?;
+    assert_eq!(replies[0], Reply::ParseComplete, "{replies:?}");
+    raw.send(&[msg::bind("", "s0", &[]), msg::execute(""), msg::sync()])
+        .await?;
+    let replies = raw.read_n(2).await?;
+    assert_eq!(
+        replies,
+        [Reply::BindComplete, Reply::Other(b'G')],
+        "BindComplete and CopyInResponse"
+    );
+    let mut data = vec![b'd'];
+    data.extend_from_slice(&(4 + 4i32).to_be_bytes());
+    data.extend_from_slice(b"abc\n");
+    raw.send(&[data]).await?;
+    raw.send(&[vec![b'c', 0, 0, 0, 4], msg::sync()]).await?;
+    raw.send(&[msg::close_statement("s0"), msg::sync()]).await?;
+    let copy_end = raw.until_ready().await?;
+    let close = raw.until_ready().await?;
+    raw.send(&[msg::query("SELECT 'next'")]).await?;
+    let next = raw.until_ready().await?;
+    println!("copy end {copy_end:?}; close {close:?}; next {next:?}");
+    assert_eq!(
+        copy_end,
+        [
+            Reply::CommandComplete("COPY 1".into()),
+            Reply::ReadyForQuery(b'I')
+        ]
+    );
+    assert_eq!(
+        close,
+        [Reply::CloseComplete, Reply::ReadyForQuery(b'I')],
+        "replies to Close/Sync after the COPY"
+    );
+    assert_eq!(
+        next,
+        [
+            Reply::RowDescription,
+            Reply::DataRow(vec![Some("next".into())]),
+            Reply::CommandComplete("SELECT 1".into()),
+            Reply::ReadyForQuery(b'I')
+        ],
+        "replies to the next query"
+    );
+    Ok(())
+}
+
+/// Startup parameters are per client: two clients with different `options` and
+/// application_name, interleaved on a pool of two, always see their own values; RESET and
+/// DISCARD ALL return to the client's startup values, not the server's defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn startup_parameters_are_per_client() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let mut x_cfg = proxy_config(port, "x", "app-x");
+    x_cfg.options("-c statement_timeout=11111");
+    let mut y_cfg = proxy_config(port, "y", "app-y");
+    y_cfg.options("-c statement_timeout=22222");
+    let x = connect_with(&x_cfg).await?;
+    let y = connect_with(&y_cfg).await?;
+    let z = connect(port, "z").await?;
+    let names = ["application_name", "statement_timeout"];
+    let want_x = vec!["app-x".to_string(), "11111ms".to_string()];
+    let want_y = vec!["app-y".to_string(), "22222ms".to_string()];
+    let want_z = vec!["proxytest".to_string(), "0".to_string()];
+    let mut pids: HashSet<i32> = HashSet::new();
+    for round in 0..15 {
+        for (name, c, want) in [("x", &x, &want_x), ("y", &y, &want_y), ("z", &z, &want_z)] {
+            let (values, pid) = settings_and_pid(c, &names).await?;
+            assert_eq!(
+                &values, want,
+                "round {round}: client {name} on backend {pid}"
+            );
+            pids.insert(pid);
+        }
+        if round % 3 == 0 {
+            // overlap two clients' transactions so they cannot share one backend
+            hold(&x).await?;
+            let (values, _) = settings_and_pid(&y, &names).await?;
+            assert_eq!(values, want_y, "round {round}: y while x holds a backend");
+            let (values, _) = settings_and_pid(&x, &names).await?;
+            assert_eq!(values, want_x);
+            release(&x).await?;
+        }
+    }
+    println!("backends used: {pids:?}");
+
+    x.batch_execute("SET application_name = 'changed'; SET statement_timeout = '5s'")
+        .await?;
+    let (values, _) = settings_and_pid(&x, &names).await?;
+    assert_eq!(values, ["changed", "5s"]);
+    x.batch_execute("RESET application_name; RESET statement_timeout")
+        .await?;
+    for round in 0..4 {
+        let (values, pid) = settings_and_pid(&x, &names).await?;
+        assert_eq!(
+            values, want_x,
+            "round {round}: after RESET, on backend {pid}"
+        );
+        whoami(&y).await?;
+    }
+    x.batch_execute("SET application_name = 'changed again'")
+        .await?;
+    x.batch_execute("DISCARD ALL").await?;
+    for round in 0..4 {
+        let (values, pid) = settings_and_pid(&x, &names).await?;
+        assert_eq!(
+            values, want_x,
+            "round {round}: after DISCARD ALL, on backend {pid}"
+        );
+        whoami(&y).await?;
+    }
+    Ok(())
+}
+
+/// Settings whose values need quoting when re-applied (a quoted identifier in search_path, a
+/// quote and a backslash in application_name, list-valued DateStyle, a time zone name, units)
+/// survive the client's moves between backends exactly as SHOW reported them, also with
+/// standard_conforming_strings off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn awkward_setting_values_follow_their_client() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let a = connect(port, "a").await?;
+    let clean = connect(port, "clean").await?;
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    let names = [
+        "search_path",
+        "application_name",
+        "DateStyle",
+        "TimeZone",
+        "statement_timeout",
+        "standard_conforming_strings",
+    ];
+    let defaults = server_defaults(&db, &names).await?;
+    a.batch_execute(
+        r#"SET search_path = "My Schema", public;
+           SET application_name = 'it''s a \ test';
+           SET DateStyle = 'SQL, DMY';
+           SET TimeZone = 'America/New_York';
+           SET statement_timeout = '1h';
+           SET standard_conforming_strings = off"#,
+    )
+    .await?;
+    let (want, _) = settings_and_pid(&a, &names).await?;
+    println!("as set: {want:?}");
+    assert_eq!(want[1], r"it's a \ test");
+    let mut clients = [SettingsClient {
+        name: "a",
+        client: &a,
+        want,
+        pids: HashSet::new(),
+        last: 0,
+    }];
+    // the clean client's application_name is its own startup value, not the server default
+    let mut clean_defaults = defaults.clone();
+    clean_defaults[1] = "proxytest".to_string();
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &clean_defaults,
+        "awkward values",
+    )
+    .await?;
+    Ok(())
+}
+
+/// A client's own tiny statement_timeout applies to its queries, not to what dbproxy runs on the
+/// server for it (learning and re-applying its session state, resetting a server): the session
+/// stays usable while it moves between backends; its own queries may time out (57014), nothing
+/// else may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiny_statement_timeout_does_not_break_housekeeping() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let a = connect(port, "a").await?;
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    a.batch_execute("SET work_mem = '5MB'; SET statement_timeout = 1")
+        .await?;
+    let (mut ok, mut timed_out) = (0, 0);
+    let mut last = 0;
+    for round in 0..20 {
+        let (holder, _) = keep_only(&h1, &h2, last).await?;
+        match simple_value(
+            &a,
+            "SELECT pg_backend_pid()::text || ' ' || current_setting('work_mem')",
+        )
+        .await
+        {
+            Ok(v) => {
+                let (pid, wm) = v.split_once(' ').unwrap_or(("0", ""));
+                assert_eq!(wm, "5MB", "round {round}");
+                last = pid.parse()?;
+                ok += 1;
+            }
+            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => timed_out += 1,
+            Err(e) => panic!("round {round}: the session broke (not its own timeout): {e:?}"),
+        }
+        release(holder).await?;
+    }
+    println!("{ok} queries answered, {timed_out} hit the client's own 1 ms timeout");
+    assert!(ok > 0, "no query of the client ever ran");
+    Ok(())
+}
+
+/// An SQL prepared statement with a backslash in a string literal, prepared while
+/// standard_conforming_strings was on, keeps working on other backends after the client turned
+/// the setting off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sql_prepared_statement_with_backslash_after_standard_conforming_strings_off()
+-> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let a = connect(port, "a").await?;
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    a.batch_execute(r"PREPARE q(text) AS SELECT $1 || '\' || pg_backend_pid()")
+        .await?;
+    a.batch_execute("SET standard_conforming_strings = off")
+        .await?;
+    let mut last = pid_of(&a).await?;
+    for round in 0..4 {
+        let (holder, _) = keep_only(&h1, &h2, last).await?;
+        let v = simple_value(&a, "EXECUTE q('x')")
+            .await
+            .with_context(|| format!("round {round}: EXECUTE q after a move"))?;
+        let (text, pid) = v.split_at(2);
+        assert_eq!(text, r"x\", "round {round}");
+        let pid: i32 = pid.parse()?;
+        assert_ne!(pid, last);
+        last = pid;
+        release(holder).await?;
+    }
+    Ok(())
+}
+
+/// SET ROLE persists for its client on every backend (current_user is the group role) and never
+/// reaches another client; RESET ROLE ends it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn set_role_follows_its_client_only() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let names = ["role"];
+    let defaults = server_defaults(&db, &names).await?;
+    let (a, clean) = (connect(port, "a").await?, connect(port, "clean").await?);
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    a.batch_execute("SET ROLE app").await?;
+    assert_eq!(whoami(&a).await?.1, "app");
+    let mut clients = [SettingsClient {
+        name: "a",
+        client: &a,
+        want: vec!["app".to_string()],
+        pids: HashSet::new(),
+        last: 0,
+    }];
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "after SET ROLE",
+    )
+    .await?;
+    assert_eq!(whoami(&a).await?.1, "app");
+    assert_eq!(whoami(&clean).await?.1, "app_a");
+    a.batch_execute("RESET ROLE").await?;
+    clients[0].want = defaults.clone();
+    clients[0].pids.clear();
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "after RESET ROLE",
+    )
+    .await?;
+    Ok(())
+}
