@@ -115,20 +115,21 @@ pub async fn serve_client(
         Ok(Err(e)) => {
             ctx.stats.client_login_failures.increment(1);
             tracing::debug!(%peer, error = %e, "client login failed");
-            send_error(&mut socket, &mut out, &e).await;
+            Box::pin(send_error(&mut socket, &mut out, &e)).await;
             return;
         }
         Err(_) => {
             ctx.stats.client_login_failures.increment(1);
             tracing::debug!(%peer, "client did not finish its startup in time");
             let e = ProxyError::Timeout("waiting for the client's startup packet");
-            send_error(&mut socket, &mut out, &e).await;
+            Box::pin(send_error(&mut socket, &mut out, &e)).await;
             return;
         }
     };
     let (params, early) = params;
     if crate::admin::is_admin_database(&params) {
-        return crate::admin::serve(&mut socket, peer, params, &ctx).await;
+        // Boxed: the admin console's state must not make every client's task bigger.
+        return Box::pin(crate::admin::serve(&mut socket, peer, params, &ctx)).await;
     }
     let served = if ctx.transaction_mode {
         Box::pin(transaction_session(
@@ -146,7 +147,7 @@ pub async fn serve_client(
     };
     if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "client session ended with an error");
-        send_error(&mut socket, &mut out, &e).await;
+        Box::pin(send_error(&mut socket, &mut out, &e)).await;
     }
 }
 
@@ -455,14 +456,15 @@ async fn session(
                 )
                 .await
             }
+            // Boxed: TLS sessions are the rarer kind; their loop must not enlarge the others.
             (client, backend) => {
-                run_session_any(
+                Box::pin(run_session_any(
                     client,
                     backend,
                     ctx.max_client_message,
                     &initial,
                     signal.as_mut(),
-                )
+                ))
                 .await
             }
         };
