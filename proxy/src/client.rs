@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dbcred::tls::PgStream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram_server::ScramVerifier;
@@ -143,7 +143,17 @@ pub async fn serve_client(
         ))
         .await
     } else {
-        session(&mut socket, peer, params, early, &ctx, &mut out, shutdown).await
+        // Boxed too: the task itself stays small, whichever kind of session it serves.
+        Box::pin(session(
+            &mut socket,
+            peer,
+            params,
+            early,
+            &ctx,
+            &mut out,
+            shutdown,
+        ))
+        .await
     };
     if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "client session ended with an error");
@@ -602,6 +612,10 @@ async fn try_move(
     Ok(Moved::To(Box::new(new)))
 }
 
+/// How often a transaction-mode client tries another server connection when bringing one in
+/// line with its session was canceled on the server.
+const SYNC_ATTEMPTS: u32 = 3;
+
 /// Transaction pooling: a server per transaction (or for as long as state pins the client to
 /// it), the session itself kept by dbproxy in between.
 async fn transaction_session(
@@ -623,25 +637,26 @@ async fn transaction_session(
         None => {
             let deadline = Instant::now() + ctx.pool_timeout;
             let first = tokio::select! {
-                s = ctx.pool.acquire(&server_params, deadline) => s?,
+                s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
                 _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
             };
             (first.parameter_status.to_vec(), Some(first))
         }
     };
-    let replayed = replay_login(socket, out, &welcome, &cancel_key).await;
+    let replayed = Box::pin(replay_login(socket, out, &welcome, &cancel_key)).await;
     *out = BytesMut::new();
     if let Err(e) = replayed {
         if let Some(first) = first {
-            ctx.pool.release_with(first, true, false).await;
+            Box::pin(ctx.pool.release_with(first, true, false)).await;
         }
         return Err(e.into());
     }
-    let mut client = ClientSession::new(welcome);
+    let mut client = ClientSession::new(crate::server::share_parameter_status(welcome));
     let mut cbuf = early;
     let mut held = first;
     let mut assigned = false;
     let mut signal: Option<MoveSignal> = None;
+    let mut sync_failures = 0;
     let config = |pinned: bool| RoundConfig {
         known: &ctx.known_statements,
         max_message: ctx.max_client_message,
@@ -652,12 +667,11 @@ async fn transaction_session(
         if held.is_none() {
             if cbuf.is_empty() {
                 tracked.set_server(None);
-                if cbuf.capacity() > 64 * 1024 {
-                    cbuf = BytesMut::new();
-                }
-                cbuf.reserve(1024);
+                // Nothing is kept for an idle client: its next bytes are read into a stack
+                // buffer and copied into a fresh one.
+                cbuf = BytesMut::new();
                 tokio::select! {
-                    read = socket.read_buf(&mut cbuf) => match read {
+                    read = read_into(socket, &mut cbuf) => match read {
                         Ok(0) | Err(_) => return Ok(()),
                         Ok(n) => crate::proxy::count_client_bytes(n),
                     },
@@ -677,14 +691,14 @@ async fn transaction_session(
             }
             let deadline = Instant::now() + ctx.pool_timeout;
             let server = tokio::select! {
-                s = ctx.pool.acquire(&server_params, deadline) => s?,
+                s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
                 _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
             };
             held = Some(server);
         } else if cbuf.is_empty() && client.pins.is_empty() && !assigned {
             // The login server: give it back until the client asks for something.
             if let Some(server) = held.take() {
-                ctx.pool.release_with(server, true, false).await;
+                Box::pin(ctx.pool.release_with(server, true, false)).await;
             }
             continue;
         }
@@ -695,12 +709,22 @@ async fn transaction_session(
             assign(ctx, &cancel_key, server);
             tracked.set_server(Some(server.backend_pid));
             assigned = true;
-            if let Err(e) = sync_session(server, &mut client, socket, out).await {
-                let server = held.take().expect("held");
-                unassign(ctx, &cancel_key, &server).await;
-                ctx.pool.release_with(server, false, false).await;
+            if let Err(e) = Box::pin(sync_session(server, &mut client, socket, out)).await {
+                // The server's state is unknown now: it is closed, never reused.
+                if let Some(server) = held.take() {
+                    Box::pin(give_back(ctx, &cancel_key, server, false, false)).await;
+                }
+                assigned = false;
+                if matches!(e, ProxyError::Canceled(_)) && sync_failures < SYNC_ATTEMPTS {
+                    // Canceled by a statement_timeout the previous session left there: try
+                    // another server connection.
+                    sync_failures += 1;
+                    continue;
+                }
+
                 return Err(e);
             }
+            sync_failures = 0;
         }
         let pinned = !client.pins.is_empty();
         if pinned && signal.is_none() {
@@ -711,7 +735,8 @@ async fn transaction_session(
                 server,
             ));
         }
-        let outcome = run_round(
+        // Boxed (one allocation per transaction): an idle client keeps nothing of it.
+        let outcome = Box::pin(run_round(
             socket,
             &mut server.stream,
             &mut server.txn,
@@ -720,15 +745,16 @@ async fn transaction_session(
             &mut cbuf,
             &config(pinned),
             if pinned { signal.as_mut() } else { None },
-        )
+        ))
         .await;
         if outcome.end == RoundEnd::SafePoint && outcome.recheck {
-            match crate::migrate::snapshot(server, false).await {
+            match Box::pin(crate::migrate::snapshot(server, false)).await {
                 Ok(snap) => learn(server, &mut client, snap),
                 Err(e) => {
-                    let server = held.take().expect("held");
-                    unassign(ctx, &cancel_key, &server).await;
-                    ctx.pool.release_with(server, false, false).await;
+                    if let Some(server) = held.take() {
+                        Box::pin(give_back(ctx, &cancel_key, server, false, false)).await;
+                    }
+
                     return Err(e);
                 }
             }
@@ -737,10 +763,10 @@ async fn transaction_session(
             RoundEnd::SafePoint => {
                 if client.pins.is_empty() {
                     signal = None;
-                    let server = held.take().expect("held");
-                    unassign(ctx, &cancel_key, &server).await;
+                    if let Some(server) = held.take() {
+                        Box::pin(give_back(ctx, &cancel_key, server, true, false)).await;
+                    }
                     assigned = false;
-                    ctx.pool.release_with(server, true, false).await;
                 } else if let Some(sig) = signal.as_mut()
                     && sig.wanted()
                 {
@@ -750,37 +776,38 @@ async fn transaction_session(
             RoundEnd::Deadline => {
                 // Idle at the deadline: ask once more whether the state is gone.
                 if outcome.clean
-                    && let Ok(snap) = crate::migrate::snapshot(server, false).await
+                    && let Ok(snap) = Box::pin(crate::migrate::snapshot(server, false)).await
                 {
                     learn(server, &mut client, snap);
                     if client.pins.is_empty() {
                         signal = None;
-                        let server = held.take().expect("held");
-                        unassign(ctx, &cancel_key, &server).await;
+                        if let Some(server) = held.take() {
+                            Box::pin(give_back(ctx, &cancel_key, server, true, false)).await;
+                        }
                         assigned = false;
-                        ctx.pool.release_with(server, true, false).await;
+
                         continue;
                     }
                 }
                 metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
-                let server = held.take().expect("held");
-                unassign(ctx, &cancel_key, &server).await;
-                ctx.pool.release_with(server, false, false).await;
+                if let Some(server) = held.take() {
+                    Box::pin(give_back(ctx, &cancel_key, server, false, false)).await;
+                }
+
                 return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
                     &client.pins,
                     ctx.migration_timeout,
                 )));
             }
             end => {
-                let server = held.take().expect("held");
-                unassign(ctx, &cancel_key, &server).await;
                 let clean = matches!(end, RoundEnd::ClientTerminated | RoundEnd::ClientGone)
                     && outcome.clean;
                 // A pinned client's state (LISTEN, temporary tables, ...) must not reach the
                 // next client: reset then.
-                ctx.pool
-                    .release_with(server, clean, !client.pins.is_empty())
-                    .await;
+                let reset = !client.pins.is_empty();
+                if let Some(server) = held.take() {
+                    Box::pin(give_back(ctx, &cancel_key, server, clean, reset)).await;
+                }
                 return match end {
                     RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
                         "client message of {len} bytes exceeds the limit of {} bytes (--max-client-message)",
@@ -792,6 +819,37 @@ async fn transaction_session(
             }
         }
     }
+}
+
+/// The client leaves `server` for good (transaction mode): unassign, then back to the pool
+/// (reset only when `reset`).
+async fn give_back(
+    ctx: &ClientContext,
+    cancel_key: &CancelKey,
+    server: ServerConnection,
+    clean: bool,
+    reset: bool,
+) {
+    unassign(ctx, cancel_key, &server).await;
+    ctx.pool.release_with(server, clean, reset).await;
+}
+
+/// One read from the client into a stack buffer, appended to `buf` (which holds no memory
+/// while the client is idle).
+async fn read_into(socket: &mut ClientStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 8 * 1024];
+        let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+        match std::pin::Pin::new(&mut *socket).poll_read(cx, &mut read) {
+            std::task::Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                std::task::Poll::Ready(Ok(read.filled().len()))
+            }
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Brings a server just assigned to the client in line with the client's session: settings
@@ -811,10 +869,11 @@ async fn sync_session(
         server.policy_role(),
     );
     if !queries.is_empty() {
-        server.replay(&queries, &[], &[]).await.map_err(|e| {
-            ProxyError::Reset(format!(
+        server.replay(&queries, &[], &[]).await.map_err(|e| match e {
+            ProxyError::Canceled(_) => e,
+            e => ProxyError::Reset(format!(
                 "restoring this session's settings and prepared statements on another server connection failed: {e}"
-            ))
+            )),
         })?;
         server.txn.settings = client.settings.clone();
         server.txn.sql_prepared = client.sql_prepared.clone();
@@ -824,10 +883,7 @@ async fn sync_session(
         out.clear();
         for (name, value) in &changes {
             backend::parameter_status(out, name, value);
-            match client.seen.iter_mut().find(|(n, _)| n == name) {
-                Some(e) => e.1 = value.clone(),
-                None => client.seen.push((name.clone(), value.clone())),
-            }
+            crate::server::set_parameter_status(&mut client.seen, name, value);
         }
         socket.write_all(out).await?;
         socket.flush().await?;

@@ -70,6 +70,11 @@ pub enum ProxyError {
     #[error("resetting the server connection failed: {0}")]
     Reset(String),
 
+    /// One of dbproxy's own statements (session bookkeeping) was canceled on the server,
+    /// usually by the client's tiny statement_timeout: safe to try again.
+    #[error("a dbproxy bookkeeping statement was canceled on the server: {0}")]
+    Canceled(String),
+
     #[error(
         "pool exhausted: no server connection became free within {0} s; increase --pool-size or --pool-timeout"
     )]

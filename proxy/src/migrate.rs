@@ -170,6 +170,9 @@ const PIN_TEMP: &str = "it holds temporary tables or other temporary objects";
 const PIN_CURSOR: &str = "it holds open cursors (WITH HOLD)";
 const PIN_LOCK: &str = "it holds session-level advisory locks";
 
+/// How often a snapshot canceled by the session's own statement_timeout is asked again.
+const SNAPSHOT_ATTEMPTS: u32 = 5;
+
 /// Asks a backend at a safe point what its session holds. `reported` names the parameters
 /// whose current values are wanted too.
 pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Result<Snapshot> {
@@ -201,9 +204,19 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
             names.join(",")
         ));
     }
-    let rows = tokio::time::timeout(Duration::from_secs(10), server.query_rows(&sql))
-        .await
-        .map_err(|_| ProxyError::Timeout("asking a server connection for its session state"))??;
+    // One simple query is one implicit transaction: a canceled attempt (the session's own
+    // statement_timeout still applies to its first statement) changed nothing; ask again.
+    let mut attempt = 0;
+    let rows = loop {
+        attempt += 1;
+        match tokio::time::timeout(Duration::from_secs(10), server.query_rows(&sql))
+            .await
+            .map_err(|_| ProxyError::Timeout("asking a server connection for its session state"))?
+        {
+            Err(ProxyError::Canceled(_)) if attempt < SNAPSHOT_ATTEMPTS => continue,
+            other => break other?,
+        }
+    };
     let policy_role = server.policy_role().map(str::to_owned);
     let mut snap = Snapshot::default();
     let mut timeouts: [(Option<String>, Option<String>); 2] = Default::default();

@@ -128,6 +128,19 @@ impl std::fmt::Debug for ServerConnection {
 }
 
 /// Quotes an identifier for SET ROLE.
+/// The error for an ErrorResponse to one of dbproxy's own statements: 57014 (canceled, most
+/// often by the client's own statement_timeout, which also applies to the first statement
+/// dbproxy runs on its behalf) is worth retrying, anything else is not.
+fn bookkeeping_failure(body: &[u8]) -> ProxyError {
+    let f = parse_error_fields(body);
+    let message = format!("{} ({})", f.message, f.code);
+    if f.code == "57014" {
+        ProxyError::Canceled(message)
+    } else {
+        ProxyError::Reset(message)
+    }
+}
+
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
@@ -504,8 +517,7 @@ impl ServerConnection {
                     rows.push(row);
                 }
                 b'E' => {
-                    let f = parse_error_fields(&body);
-                    failure = Some(format!("{} ({})", f.message, f.code));
+                    failure.get_or_insert_with(|| bookkeeping_failure(&body));
                 }
                 b'S' => self.note_parameter_status(&mut body)?,
                 b'Z' => break,
@@ -516,7 +528,7 @@ impl ServerConnection {
             return Err(ProxyError::Reset("unexpected data after a query".into()));
         }
         match failure {
-            Some(message) => Err(ProxyError::Reset(message)),
+            Some(e) => Err(e),
             None => Ok(rows),
         }
     }
@@ -565,8 +577,7 @@ impl ServerConnection {
             match tag {
                 b'Z' => remaining -= 1,
                 b'E' => {
-                    let f = parse_error_fields(&body);
-                    failure.get_or_insert(format!("{} ({})", f.message, f.code));
+                    failure.get_or_insert_with(|| bookkeeping_failure(&body));
                 }
                 b'S' => self.note_parameter_status(&mut body)?,
                 _ => {}
@@ -576,7 +587,7 @@ impl ServerConnection {
             return Err(ProxyError::Reset("unexpected data after a replay".into()));
         }
         match failure {
-            Some(message) => Err(ProxyError::Reset(message)),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -599,8 +610,7 @@ impl ServerConnection {
             match tag {
                 b'Z' => remaining -= 1,
                 b'E' => {
-                    let f = parse_error_fields(&body);
-                    failure = Some(format!("{} ({})", f.message, f.code));
+                    failure.get_or_insert_with(|| bookkeeping_failure(&body));
                 }
                 b'S' => self.note_parameter_status(&mut body)?,
                 _ => {}
@@ -610,7 +620,7 @@ impl ServerConnection {
             return Err(ProxyError::Reset("unexpected data after reset".into()));
         }
         match failure {
-            Some(message) => Err(ProxyError::Reset(message)),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }

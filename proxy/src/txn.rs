@@ -68,7 +68,7 @@ pub struct ClientSession {
     /// SQL prepared statements (name, PREPARE statement).
     pub sql_prepared: Vec<(String, String)>,
     /// ParameterStatus values as this client last received them.
-    pub seen: Vec<(String, String)>,
+    pub seen: crate::server::ParameterStatus,
     /// Why the client cannot leave its server now.
     pub pins: Vec<&'static str>,
     /// Transaction status of the last ReadyForQuery.
@@ -76,7 +76,7 @@ pub struct ClientSession {
 }
 
 impl ClientSession {
-    pub fn new(seen: Vec<(String, String)>) -> Self {
+    pub fn new(seen: crate::server::ParameterStatus) -> Self {
         ClientSession {
             statements: HashMap::new(),
             settings: Vec::new(),
@@ -929,7 +929,7 @@ fn process_server(
                     let name = String::from_utf8_lossy(name).into_owned();
                     let value = String::from_utf8_lossy(value).into_owned();
                     crate::server::set_parameter_status(sh.server_params, &name, &value);
-                    upsert(&mut sh.client.seen, &name, &value);
+                    crate::server::set_parameter_status(&mut sh.client.seen, &name, &value);
                 }
                 true
             }
@@ -997,17 +997,6 @@ impl Shared<'_> {
         if done {
             self.queue.pop_front();
         }
-    }
-}
-
-fn upsert(list: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match list.iter_mut().find(|(n, _)| n == name) {
-        Some(e) => {
-            if e.1 != value {
-                e.1 = value.to_owned();
-            }
-        }
-        None => list.push((name.to_owned(), value.to_owned())),
     }
 }
 
