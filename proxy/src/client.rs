@@ -97,68 +97,102 @@ pub async fn serve_client(
     peer: SocketAddr,
     require_password: bool,
     ctx: Arc<ClientContext>,
-    shutdown: Shutdown,
+    mut shutdown: Shutdown,
 ) {
     let _ = socket.set_nodelay(true);
     let mut socket = ClientStream::Plain(socket);
     let mut out = BytesMut::with_capacity(1024);
-    let login = tokio::time::timeout(
-        ctx.login_timeout,
-        // Boxed, like the pool wait below: a cold phase's state must not stay part of every
-        // idle client's task.
-        Box::pin(login(&mut socket, require_password, &ctx, &mut out)),
-    )
+    // Each phase is boxed and gone once it is over: what an idle client's task keeps is the
+    // socket and the state of the session kind it is in.
+    let opened = Box::pin(open(
+        &mut socket,
+        peer,
+        require_password,
+        &ctx,
+        &mut out,
+        &mut shutdown,
+    ))
     .await;
-    let params = match login {
-        Ok(Ok(Startup::Session(params, early))) => (params, early),
-        Ok(Ok(Startup::Done)) => return,
-        Ok(Err(e)) => {
-            ctx.stats.client_login_failures.increment(1);
-            tracing::debug!(%peer, error = %e, "client login failed");
-            Box::pin(send_error(&mut socket, &mut out, &e)).await;
-            return;
+    let served = match opened {
+        Opened::Done => return,
+        Opened::Failed(e) => Err(e),
+        Opened::Session(st) => Box::pin(session(&mut socket, peer, &ctx, st, &mut out)).await,
+        Opened::Transaction(st) => {
+            Box::pin(transaction_session(
+                &mut socket,
+                &ctx,
+                st,
+                &mut out,
+                shutdown,
+            ))
+            .await
         }
-        Err(_) => {
-            ctx.stats.client_login_failures.increment(1);
-            tracing::debug!(%peer, "client did not finish its startup in time");
-            let e = ProxyError::Timeout("waiting for the client's startup packet");
-            Box::pin(send_error(&mut socket, &mut out, &e)).await;
-            return;
-        }
-    };
-    let (params, early) = params;
-    if crate::admin::is_admin_database(&params) {
-        // Boxed: the admin console's state must not make every client's task bigger.
-        return Box::pin(crate::admin::serve(&mut socket, peer, params, &ctx)).await;
-    }
-    let served = if ctx.transaction_mode {
-        Box::pin(transaction_session(
-            &mut socket,
-            peer,
-            params,
-            early,
-            &ctx,
-            &mut out,
-            shutdown,
-        ))
-        .await
-    } else {
-        // Boxed too: the task itself stays small, whichever kind of session it serves.
-        Box::pin(session(
-            &mut socket,
-            peer,
-            params,
-            early,
-            &ctx,
-            &mut out,
-            shutdown,
-        ))
-        .await
     };
     if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "client session ended with an error");
         Box::pin(send_error(&mut socket, &mut out, &e)).await;
     }
+}
+
+/// Where a client's login left it.
+enum Opened<'a> {
+    /// Served already (cancel request, refused login, admin console).
+    Done,
+    /// The login could not get the client a server connection (answered by the caller).
+    Failed(ProxyError),
+    Session(Box<SessClient<'a>>),
+    Transaction(Box<TxClient<'a>>),
+}
+
+/// The client's startup and login, up to its first ReadyForQuery.
+async fn open<'a>(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    require_password: bool,
+    ctx: &'a ClientContext,
+    out: &mut BytesMut,
+    shutdown: &mut Shutdown,
+) -> Opened<'a> {
+    let login = tokio::time::timeout(
+        ctx.login_timeout,
+        Box::pin(login(socket, require_password, ctx, out)),
+    )
+    .await;
+    let (params, early) = match login {
+        Ok(Ok(Startup::Session(params, early))) => (params, early),
+        Ok(Ok(Startup::Done)) => return Opened::Done,
+        Ok(Err(e)) => {
+            ctx.stats.client_login_failures.increment(1);
+            tracing::debug!(%peer, error = %e, "client login failed");
+            Box::pin(send_error(socket, out, &e)).await;
+            return Opened::Done;
+        }
+        Err(_) => {
+            ctx.stats.client_login_failures.increment(1);
+            tracing::debug!(%peer, "client did not finish its startup in time");
+            let e = ProxyError::Timeout("waiting for the client's startup packet");
+            Box::pin(send_error(socket, out, &e)).await;
+            return Opened::Done;
+        }
+    };
+    if crate::admin::is_admin_database(&params) {
+        Box::pin(crate::admin::serve(socket, peer, params, ctx)).await;
+        return Opened::Done;
+    }
+    let opened = if ctx.transaction_mode {
+        Box::pin(transaction_login(
+            socket, peer, params, early, ctx, out, shutdown,
+        ))
+        .await
+        .map(Opened::Transaction)
+    } else {
+        Box::pin(session_login(
+            socket, peer, params, early, ctx, out, shutdown,
+        ))
+        .await
+        .map(Opened::Session)
+    };
+    opened.unwrap_or_else(Opened::Failed)
 }
 
 async fn send_error(socket: &mut ClientStream, out: &mut BytesMut, e: &ProxyError) {
@@ -389,17 +423,27 @@ async fn replay_login(
     socket.flush().await
 }
 
-/// Gets a server, replays the login to the client, forwards, moves the session to a new
-/// server when a rotation asks for it, and releases.
-async fn session(
+/// What a session-mode client holds while it is served. One allocation: the task's future
+/// stays small while the client is idle.
+struct SessClient<'a> {
+    tracked: crate::stats::ClientGuard<'a>,
+    slot: crate::pool::SlotGuard<'a>,
+    cancel_key: CancelKey,
+    server: ServerConnection,
+    /// Bytes the client sent right behind its startup packet.
+    initial: BytesMut,
+}
+
+/// Session mode, login: gets a server and replays the login to the client.
+async fn session_login<'a>(
     socket: &mut ClientStream,
     peer: SocketAddr,
     params: StartupParams,
     early: BytesMut,
-    ctx: &ClientContext,
+    ctx: &'a ClientContext,
     out: &mut BytesMut,
-    mut shutdown: Shutdown,
-) -> Result<()> {
+    shutdown: &mut Shutdown,
+) -> Result<Box<SessClient<'a>>> {
     // Usually empty: release the login buffer (4 KiB) instead of carrying it through the
     // session. The explicit drop matters: a shadowed parameter lives to the end of the
     // function, and an empty `BytesMut` split from the buffer still owns it.
@@ -412,7 +456,7 @@ async fn session(
     let tracked = crate::admin::track_client(ctx, peer, &params);
     let server_params = Arc::new(params.forwarded);
     let deadline = Instant::now() + ctx.pool_timeout;
-    let mut server = tokio::select! {
+    let server = tokio::select! {
         // Boxed: opening a server connection (TCP, SCRAM, SET ROLE) needs kilobytes of
         // future state that would otherwise stay in every idle session's task.
         s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
@@ -441,18 +485,42 @@ async fn session(
     }
     // Nothing is kept per idle session: the forwarding loop reads into stack buffers.
     *out = BytesMut::new();
+    Ok(Box::new(SessClient {
+        tracked,
+        slot,
+        cancel_key,
+        server,
+        initial: early,
+    }))
+}
+
+/// Session mode: forwards, moves the session to a new server when a rotation asks for it,
+/// and releases.
+async fn session(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    ctx: &ClientContext,
+    mut st: Box<SessClient<'_>>,
+    out: &mut BytesMut,
+) -> Result<()> {
+    let SessClient {
+        tracked,
+        cancel_key,
+        server,
+        initial,
+        ..
+    } = &mut *st;
 
     let mut signal = (ctx.migrate != MigratePolicy::Never).then(|| {
         MoveSignal::new(
             ctx.pool.credentials().subscribe(),
             ctx.migrate,
             ctx.migration_timeout,
-            &server,
+            server,
         )
     });
     let mut pins: Vec<&'static str> = Vec::new();
-    let mut initial = early;
-    let outcome = loop {
+    let ended = loop {
         // Plaintext on both sides keeps the TcpStream fast path; TLS on either side takes the
         // generic loop.
         let outcome = match (&mut *socket, &mut server.stream) {
@@ -461,7 +529,7 @@ async fn session(
                     client,
                     backend,
                     ctx.max_client_message,
-                    &initial,
+                    initial,
                     signal.as_mut(),
                 )
                 .await
@@ -472,31 +540,22 @@ async fn session(
                     client,
                     backend,
                     ctx.max_client_message,
-                    &initial,
+                    initial,
                     signal.as_mut(),
                 ))
                 .await
             }
         };
-        initial = BytesMut::new();
+        *initial = BytesMut::new();
         match outcome.end {
             SessionEnd::SafePoint => {
                 let Some(sig) = signal.as_mut() else {
-                    break outcome;
+                    break Ok(outcome);
                 };
-                match Box::pin(try_move(ctx, &mut server, socket, out)).await {
+                match Box::pin(try_move(ctx, server, socket, out)).await {
                     Ok(Moved::To(new)) => {
-                        let old = std::mem::replace(&mut server, *new);
-                        tracked.set_server(Some(server.backend_pid));
-                        // Cancels in flight for the old server land first; then cancels go to
-                        // the new one.
-                        Box::pin(unassign(ctx, &cancel_key, &old)).await;
-                        assign(ctx, &cancel_key, &server);
-                        tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
-                        metrics::counter!("dbproxy_migrations_total", "result" => "moved")
-                            .increment(1);
-                        Box::pin(ctx.pool.release(old, true)).await;
-                        sig.rebase(&server);
+                        Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
+                        sig.rebase(server);
                         pins.clear();
                     }
                     Ok(Moved::Pinned(why)) => {
@@ -516,44 +575,80 @@ async fn session(
             }
             SessionEnd::Deadline => {
                 if outcome.server_clean
-                    && let Ok(Moved::To(new)) =
-                        Box::pin(try_move(ctx, &mut server, socket, out)).await
+                    && let Ok(Moved::To(new)) = Box::pin(try_move(ctx, server, socket, out)).await
                 {
                     // Idle and no longer pinned at the last moment: move after all.
-                    let old = std::mem::replace(&mut server, *new);
-                    tracked.set_server(Some(server.backend_pid));
-                    Box::pin(unassign(ctx, &cancel_key, &old)).await;
-                    assign(ctx, &cancel_key, &server);
-                    metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
-                    Box::pin(ctx.pool.release(old, true)).await;
+                    Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
                     if let Some(sig) = signal.as_mut() {
-                        sig.rebase(&server);
+                        sig.rebase(server);
                     }
                     pins.clear();
                     continue;
                 }
                 metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
                 tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
-                Box::pin(unassign(ctx, &cancel_key, &server)).await;
-                slot.disarm();
-                Box::pin(ctx.pool.release(server, false)).await;
-                return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
+                break Err(ProxyError::Unmovable(crate::migrate::pinned_message(
                     &pins,
                     ctx.migration_timeout,
                 )));
             }
-            _ => break outcome,
+            _ => break Ok(outcome),
         }
     };
+    Box::pin(finish_session(ctx, peer, st, ended)).await
+}
+
+/// The session moves to `new`: cancels in flight for the old server land first, then
+/// cancels go to the new one, and the old server goes back to the pool.
+async fn adopt(
+    ctx: &ClientContext,
+    peer: SocketAddr,
+    tracked: &crate::stats::ClientGuard<'_>,
+    cancel_key: &CancelKey,
+    server: &mut ServerConnection,
+    new: Box<ServerConnection>,
+) {
+    let old = std::mem::replace(server, *new);
+    tracked.set_server(Some(server.backend_pid));
+    unassign(ctx, cancel_key, &old).await;
+    assign(ctx, cancel_key, server);
+    tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
+    metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
+    ctx.pool.release(old, true).await;
+}
+
+/// The session is over: its server goes back to the pool (reset and reused when clean).
+async fn finish_session(
+    ctx: &ClientContext,
+    peer: SocketAddr,
+    st: Box<SessClient<'_>>,
+    ended: Result<crate::proxy::SessionOutcome>,
+) -> Result<()> {
+    let SessClient {
+        server,
+        slot,
+        cancel_key,
+        tracked,
+        ..
+    } = *st;
     // Unregister first, then let cancels already on their way land: a cancel must never
     // reach the backend once it may serve someone else.
-    Box::pin(unassign(ctx, &cancel_key, &server)).await;
+    unassign(ctx, &cancel_key, &server).await;
     drop(cancel_key);
-    tracing::trace!(%peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
     slot.disarm();
-    // Boxed: the reset's state would otherwise be part of every idle session's task.
-    Box::pin(ctx.pool.release(server, outcome.server_clean)).await;
-    session_result(outcome.end, ctx)
+    let result = match ended {
+        Ok(outcome) => {
+            tracing::trace!(%peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
+            ctx.pool.release(server, outcome.server_clean).await;
+            session_result(outcome.end, ctx)
+        }
+        Err(e) => {
+            ctx.pool.release(server, false).await;
+            Err(e)
+        }
+    };
+    drop(tracked);
+    result
 }
 
 fn session_result(end: SessionEnd, ctx: &ClientContext) -> Result<()> {
@@ -616,22 +711,38 @@ async fn try_move(
 /// line with its session was canceled on the server.
 const SYNC_ATTEMPTS: u32 = 3;
 
-/// Transaction pooling: a server per transaction (or for as long as state pins the client to
-/// it), the session itself kept by dbproxy in between.
-async fn transaction_session(
+/// What dbproxy keeps for a transaction-mode client between its transactions. One
+/// allocation: the task's future stays small while the client is idle.
+struct TxClient<'a> {
+    tracked: crate::stats::ClientGuard<'a>,
+    server_params: crate::server::ServerParams,
+    cancel_key: CancelKey,
+    client: ClientSession,
+    /// Bytes from the client not yet forwarded.
+    cbuf: BytesMut,
+    /// The server connection while the client has one (boxed: idle clients have none).
+    held: Option<Box<ServerConnection>>,
+    /// Whether cancels are routed to `held`.
+    assigned: bool,
+    /// Rotations, while state pins the client to its server.
+    signal: Option<MoveSignal>,
+    sync_failures: u32,
+}
+
+/// Transaction pooling, login: greets the client with what a server with its parameters
+/// said at login (only the first client of a generation waits for a server to learn it).
+async fn transaction_login<'a>(
     socket: &mut ClientStream,
     peer: SocketAddr,
     params: StartupParams,
     early: BytesMut,
-    ctx: &ClientContext,
+    ctx: &'a ClientContext,
     out: &mut BytesMut,
-    mut shutdown: Shutdown,
-) -> Result<()> {
+    shutdown: &mut Shutdown,
+) -> Result<Box<TxClient<'a>>> {
     let tracked = crate::admin::track_client(ctx, peer, &params);
     let server_params = Arc::new(params.forwarded);
     let cancel_key = ctx.cancels.register();
-    // Greet the client with what a server with its parameters said at login; only the first
-    // client of a generation waits for a server to learn it.
     let (welcome, first) = match ctx.pool.welcome(&server_params) {
         Some(welcome) => (welcome.to_vec(), None),
         None => {
@@ -651,12 +762,39 @@ async fn transaction_session(
         }
         return Err(e.into());
     }
-    let mut client = ClientSession::new(crate::server::share_parameter_status(welcome));
-    let mut cbuf = early;
-    let mut held = first;
-    let mut assigned = false;
-    let mut signal: Option<MoveSignal> = None;
-    let mut sync_failures = 0;
+    Ok(Box::new(TxClient {
+        tracked,
+        server_params,
+        cancel_key,
+        client: ClientSession::new(crate::server::share_parameter_status(welcome)),
+        cbuf: early,
+        held: first.map(Box::new),
+        assigned: false,
+        signal: None,
+        sync_failures: 0,
+    }))
+}
+
+/// Transaction pooling: a server per transaction (or for as long as state pins the client to
+/// it), the session itself kept by dbproxy in between.
+async fn transaction_session(
+    socket: &mut ClientStream,
+    ctx: &ClientContext,
+    mut st: Box<TxClient<'_>>,
+    out: &mut BytesMut,
+    mut shutdown: Shutdown,
+) -> Result<()> {
+    let TxClient {
+        tracked,
+        server_params,
+        cancel_key,
+        client,
+        cbuf,
+        held,
+        assigned,
+        signal,
+        sync_failures,
+    } = &mut *st;
     let config = |pinned: bool| RoundConfig {
         known: &ctx.known_statements,
         max_message: ctx.max_client_message,
@@ -669,9 +807,9 @@ async fn transaction_session(
                 tracked.set_server(None);
                 // Nothing is kept for an idle client: its next bytes are read into a stack
                 // buffer and copied into a fresh one.
-                cbuf = BytesMut::new();
+                *cbuf = BytesMut::new();
                 tokio::select! {
-                    read = read_into(socket, &mut cbuf) => match read {
+                    read = read_into(socket, cbuf) => match read {
                         Ok(0) | Err(_) => return Ok(()),
                         Ok(n) => crate::proxy::count_client_bytes(n),
                     },
@@ -683,7 +821,7 @@ async fn transaction_session(
                 return Ok(());
             }
             if let Some(reply) =
-                crate::txn::answer_without_server(&mut client, &mut cbuf, &ctx.known_statements)
+                crate::txn::answer_without_server(client, cbuf, &ctx.known_statements)
             {
                 socket.write_all(&reply).await?;
                 socket.flush().await?;
@@ -691,44 +829,44 @@ async fn transaction_session(
             }
             let deadline = Instant::now() + ctx.pool_timeout;
             let server = tokio::select! {
-                s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
+                s = Box::pin(ctx.pool.acquire(server_params, deadline)) => s?,
                 _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
             };
-            held = Some(server);
-        } else if cbuf.is_empty() && client.pins.is_empty() && !assigned {
+            *held = Some(Box::new(server));
+        } else if cbuf.is_empty() && client.pins.is_empty() && !*assigned {
             // The login server: give it back until the client asks for something.
             if let Some(server) = held.take() {
-                Box::pin(ctx.pool.release_with(server, true, false)).await;
+                Box::pin(ctx.pool.release_with(*server, true, false)).await;
             }
             continue;
         }
         let Some(server) = held.as_mut() else {
             continue;
         };
-        if !assigned {
-            assign(ctx, &cancel_key, server);
+        if !*assigned {
+            assign(ctx, cancel_key, server);
             tracked.set_server(Some(server.backend_pid));
-            assigned = true;
-            if let Err(e) = Box::pin(sync_session(server, &mut client, socket, out)).await {
+            *assigned = true;
+            if let Err(e) = Box::pin(sync_session(server, client, socket, out)).await {
                 // The server's state is unknown now: it is closed, never reused.
                 if let Some(server) = held.take() {
-                    Box::pin(give_back(ctx, &cancel_key, server, false, false)).await;
+                    Box::pin(give_back(ctx, cancel_key, *server, false, false)).await;
                 }
-                assigned = false;
-                if matches!(e, ProxyError::Canceled(_)) && sync_failures < SYNC_ATTEMPTS {
+                *assigned = false;
+                if matches!(e, ProxyError::Canceled(_)) && *sync_failures < SYNC_ATTEMPTS {
                     // Canceled by a statement_timeout the previous session left there: try
                     // another server connection.
-                    sync_failures += 1;
+                    *sync_failures += 1;
                     continue;
                 }
 
                 return Err(e);
             }
-            sync_failures = 0;
+            *sync_failures = 0;
         }
         let pinned = !client.pins.is_empty();
         if pinned && signal.is_none() {
-            signal = Some(MoveSignal::new(
+            *signal = Some(MoveSignal::new(
                 ctx.pool.credentials().subscribe(),
                 ctx.migrate,
                 ctx.migration_timeout,
@@ -741,18 +879,18 @@ async fn transaction_session(
             &mut server.stream,
             &mut server.txn,
             &mut server.parameter_status,
-            &mut client,
-            &mut cbuf,
+            client,
+            cbuf,
             &config(pinned),
             if pinned { signal.as_mut() } else { None },
         ))
         .await;
         if outcome.end == RoundEnd::SafePoint && outcome.recheck {
             match Box::pin(crate::migrate::snapshot(server, false)).await {
-                Ok(snap) => learn(server, &mut client, snap),
+                Ok(snap) => learn(server, client, snap),
                 Err(e) => {
                     if let Some(server) = held.take() {
-                        Box::pin(give_back(ctx, &cancel_key, server, false, false)).await;
+                        Box::pin(give_back(ctx, cancel_key, *server, false, false)).await;
                     }
 
                     return Err(e);
@@ -762,11 +900,11 @@ async fn transaction_session(
         match outcome.end {
             RoundEnd::SafePoint => {
                 if client.pins.is_empty() {
-                    signal = None;
+                    *signal = None;
                     if let Some(server) = held.take() {
-                        Box::pin(give_back(ctx, &cancel_key, server, true, false)).await;
+                        Box::pin(give_back(ctx, cancel_key, *server, true, false)).await;
                     }
-                    assigned = false;
+                    *assigned = false;
                 } else if let Some(sig) = signal.as_mut()
                     && sig.wanted()
                 {
@@ -778,20 +916,20 @@ async fn transaction_session(
                 if outcome.clean
                     && let Ok(snap) = Box::pin(crate::migrate::snapshot(server, false)).await
                 {
-                    learn(server, &mut client, snap);
+                    learn(server, client, snap);
                     if client.pins.is_empty() {
-                        signal = None;
+                        *signal = None;
                         if let Some(server) = held.take() {
-                            Box::pin(give_back(ctx, &cancel_key, server, true, false)).await;
+                            Box::pin(give_back(ctx, cancel_key, *server, true, false)).await;
                         }
-                        assigned = false;
+                        *assigned = false;
 
                         continue;
                     }
                 }
                 metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
                 if let Some(server) = held.take() {
-                    Box::pin(give_back(ctx, &cancel_key, server, false, false)).await;
+                    Box::pin(give_back(ctx, cancel_key, *server, false, false)).await;
                 }
 
                 return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
@@ -806,7 +944,7 @@ async fn transaction_session(
                 // next client: reset then.
                 let reset = !client.pins.is_empty();
                 if let Some(server) = held.take() {
-                    Box::pin(give_back(ctx, &cancel_key, server, clean, reset)).await;
+                    Box::pin(give_back(ctx, cancel_key, *server, clean, reset)).await;
                 }
                 return match end {
                     RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
