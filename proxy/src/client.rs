@@ -90,48 +90,80 @@ enum Startup {
     Done,
 }
 
-/// Serves one client connection to its end. Errors are answered to the client where the
-/// protocol allows and logged at debug level; nothing here can affect another client.
-pub async fn serve_client(
-    socket: TcpStream,
+/// An accepted client connection and what serving it needs, in one allocation: the task of
+/// an idle client keeps a pointer to it and the state of the session kind it is in.
+pub struct ClientConn {
+    socket: ClientStream,
+    out: BytesMut,
     peer: SocketAddr,
     require_password: bool,
     ctx: Arc<ClientContext>,
-    mut shutdown: Shutdown,
-) {
-    let _ = socket.set_nodelay(true);
-    let mut socket = ClientStream::Plain(socket);
-    let mut out = BytesMut::with_capacity(1024);
-    // Each phase is boxed and gone once it is over: what an idle client's task keeps is the
-    // socket and the state of the session kind it is in.
-    let opened = Box::pin(open(
-        &mut socket,
+    shutdown: Shutdown,
+    /// The client's place under --max-clients, given back when the connection is dropped.
+    _slot: crate::listener::ClientSlot,
+}
+
+impl ClientConn {
+    pub fn new(
+        socket: TcpStream,
+        peer: SocketAddr,
+        require_password: bool,
+        ctx: Arc<ClientContext>,
+        shutdown: Shutdown,
+        slot: crate::listener::ClientSlot,
+    ) -> Box<Self> {
+        let _ = socket.set_nodelay(true);
+        Box::new(ClientConn {
+            socket: ClientStream::Plain(socket),
+            out: BytesMut::with_capacity(1024),
+            peer,
+            require_password,
+            ctx,
+            shutdown,
+            _slot: slot,
+        })
+    }
+}
+
+/// Serves one client connection to its end. Errors are answered to the client where the
+/// protocol allows and logged at debug level; nothing here can affect another client.
+pub async fn serve_client(mut conn: Box<ClientConn>) {
+    let ClientConn {
+        socket,
+        out,
         peer,
         require_password,
-        &ctx,
-        &mut out,
-        &mut shutdown,
-    ))
-    .await;
+        ctx,
+        shutdown,
+        ..
+    } = &mut *conn;
+    let peer = *peer;
+    let ctx: &ClientContext = ctx;
+    // Each phase is boxed and gone once it is over: what an idle client's task keeps is the
+    // connection and the state of the session kind it is in.
+    let opened = Box::pin(open(socket, peer, *require_password, ctx, out, shutdown)).await;
     let served = match opened {
         Opened::Done => return,
-        Opened::Failed(e) => Err(e),
-        Opened::Session(st) => Box::pin(session(&mut socket, peer, &ctx, st, &mut out)).await,
+        Opened::Failed(e) => Err(*e),
+        Opened::Session(st) => Box::pin(session(socket, peer, ctx, st, out)).await,
         Opened::Transaction(st) => {
-            Box::pin(transaction_session(
-                &mut socket,
-                &ctx,
-                st,
-                &mut out,
-                shutdown,
-            ))
-            .await
+            Box::pin(transaction_session(socket, ctx, st, out, shutdown)).await
         }
     };
     if let Err(e) = served {
-        tracing::debug!(%peer, error = %e, "client session ended with an error");
-        Box::pin(send_error(&mut socket, &mut out, &e)).await;
+        Box::pin(end_with_error(socket, out, peer, e)).await;
     }
+}
+
+/// A session ended with an error: log it and tell the client where the protocol allows.
+async fn end_with_error(
+    socket: &mut ClientStream,
+    out: &mut BytesMut,
+    peer: SocketAddr,
+    e: ProxyError,
+) {
+    tracing::debug!(%peer, error = %e, "client session ended with an error");
+    send_error(socket, out, &e).await;
 }
 
 /// Where a client's login left it.
@@ -139,7 +171,7 @@ enum Opened<'a> {
     /// Served already (cancel request, refused login, admin console).
     Done,
     /// The login could not get the client a server connection (answered by the caller).
-    Failed(ProxyError),
+    Failed(Box<ProxyError>),
     Session(Box<SessClient<'a>>),
     Transaction(Box<TxClient<'a>>),
 }
@@ -192,7 +224,7 @@ async fn open<'a>(
         .await
         .map(Opened::Session)
     };
-    opened.unwrap_or_else(Opened::Failed)
+    opened.unwrap_or_else(|e| Opened::Failed(Box::new(e)))
 }
 
 async fn send_error(socket: &mut ClientStream, out: &mut BytesMut, e: &ProxyError) {
@@ -777,13 +809,57 @@ async fn transaction_login<'a>(
 
 /// Transaction pooling: a server per transaction (or for as long as state pins the client to
 /// it), the session itself kept by dbproxy in between.
+///
+/// Between transactions an idle client waits here, in a future of a few dozen bytes; the
+/// state of a transaction (server assignment, forwarding, release) lives in a future boxed
+/// per step and gone while the client is idle.
 async fn transaction_session(
     socket: &mut ClientStream,
     ctx: &ClientContext,
     mut st: Box<TxClient<'_>>,
     out: &mut BytesMut,
-    mut shutdown: Shutdown,
+    shutdown: &mut Shutdown,
 ) -> Result<()> {
+    loop {
+        if st.held.is_none() && st.cbuf.is_empty() {
+            st.tracked.set_server(None);
+            // Nothing is kept for an idle client: its next bytes are read into a stack
+            // buffer and copied into a fresh one.
+            st.cbuf = BytesMut::new();
+            tokio::select! {
+                read = read_into(socket, &mut st.cbuf) => match read {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(n) => crate::proxy::count_client_bytes(n),
+                },
+                _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
+            }
+        }
+        let step = Box::pin(transaction_step(socket, ctx, &mut st, out, shutdown)).await?;
+        if step == Step::Done {
+            return Ok(());
+        }
+    }
+}
+
+/// Where a transaction-mode step left the client.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Back to the top: wait for the client if it is idle, else take the next step.
+    Again,
+    /// The client is gone (or said Terminate): the session ends without an error.
+    Done,
+}
+
+/// One step of a transaction-mode session with bytes from the client at hand or a server
+/// held: answer without a server, get one, bring it in line, forward a round and give the
+/// server back at its safe point.
+async fn transaction_step(
+    socket: &mut ClientStream,
+    ctx: &ClientContext,
+    st: &mut TxClient<'_>,
+    out: &mut BytesMut,
+    shutdown: &mut Shutdown,
+) -> Result<Step> {
     let TxClient {
         tracked,
         server_params,
@@ -794,169 +870,153 @@ async fn transaction_session(
         assigned,
         signal,
         sync_failures,
-    } = &mut *st;
+    } = st;
     let config = |pinned: bool| RoundConfig {
         known: &ctx.known_statements,
         max_message: ctx.max_client_message,
         max_prepared: ctx.max_prepared_statements,
         end_at_safe_point: !pinned,
     };
-    loop {
-        if held.is_none() {
-            if cbuf.is_empty() {
-                tracked.set_server(None);
-                // Nothing is kept for an idle client: its next bytes are read into a stack
-                // buffer and copied into a fresh one.
-                *cbuf = BytesMut::new();
-                tokio::select! {
-                    read = read_into(socket, cbuf) => match read {
-                        Ok(0) | Err(_) => return Ok(()),
-                        Ok(n) => crate::proxy::count_client_bytes(n),
-                    },
-                    _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
-                }
-            }
-            if cbuf.first() == Some(&b'X') {
-                // Terminate while holding no server: nothing to forward.
-                return Ok(());
-            }
-            if let Some(reply) =
-                crate::txn::answer_without_server(client, cbuf, &ctx.known_statements)
-            {
-                socket.write_all(&reply).await?;
-                socket.flush().await?;
-                continue;
-            }
-            let deadline = Instant::now() + ctx.pool_timeout;
-            let server = tokio::select! {
-                s = Box::pin(ctx.pool.acquire(server_params, deadline)) => s?,
-                _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
-            };
-            *held = Some(Box::new(server));
-        } else if cbuf.is_empty() && client.pins.is_empty() && !*assigned {
-            // The login server: give it back until the client asks for something.
-            if let Some(server) = held.take() {
-                Box::pin(ctx.pool.release_with(*server, true, false)).await;
-            }
-            continue;
+    if held.is_none() {
+        if cbuf.first() == Some(&b'X') {
+            // Terminate while holding no server: nothing to forward.
+            return Ok(Step::Done);
         }
-        let Some(server) = held.as_mut() else {
-            continue;
+        if let Some(reply) = crate::txn::answer_without_server(client, cbuf, &ctx.known_statements)
+        {
+            socket.write_all(&reply).await?;
+            socket.flush().await?;
+            return Ok(Step::Again);
+        }
+        let deadline = Instant::now() + ctx.pool_timeout;
+        let server = tokio::select! {
+            s = ctx.pool.acquire(server_params, deadline) => s?,
+            _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
         };
-        if !*assigned {
-            assign(ctx, cancel_key, server);
-            tracked.set_server(Some(server.backend_pid));
-            *assigned = true;
-            if let Err(e) = Box::pin(sync_session(server, client, socket, out)).await {
-                // The server's state is unknown now: it is closed, never reused.
+        *held = Some(Box::new(server));
+    } else if cbuf.is_empty() && client.pins.is_empty() && !*assigned {
+        // The login server: give it back until the client asks for something.
+        if let Some(server) = held.take() {
+            ctx.pool.release_with(*server, true, false).await;
+        }
+        return Ok(Step::Again);
+    }
+    let Some(server) = held.as_mut() else {
+        return Ok(Step::Again);
+    };
+    if !*assigned {
+        assign(ctx, cancel_key, server);
+        tracked.set_server(Some(server.backend_pid));
+        *assigned = true;
+        if let Err(e) = sync_session(server, client, socket, out).await {
+            // The server's state is unknown now: it is closed, never reused.
+            if let Some(server) = held.take() {
+                give_back(ctx, cancel_key, *server, false, false).await;
+            }
+            *assigned = false;
+            if matches!(e, ProxyError::Canceled(_)) && *sync_failures < SYNC_ATTEMPTS {
+                // Canceled by a statement_timeout the previous session left there: try
+                // another server connection.
+                *sync_failures += 1;
+                return Ok(Step::Again);
+            }
+
+            return Err(e);
+        }
+        *sync_failures = 0;
+    }
+    let pinned = !client.pins.is_empty();
+    if pinned && signal.is_none() {
+        *signal = Some(MoveSignal::new(
+            ctx.pool.credentials().subscribe(),
+            ctx.migrate,
+            ctx.migration_timeout,
+            server,
+        ));
+    }
+    let outcome = run_round(
+        socket,
+        &mut server.stream,
+        &mut server.txn,
+        &mut server.parameter_status,
+        client,
+        cbuf,
+        &config(pinned),
+        if pinned { signal.as_mut() } else { None },
+    )
+    .await;
+    if outcome.end == RoundEnd::SafePoint && outcome.recheck {
+        match Box::pin(crate::migrate::snapshot(server, false)).await {
+            Ok(snap) => learn(server, client, snap),
+            Err(e) => {
                 if let Some(server) = held.take() {
-                    Box::pin(give_back(ctx, cancel_key, *server, false, false)).await;
-                }
-                *assigned = false;
-                if matches!(e, ProxyError::Canceled(_)) && *sync_failures < SYNC_ATTEMPTS {
-                    // Canceled by a statement_timeout the previous session left there: try
-                    // another server connection.
-                    *sync_failures += 1;
-                    continue;
+                    give_back(ctx, cancel_key, *server, false, false).await;
                 }
 
                 return Err(e);
             }
-            *sync_failures = 0;
         }
-        let pinned = !client.pins.is_empty();
-        if pinned && signal.is_none() {
-            *signal = Some(MoveSignal::new(
-                ctx.pool.credentials().subscribe(),
-                ctx.migrate,
-                ctx.migration_timeout,
-                server,
-            ));
-        }
-        // Boxed (one allocation per transaction): an idle client keeps nothing of it.
-        let outcome = Box::pin(run_round(
-            socket,
-            &mut server.stream,
-            &mut server.txn,
-            &mut server.parameter_status,
-            client,
-            cbuf,
-            &config(pinned),
-            if pinned { signal.as_mut() } else { None },
-        ))
-        .await;
-        if outcome.end == RoundEnd::SafePoint && outcome.recheck {
-            match Box::pin(crate::migrate::snapshot(server, false)).await {
-                Ok(snap) => learn(server, client, snap),
-                Err(e) => {
-                    if let Some(server) = held.take() {
-                        Box::pin(give_back(ctx, cancel_key, *server, false, false)).await;
-                    }
-
-                    return Err(e);
+    }
+    match outcome.end {
+        RoundEnd::SafePoint => {
+            if client.pins.is_empty() {
+                *signal = None;
+                if let Some(server) = held.take() {
+                    give_back(ctx, cancel_key, *server, true, false).await;
                 }
+                *assigned = false;
+            } else if let Some(sig) = signal.as_mut()
+                && sig.wanted()
+            {
+                sig.retry_later();
             }
         }
-        match outcome.end {
-            RoundEnd::SafePoint => {
+        RoundEnd::Deadline => {
+            // Idle at the deadline: ask once more whether the state is gone.
+            if outcome.clean
+                && let Ok(snap) = Box::pin(crate::migrate::snapshot(server, false)).await
+            {
+                learn(server, client, snap);
                 if client.pins.is_empty() {
                     *signal = None;
                     if let Some(server) = held.take() {
-                        Box::pin(give_back(ctx, cancel_key, *server, true, false)).await;
+                        give_back(ctx, cancel_key, *server, true, false).await;
                     }
                     *assigned = false;
-                } else if let Some(sig) = signal.as_mut()
-                    && sig.wanted()
-                {
-                    sig.retry_later();
-                }
-            }
-            RoundEnd::Deadline => {
-                // Idle at the deadline: ask once more whether the state is gone.
-                if outcome.clean
-                    && let Ok(snap) = Box::pin(crate::migrate::snapshot(server, false)).await
-                {
-                    learn(server, client, snap);
-                    if client.pins.is_empty() {
-                        *signal = None;
-                        if let Some(server) = held.take() {
-                            Box::pin(give_back(ctx, cancel_key, *server, true, false)).await;
-                        }
-                        *assigned = false;
 
-                        continue;
-                    }
+                    return Ok(Step::Again);
                 }
-                metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
-                if let Some(server) = held.take() {
-                    Box::pin(give_back(ctx, cancel_key, *server, false, false)).await;
-                }
+            }
+            metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
+            if let Some(server) = held.take() {
+                give_back(ctx, cancel_key, *server, false, false).await;
+            }
 
-                return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
-                    &client.pins,
-                    ctx.migration_timeout,
-                )));
+            return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
+                &client.pins,
+                ctx.migration_timeout,
+            )));
+        }
+        end => {
+            let clean =
+                matches!(end, RoundEnd::ClientTerminated | RoundEnd::ClientGone) && outcome.clean;
+            // A pinned client's state (LISTEN, temporary tables, ...) must not reach the
+            // next client: reset then.
+            let reset = !client.pins.is_empty();
+            if let Some(server) = held.take() {
+                give_back(ctx, cancel_key, *server, clean, reset).await;
             }
-            end => {
-                let clean = matches!(end, RoundEnd::ClientTerminated | RoundEnd::ClientGone)
-                    && outcome.clean;
-                // A pinned client's state (LISTEN, temporary tables, ...) must not reach the
-                // next client: reset then.
-                let reset = !client.pins.is_empty();
-                if let Some(server) = held.take() {
-                    Box::pin(give_back(ctx, cancel_key, *server, clean, reset)).await;
-                }
-                return match end {
-                    RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
-                        "client message of {len} bytes exceeds the limit of {} bytes (--max-client-message)",
-                        ctx.max_client_message
-                    ))),
-                    RoundEnd::ClientProtocol(e) => Err(ProxyError::Protocol(e)),
-                    _ => Ok(()),
-                };
-            }
+            return match end {
+                RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
+                    "client message of {len} bytes exceeds the limit of {} bytes (--max-client-message)",
+                    ctx.max_client_message
+                ))),
+                RoundEnd::ClientProtocol(e) => Err(ProxyError::Protocol(e)),
+                _ => Ok(Step::Done),
+            };
         }
     }
+    Ok(Step::Again)
 }
 
 /// The client leaves `server` for good (transaction mode): unassign, then back to the pool

@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-use crate::client::{ClientContext, serve_client};
+use crate::client::{ClientConn, ClientContext, serve_client};
 use crate::error::{ProxyError, Result};
 use crate::protocol::backend;
 use crate::shutdown::Shutdown;
@@ -140,17 +140,15 @@ pub async fn accept_loop(
             });
             continue;
         }
-        let ctx = ctx.clone();
-        let require_password = bound.require_password;
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let span = crate::stats::client_span(peer);
-            tracing::Instrument::instrument(
-                serve_client(socket, peer, require_password, ctx, shutdown),
-                span,
-            )
-            .await;
-        });
+        let conn = ClientConn::new(
+            socket,
+            peer,
+            bound.require_password,
+            ctx.clone(),
+            shutdown.clone(),
+            slot,
+        );
+        let span = crate::stats::client_span(peer);
+        tokio::spawn(tracing::Instrument::instrument(serve_client(conn), span));
     }
 }
