@@ -7,12 +7,21 @@ use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
-/// Where a client's cancel should go right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::server::CancelRoute;
+
+/// Where a client's cancel should go right now: the backend's route (shared with its server
+/// connection) and its real pid and key.
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub route: Arc<CancelRoute>,
     pub pid: i32,
     pub key: i32,
+}
+
+impl CancelTarget {
+    pub fn addr(&self) -> SocketAddr {
+        self.route.addr
+    }
 }
 
 #[derive(Default)]
@@ -78,8 +87,8 @@ impl CancelMap {
     /// returned guard keeps the backend from being reused until the cancel is sent.
     pub fn lookup(&self, pid: i32, key: i32) -> Option<(CancelTarget, InFlightCancel<'_>)> {
         let entries = self.entries.lock().ok()?;
-        let target = entries.get(&(pid, key)).copied().flatten()?;
-        let backend = (target.addr, target.pid);
+        let target = entries.get(&(pid, key)).cloned().flatten()?;
+        let backend = (target.addr(), target.pid);
         *self.in_flight.lock().ok()?.entry(backend).or_insert(0) += 1;
         drop(entries);
         Some((target, InFlightCancel { map: self, backend }))
@@ -142,18 +151,26 @@ mod tests {
         let b = map.register();
         assert_ne!((a.pid, a.key), (b.pid, b.key));
         assert!(map.lookup(a.pid, a.key).is_none());
-        let target = CancelTarget {
+        let dsn = dbcred::Dsn::parse("host=127.0.0.1 user=u sslmode=disable").unwrap();
+        let route = Arc::new(CancelRoute {
             addr: "127.0.0.1:5432".parse().unwrap(),
+            host: "127.0.0.1".into(),
+            policy: dbcred::ServerTlsPolicy::from_dsn(&dsn).unwrap(),
+            tls: false,
+        });
+        let addr = route.addr;
+        a.set_target(Some(CancelTarget {
+            route: route.clone(),
             pid: 77,
             key: 88,
-        };
-        a.set_target(Some(target));
+        }));
         {
             let (found, _guard) = map.lookup(a.pid, a.key).unwrap();
-            assert_eq!(found, target);
-            assert!(map.cancel_in_flight(target.addr, 77));
+            assert!(Arc::ptr_eq(&found.route, &route));
+            assert_eq!((found.pid, found.key), (77, 88));
+            assert!(map.cancel_in_flight(addr, 77));
         }
-        assert!(!map.cancel_in_flight(target.addr, 77));
+        assert!(!map.cancel_in_flight(addr, 77));
         assert!(map.lookup(a.pid, a.key.wrapping_add(1)).is_none());
         let (pid, key) = (a.pid, a.key);
         drop(a);

@@ -2,9 +2,9 @@
 //! authentication, a server connection from the pool, the login replay, the session, and the
 //! release.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -23,10 +23,10 @@ use crate::protocol::frontend::parse_sasl_initial_response;
 use crate::protocol::startup::{StartupParams, StartupRequest, parse_startup, read_startup_packet};
 use crate::proxy::{SessionEnd, run_session};
 use crate::server::ServerConnection;
-use crate::server::{CancelRoute, send_cancel};
+use crate::server::send_cancel;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::tls::{ClientStream, ClientTls, ClientTlsMode, run_session_any};
+use crate::tls::{ClientStream, ClientTls, ClientTlsMode};
 use crate::txn::{ClientSession, RoundConfig, RoundEnd, run_round};
 
 /// Largest SASL message a client may send during login.
@@ -46,7 +46,6 @@ pub struct ClientContext {
     pub client_tls: ClientTls,
     /// How to reach each backend serving a client now, for forwarding cancels (same TLS as
     /// the backend's session).
-    pub cancel_routes: CancelRoutes,
     /// `--pool-mode transaction`.
     pub transaction_mode: bool,
     /// `--migrate` and `--migration-timeout`.
@@ -56,30 +55,6 @@ pub struct ClientContext {
     pub max_prepared_statements: usize,
     /// Statements servers have accepted (transaction mode).
     pub known_statements: crate::txn::KnownStatements,
-}
-
-/// Cancel routes by backend (address, pid), registered while a client holds the backend.
-#[derive(Default)]
-pub struct CancelRoutes {
-    routes: Mutex<HashMap<(SocketAddr, i32), CancelRoute>>,
-}
-
-impl CancelRoutes {
-    fn insert(&self, pid: i32, route: &CancelRoute) {
-        if let Ok(mut m) = self.routes.lock() {
-            m.insert((route.addr, pid), route.clone());
-        }
-    }
-
-    fn remove(&self, addr: SocketAddr, pid: i32) {
-        if let Ok(mut m) = self.routes.lock() {
-            m.remove(&(addr, pid));
-        }
-    }
-
-    fn get(&self, addr: SocketAddr, pid: i32) -> Option<CancelRoute> {
-        self.routes.lock().ok()?.get(&(addr, pid)).cloned()
-    }
 }
 
 /// What the startup phase produced.
@@ -289,15 +264,10 @@ async fn login(
                 *socket = ClientStream::Tls(Box::new(tls));
             }
             StartupRequest::Cancel { pid, key } => {
-                if let Some((target, _in_flight)) = ctx.cancels.lookup(pid, key) {
-                    match ctx.cancel_routes.get(target.addr, target.pid) {
-                        Some(route) => {
-                            if let Err(e) = send_cancel(&route, target.pid, target.key).await {
-                                tracing::debug!(error = %e, "forwarding a cancel request failed");
-                            }
-                        }
-                        None => tracing::debug!("cancel request for a backend no longer in use"),
-                    }
+                if let Some((target, _in_flight)) = ctx.cancels.lookup(pid, key)
+                    && let Err(e) = send_cancel(&target.route, target.pid, target.key).await
+                {
+                    tracing::debug!(error = %e, "forwarding a cancel request failed");
                 }
                 return Ok(Startup::Done);
             }
@@ -417,11 +387,9 @@ async fn authenticate(
 }
 
 /// A server assigned to a client: cancel routing and SHOW CLIENTS follow it.
-fn assign(ctx: &ClientContext, cancel_key: &CancelKey, server: &ServerConnection) {
-    ctx.cancel_routes
-        .insert(server.backend_pid, &server.cancel_route);
+fn assign(cancel_key: &CancelKey, server: &ServerConnection) {
     cancel_key.set_target(Some(CancelTarget {
-        addr: server.peer,
+        route: server.cancel_route.clone(),
         pid: server.backend_pid,
         key: server.backend_key,
     }));
@@ -434,7 +402,6 @@ async fn unassign(ctx: &ClientContext, cancel_key: &CancelKey, server: &ServerCo
     ctx.cancels
         .wait_no_cancel_in_flight(server.peer, server.backend_pid)
         .await;
-    ctx.cancel_routes.remove(server.peer, server.backend_pid);
 }
 
 /// AuthenticationOk, the server's parameters, our cancel key and ReadyForQuery.
@@ -500,7 +467,7 @@ async fn session_login<'a>(
     // If this task panics or is dropped before the release below, the slot is given back.
     let slot = ctx.pool.slot_guard();
     let cancel_key = ctx.cancels.register();
-    assign(ctx, &cancel_key, &server);
+    assign(&cancel_key, &server);
 
     if let Err(e) = Box::pin(replay_login(
         socket,
@@ -527,7 +494,8 @@ async fn session_login<'a>(
 }
 
 /// Session mode: forwards, moves the session to a new server when a rotation asks for it,
-/// and releases.
+/// and releases. While the session forwards, this future is the forwarding loop plus a few
+/// references: everything else happens in boxed futures that are gone once done.
 async fn session(
     socket: &mut ClientStream,
     peer: SocketAddr,
@@ -535,26 +503,23 @@ async fn session(
     mut st: Box<SessClient<'_>>,
     out: &mut BytesMut,
 ) -> Result<()> {
-    let SessClient {
-        tracked,
-        cancel_key,
-        server,
-        initial,
-        ..
-    } = &mut *st;
-
-    let mut signal = (ctx.migrate != MigratePolicy::Never).then(|| {
-        MoveSignal::new(
-            ctx.pool.credentials().subscribe(),
-            ctx.migrate,
-            ctx.migration_timeout,
-            server,
-        )
-    });
-    let mut pins: Vec<&'static str> = Vec::new();
+    let mut moves = Moves {
+        signal: (ctx.migrate != MigratePolicy::Never).then(|| {
+            MoveSignal::new(
+                ctx.pool.credentials().subscribe(),
+                ctx.migrate,
+                ctx.migration_timeout,
+                &st.server,
+            )
+        }),
+        pins: Vec::new(),
+    };
     let ended = loop {
-        // Plaintext on both sides keeps the TcpStream fast path; TLS on either side takes the
-        // generic loop.
+        let SessClient {
+            server, initial, ..
+        } = &mut *st;
+        // Plaintext on both sides keeps the TcpStream fast path; TLS on either side goes
+        // through the stream enums. Both loops are the same code and the same size.
         let outcome = match (&mut *socket, &mut server.stream) {
             (ClientStream::Plain(client), PgStream::Plain(backend)) => {
                 run_session(
@@ -562,72 +527,104 @@ async fn session(
                     backend,
                     ctx.max_client_message,
                     initial,
-                    signal.as_mut(),
+                    moves.signal.as_mut(),
                 )
                 .await
             }
-            // Boxed: TLS sessions are the rarer kind; their loop must not enlarge the others.
             (client, backend) => {
-                Box::pin(run_session_any(
+                run_session(
                     client,
                     backend,
                     ctx.max_client_message,
                     initial,
-                    signal.as_mut(),
-                ))
+                    moves.signal.as_mut(),
+                )
                 .await
             }
         };
         *initial = BytesMut::new();
-        match outcome.end {
-            SessionEnd::SafePoint => {
-                let Some(sig) = signal.as_mut() else {
-                    break Ok(outcome);
-                };
-                match Box::pin(try_move(ctx, server, socket, out)).await {
-                    Ok(Moved::To(new)) => {
-                        Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
-                        sig.rebase(server);
-                        pins.clear();
-                    }
-                    Ok(Moved::Pinned(why)) => {
-                        if pins.is_empty() {
-                            tracing::info!(%peer, reason = why.join(", "), "session cannot move yet; it keeps its server until that state is gone or the migration timeout");
-                        }
-                        pins = why;
-                        sig.retry_later();
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "moving a session failed; it keeps its server and tries again");
-                        metrics::counter!("dbproxy_migrations_total", "result" => "retry")
-                            .increment(1);
-                        sig.retry_later();
-                    }
-                }
-            }
-            SessionEnd::Deadline => {
-                if outcome.server_clean
-                    && let Ok(Moved::To(new)) = Box::pin(try_move(ctx, server, socket, out)).await
-                {
-                    // Idle and no longer pinned at the last moment: move after all.
-                    Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
-                    if let Some(sig) = signal.as_mut() {
-                        sig.rebase(server);
-                    }
-                    pins.clear();
-                    continue;
-                }
-                metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
-                tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
-                break Err(ProxyError::Unmovable(crate::migrate::pinned_message(
-                    &pins,
-                    ctx.migration_timeout,
-                )));
-            }
-            _ => break Ok(outcome),
+        if let ControlFlow::Break(ended) = Box::pin(after_forwarding(
+            socket, peer, ctx, &mut st, out, &mut moves, outcome,
+        ))
+        .await
+        {
+            break ended;
         }
     };
     Box::pin(finish_session(ctx, peer, st, ended)).await
+}
+
+/// A session's migration state: the rotation signal and what pinned it last time.
+struct Moves {
+    signal: Option<MoveSignal>,
+    pins: Vec<&'static str>,
+}
+
+/// The forwarding loop stopped: move the session when it stopped for that (then forward
+/// again), or end it.
+async fn after_forwarding(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    ctx: &ClientContext,
+    st: &mut SessClient<'_>,
+    out: &mut BytesMut,
+    moves: &mut Moves,
+    outcome: crate::proxy::SessionOutcome,
+) -> ControlFlow<Result<crate::proxy::SessionOutcome>> {
+    let SessClient {
+        tracked,
+        cancel_key,
+        server,
+        ..
+    } = st;
+    let Moves { signal, pins } = moves;
+    match outcome.end {
+        SessionEnd::SafePoint => {
+            let Some(sig) = signal.as_mut() else {
+                return ControlFlow::Break(Ok(outcome));
+            };
+            match Box::pin(try_move(ctx, server, socket, out)).await {
+                Ok(Moved::To(new)) => {
+                    Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
+                    sig.rebase(server);
+                    pins.clear();
+                }
+                Ok(Moved::Pinned(why)) => {
+                    if pins.is_empty() {
+                        tracing::info!(%peer, reason = why.join(", "), "session cannot move yet; it keeps its server until that state is gone or the migration timeout");
+                    }
+                    *pins = why;
+                    sig.retry_later();
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "moving a session failed; it keeps its server and tries again");
+                    metrics::counter!("dbproxy_migrations_total", "result" => "retry").increment(1);
+                    sig.retry_later();
+                }
+            }
+            ControlFlow::Continue(())
+        }
+        SessionEnd::Deadline => {
+            if outcome.server_clean
+                && let Ok(Moved::To(new)) = Box::pin(try_move(ctx, server, socket, out)).await
+            {
+                // Idle and no longer pinned at the last moment: move after all.
+                Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
+                if let Some(sig) = signal.as_mut() {
+                    sig.rebase(server);
+                }
+                pins.clear();
+                return ControlFlow::Continue(());
+            }
+            metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
+            tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
+            ControlFlow::Break(Err(ProxyError::Unmovable(crate::migrate::pinned_message(
+                pins,
+                ctx.migration_timeout,
+            ))))
+        }
+        _ => ControlFlow::Break(Ok(outcome)),
+    }
 }
 
 /// The session moves to `new`: cancels in flight for the old server land first, then
@@ -643,7 +640,7 @@ async fn adopt(
     let old = std::mem::replace(server, *new);
     tracked.set_server(Some(server.backend_pid));
     unassign(ctx, cancel_key, &old).await;
-    assign(ctx, cancel_key, server);
+    assign(cancel_key, server);
     tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
     metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
     ctx.pool.release(old, true).await;
@@ -905,7 +902,7 @@ async fn transaction_step(
         return Ok(Step::Again);
     };
     if !*assigned {
-        assign(ctx, cancel_key, server);
+        assign(cancel_key, server);
         tracked.set_server(Some(server.backend_pid));
         *assigned = true;
         if let Err(e) = sync_session(server, client, socket, out).await {

@@ -72,7 +72,8 @@ pub struct RunArgs {
     #[arg(long = "ops-addr", default_value = "0.0.0.0:9432")]
     pub ops_addr: SocketAddr,
 
-    /// Pooling mode; only `session` is supported for now.
+    /// Pooling mode: `session` (a server per client session) or `transaction` (a server per
+    /// transaction; see proxy/POOLING.md).
     #[arg(long = "pool-mode", value_enum, default_value = "session")]
     pub pool_mode: PoolMode,
 

@@ -2,18 +2,17 @@
 //! tracked so the session knows when the server is at a safe point (ReadyForQuery 'I',
 //! nothing in flight) and may be reused.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::migrate::{MoveSignal, StopKind};
 use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
 use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
 use crate::stats::{HotStats, hot};
@@ -47,10 +46,8 @@ pub enum SessionEnd {
     Deadline,
 }
 
-/// What both directions of one session know about the server's state. Atomics only because
-/// the two directions are separate futures of the same task; there is no contention.
-/// Shared by the plaintext loop here and the TLS loop in `tls.rs`, so both track the
-/// protocol (and record metrics) the same way.
+/// What both directions of one session know about the server's state. Only the session's
+/// own task touches it (relaxed atomics, never contended).
 #[derive(Default)]
 pub(crate) struct SessionState {
     /// Messages sent that will be answered by a ReadyForQuery not yet seen.
@@ -217,82 +214,97 @@ pub struct SessionOutcome {
 }
 
 /// Forwards until either side ends the session. `initial` holds client bytes already read
-/// (sent right behind the startup packet).
-pub async fn run_session(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
+/// (sent right behind the startup packet). Plaintext and TLS streams alike: the returned
+/// future owns no read buffer (each read goes through a buffer on the stack) and is a few
+/// hundred bytes, which is what an idle session costs besides its sockets.
+pub fn run_session<'a, C, S>(
+    client: &'a mut C,
+    server: &'a mut S,
     max_client_message: usize,
     initial: &[u8],
-    mut signal: Option<&mut crate::migrate::MoveSignal>,
-) -> SessionOutcome {
-    let state = SessionState::new();
-    let (mut client_read, mut client_write) = client.split();
-    let (mut server_read, mut server_write) = server.split();
-    let mut client_walker = MessageWalker::new();
-    let mut server_walker = MessageWalker::new();
-
-    let end = {
-        let c2s = client_to_server(
-            &mut client_read,
-            &mut server_write,
-            &mut client_walker,
-            &state,
-            max_client_message,
-            initial,
-        );
-        let s2c = server_to_client(
-            &mut server_read,
-            &mut client_write,
-            &mut server_walker,
-            &state,
-        );
-        tokio::pin!(c2s, s2c);
-        let end = select_with_signal(&mut c2s, &mut s2c, &state, &mut signal).await;
-        if end == SessionEnd::ClientTerminated && state.pending.load(Relaxed) > 0 {
-            // The client sent Terminate right behind queries (it may not read the answers,
-            // but PostgreSQL would have sent them): deliver them, briefly, then end.
-            state.draining.store(true, Relaxed);
-            match tokio::time::timeout(DRAIN_TIMEOUT, &mut s2c).await {
-                Ok(SessionEnd::ClientTerminated) | Err(_) => SessionEnd::ClientTerminated,
-                Ok(other) => other,
-            }
-        } else {
-            end
-        }
-    };
-    let server_clean = state.server_clean(&end, &client_walker, &server_walker);
-    SessionOutcome { end, server_clean }
-}
-
-/// Runs both directions until one ends, or until a stop asked by `signal` finds the session
-/// where it may stop (directions that are behind check again after each chunk).
-pub(crate) async fn select_with_signal<A, B>(
-    c2s: &mut Pin<&mut A>,
-    s2c: &mut Pin<&mut B>,
-    state: &SessionState,
-    signal: &mut Option<&mut crate::migrate::MoveSignal>,
-) -> SessionEnd
+    signal: Option<&'a mut MoveSignal>,
+) -> Pump<'a, C, S>
 where
-    A: std::future::Future<Output = SessionEnd>,
-    B: std::future::Future<Output = SessionEnd>,
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    loop {
-        let stop = async {
-            match signal.as_deref_mut() {
-                Some(s) => s.wait().await,
-                None => std::future::pending().await,
+    let mut pump = Pump {
+        client,
+        server,
+        state: SessionState::new(),
+        client_walker: MessageWalker::new(),
+        server_walker: MessageWalker::new(),
+        to_server: Outbox::default(),
+        to_client: Outbox::default(),
+        verdict: ClientVerdict::Continue,
+        max_client_message,
+        client_done: false,
+        early_end: None,
+        stop: signal.map(wait_owned),
+        drain: None,
+    };
+    if !initial.is_empty() {
+        // Bytes the client sent right behind its startup packet (pipelining clients).
+        match inspect_client(
+            &mut pump.client_walker,
+            &pump.state,
+            max_client_message,
+            &mut pump.verdict,
+            initial,
+        ) {
+            Ok((forward, stop)) => {
+                pump.to_server.bytes.extend_from_slice(&initial[..forward]);
+                pump.to_server.flush = true;
+                pump.client_done = stop;
+                pump.state.c2s_writing.store(true, Relaxed);
+                pump.state
+                    .client_partial
+                    .store(!pump.client_walker.at_boundary(), Relaxed);
             }
-        };
-        tokio::select! {
-            end = c2s.as_mut() => return end,
-            end = s2c.as_mut() => return end,
-            kind = stop => {
-                if let Some(end) = state.request_stop(kind) {
-                    return end;
-                }
-            }
+            Err(e) => pump.early_end = Some(SessionEnd::ClientProtocol(e)),
         }
     }
+    pump
+}
+
+/// A boxed wait on the move signal that hands the signal back when it fires.
+type StopWait<'a> = Pin<Box<dyn Future<Output = (StopKind, &'a mut MoveSignal)> + Send + 'a>>;
+
+fn wait_owned(signal: &mut MoveSignal) -> StopWait<'_> {
+    Box::pin(async move {
+        let kind = signal.wait().await;
+        (kind, signal)
+    })
+}
+
+/// Bytes read from one side that the other side's socket has not taken yet.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    /// Written but not flushed (TLS keeps records until flushed).
+    flush: bool,
+}
+
+/// The forwarding loop of one session, as a hand-written future: both directions, the move
+/// signal and the drain after Terminate are polled from one place, and all the state of a
+/// session between messages is these fields.
+pub struct Pump<'a, C, S> {
+    client: &'a mut C,
+    server: &'a mut S,
+    state: SessionState,
+    client_walker: MessageWalker,
+    server_walker: MessageWalker,
+    to_server: Outbox,
+    to_client: Outbox,
+    verdict: ClientVerdict,
+    max_client_message: usize,
+    /// The client sent Terminate (or an oversized message): nothing more is read from it.
+    client_done: bool,
+    /// The bytes behind the startup packet were not a valid message stream.
+    early_end: Option<SessionEnd>,
+    stop: Option<StopWait<'a>>,
+    /// After Terminate, replies still owed are delivered until this fires.
+    drain: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Which side of a forwarding step failed.
@@ -302,62 +314,243 @@ enum Failure {
     Invalid(String),
 }
 
-/// One read from `src` into a stack buffer, inspected by `inspect` (which returns how many
-/// bytes to forward and whether to stop after them), then written to `dst` without
-/// blocking; whatever the socket does not take goes to `backlog`.
-async fn read_and_forward<F>(
-    src: &mut ReadHalf<'_>,
-    dst: &WriteHalf<'_>,
-    backlog: &mut Vec<u8>,
-    mut inspect: F,
-) -> Result<Option<bool>, Failure>
-where
-    F: FnMut(&[u8]) -> Result<(usize, bool), String>,
-{
-    poll_fn(|cx| {
-        let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
-        let mut buf = ReadBuf::uninit(&mut chunk);
-        match Pin::new(&mut *src).poll_read(cx, &mut buf) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(_)) => Poll::Ready(Err(Failure::Read)),
-            Poll::Ready(Ok(())) => {
-                let data = buf.filled();
-                if data.is_empty() {
-                    return Poll::Ready(Ok(None));
-                }
-                let (forward, stop) = match inspect(data) {
-                    Ok(v) => v,
-                    Err(e) => return Poll::Ready(Err(Failure::Invalid(e))),
-                };
-                let data = &data[..forward];
-                if !data.is_empty() {
-                    let written = if backlog.is_empty() {
-                        match dst.try_write(data) {
-                            Ok(n) => n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                            Err(_) => return Poll::Ready(Err(Failure::Write)),
-                        }
-                    } else {
-                        0
-                    };
-                    backlog.extend_from_slice(&data[written..]);
-                }
-                Poll::Ready(Ok(Some(stop)))
+/// Writes `out` to `dst` until it is empty and flushed, or the socket is full.
+fn poll_deliver<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    out: &mut Outbox,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while !out.bytes.is_empty() {
+        match Pin::new(&mut *dst).poll_write(cx, &out.bytes) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                out.bytes.drain(..n);
             }
-        }
-    })
-    .await
-}
-
-async fn flush_backlog(dst: &mut WriteHalf<'_>, backlog: &mut Vec<u8>) -> io::Result<()> {
-    if !backlog.is_empty() {
-        dst.write_all(backlog).await?;
-        backlog.clear();
-        if backlog.capacity() > KEEP_BACKLOG {
-            *backlog = Vec::new();
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
         }
     }
-    Ok(())
+    if out.bytes.capacity() > KEEP_BACKLOG {
+        out.bytes = Vec::new();
+    }
+    if out.flush {
+        std::task::ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+        out.flush = false;
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// One read from `src` through a stack buffer, inspected by `inspect` (how many bytes to
+/// forward, and whether to stop after them), then written to `dst` as far as it takes them;
+/// the rest waits in `out`. Ready(None): end of stream.
+fn poll_relay<R, W, F>(
+    src: &mut R,
+    dst: &mut W,
+    out: &mut Outbox,
+    cx: &mut Context<'_>,
+    inspect: F,
+) -> Poll<Result<Option<bool>, Failure>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    F: FnOnce(&[u8]) -> Result<(usize, bool), String>,
+{
+    let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+    let mut buf = ReadBuf::uninit(&mut chunk);
+    match Pin::new(&mut *src).poll_read(cx, &mut buf) {
+        Poll::Pending => return Poll::Pending,
+        Poll::Ready(Err(_)) => return Poll::Ready(Err(Failure::Read)),
+        Poll::Ready(Ok(())) => {}
+    }
+    let data = buf.filled();
+    if data.is_empty() {
+        return Poll::Ready(Ok(None));
+    }
+    let (forward, stop) = inspect(data).map_err(Failure::Invalid)?;
+    let data = &data[..forward];
+    if !data.is_empty() {
+        out.flush = true;
+        let written = match Pin::new(&mut *dst).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(Failure::Write)),
+            // Registered for writability; the rest waits in `out`.
+            Poll::Pending => 0,
+        };
+        out.bytes.extend_from_slice(&data[written..]);
+    }
+    Poll::Ready(Ok(Some(stop)))
+}
+
+impl<C, S> Pump<'_, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn client_end(&self) -> SessionEnd {
+        match self.verdict {
+            ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
+            _ => SessionEnd::ClientTerminated,
+        }
+    }
+
+    /// Client to server until the client has nothing more or the server takes no more.
+    /// Partial writes are finished before the next read: backpressure.
+    fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        loop {
+            if !self.to_server.bytes.is_empty() || self.to_server.flush {
+                self.state.c2s_writing.store(true, Relaxed);
+                match poll_deliver(&mut *self.server, &mut self.to_server, cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(SessionEnd::ServerGone),
+                    Poll::Ready(Ok(())) => self.state.c2s_writing.store(false, Relaxed),
+                }
+            }
+            if self.client_done {
+                return Poll::Ready(self.client_end());
+            }
+            let (walker, state, verdict, max) = (
+                &mut self.client_walker,
+                &self.state,
+                &mut self.verdict,
+                self.max_client_message,
+            );
+            let read = poll_relay(
+                &mut *self.client,
+                &mut *self.server,
+                &mut self.to_server,
+                cx,
+                |data| inspect_client(walker, state, max, verdict, data),
+            );
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Some(stop))) => {
+                    self.state
+                        .client_partial
+                        .store(!self.client_walker.at_boundary(), Relaxed);
+                    self.client_done = stop;
+                }
+                Poll::Ready(Ok(None) | Err(Failure::Read)) => {
+                    return Poll::Ready(SessionEnd::ClientGone);
+                }
+                Poll::Ready(Err(Failure::Write)) => return Poll::Ready(SessionEnd::ServerGone),
+                Poll::Ready(Err(Failure::Invalid(e))) => {
+                    self.state
+                        .client_partial
+                        .store(!self.client_walker.at_boundary(), Relaxed);
+                    return Poll::Ready(SessionEnd::ClientProtocol(e));
+                }
+            }
+        }
+    }
+
+    /// Server to client, with the end checks after each chunk delivered.
+    fn poll_server(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        let hot = hot();
+        loop {
+            if !self.to_client.bytes.is_empty() || self.to_client.flush {
+                self.state.s2c_writing.store(true, Relaxed);
+                match poll_deliver(&mut *self.client, &mut self.to_client, cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(SessionEnd::ClientGone),
+                    Poll::Ready(Ok(())) => self.state.s2c_writing.store(false, Relaxed),
+                }
+            }
+            if self.state.draining.load(Relaxed)
+                && self.state.pending.load(Relaxed) == 0
+                && self.server_walker.at_boundary()
+            {
+                return Poll::Ready(SessionEnd::ClientTerminated);
+            }
+            if let Some(end) = self.state.stop_after_chunk() {
+                return Poll::Ready(end);
+            }
+            let (walker, state) = (&mut self.server_walker, &self.state);
+            let read = poll_relay(
+                &mut *self.server,
+                &mut *self.client,
+                &mut self.to_client,
+                cx,
+                |data| {
+                    inspect_server(walker, state, hot, data)?;
+                    Ok((data.len(), false))
+                },
+            );
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Some(_))) => self
+                    .state
+                    .server_partial
+                    .store(!self.server_walker.at_boundary(), Relaxed),
+                Poll::Ready(Ok(None) | Err(Failure::Read | Failure::Invalid(_))) => {
+                    return Poll::Ready(SessionEnd::ServerGone);
+                }
+                Poll::Ready(Err(Failure::Write)) => return Poll::Ready(SessionEnd::ClientGone),
+            }
+        }
+    }
+
+    /// The move signal: a stop it asks for ends the session now if the session is where it
+    /// may stop; otherwise the directions check after each chunk.
+    fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        while let Some(wait) = self.stop.as_mut() {
+            let (kind, signal) = std::task::ready!(wait.as_mut().poll(cx));
+            self.stop = Some(wait_owned(signal));
+            if let Some(end) = self.state.request_stop(kind) {
+                return Poll::Ready(end);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        if let Some(end) = self.early_end.take() {
+            return Poll::Ready(end);
+        }
+        if self.drain.is_some() {
+            if let Poll::Ready(end) = self.poll_server(cx) {
+                return Poll::Ready(end);
+            }
+            return match self.drain.as_mut() {
+                Some(drain) => drain
+                    .as_mut()
+                    .poll(cx)
+                    .map(|()| SessionEnd::ClientTerminated),
+                None => Poll::Pending,
+            };
+        }
+        match self.poll_client(cx) {
+            Poll::Ready(SessionEnd::ClientTerminated) if self.state.pending.load(Relaxed) > 0 => {
+                // The client sent Terminate right behind queries (it may not read the
+                // answers, but PostgreSQL would have sent them): deliver them, briefly.
+                self.state.draining.store(true, Relaxed);
+                self.drain = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
+                return self.poll_end(cx);
+            }
+            Poll::Ready(end) => return Poll::Ready(end),
+            Poll::Pending => {}
+        }
+        if let Poll::Ready(end) = self.poll_server(cx) {
+            return Poll::Ready(end);
+        }
+        self.poll_stop(cx)
+    }
+}
+
+impl<C, S> Future for Pump<'_, C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = SessionOutcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionOutcome> {
+        let this = self.get_mut();
+        let end = std::task::ready!(this.poll_end(cx));
+        let server_clean = this
+            .state
+            .server_clean(&end, &this.client_walker, &this.server_walker);
+        Poll::Ready(SessionOutcome { end, server_clean })
+    }
 }
 
 /// Walks client bytes: counts replies owed, notes extended-protocol state, and stops before
@@ -438,64 +631,6 @@ pub(crate) enum ClientVerdict {
     TooLarge(usize),
 }
 
-async fn client_to_server(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    walker: &mut MessageWalker,
-    state: &SessionState,
-    max_message: usize,
-    initial: &[u8],
-) -> SessionEnd {
-    let mut backlog = Vec::new();
-    let mut verdict = ClientVerdict::Continue;
-    if !initial.is_empty() {
-        // Bytes the client sent right behind its startup packet (pipelining clients).
-        match inspect_client(walker, state, max_message, &mut verdict, initial) {
-            Ok((forward, stop)) => {
-                if dst.write_all(&initial[..forward]).await.is_err() {
-                    return SessionEnd::ServerGone;
-                }
-                if stop {
-                    return match verdict {
-                        ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
-                        _ => SessionEnd::ClientTerminated,
-                    };
-                }
-            }
-            Err(e) => return SessionEnd::ClientProtocol(e),
-        }
-    }
-    loop {
-        let read = read_and_forward(src, dst, &mut backlog, |data| {
-            inspect_client(walker, state, max_message, &mut verdict, data)
-        })
-        .await;
-        state.client_partial.store(!walker.at_boundary(), Relaxed);
-        match read {
-            Ok(Some(stop)) => {
-                // Partial writes wait here, before the next read: backpressure.
-                if !backlog.is_empty() {
-                    state.c2s_writing.store(true, Relaxed);
-                    let flushed = flush_backlog(dst, &mut backlog).await;
-                    state.c2s_writing.store(false, Relaxed);
-                    if flushed.is_err() {
-                        return SessionEnd::ServerGone;
-                    }
-                }
-                if stop {
-                    return match verdict {
-                        ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
-                        _ => SessionEnd::ClientTerminated,
-                    };
-                }
-            }
-            Ok(None) | Err(Failure::Read) => return SessionEnd::ClientGone,
-            Err(Failure::Write) => return SessionEnd::ServerGone,
-            Err(Failure::Invalid(e)) => return SessionEnd::ClientProtocol(e),
-        }
-    }
-}
-
 /// Walks server bytes: records each ReadyForQuery's status, settles the replies owed and
 /// times queries and transactions.
 pub(crate) fn inspect_server(
@@ -521,47 +656,4 @@ pub(crate) fn inspect_server(
         })
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-async fn server_to_client(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    walker: &mut MessageWalker,
-    state: &SessionState,
-) -> SessionEnd {
-    let mut backlog = Vec::new();
-    let hot = hot();
-    loop {
-        let read = read_and_forward(src, dst, &mut backlog, |data| {
-            inspect_server(walker, state, hot, data)?;
-            Ok((data.len(), false))
-        })
-        .await;
-        state.server_partial.store(!walker.at_boundary(), Relaxed);
-        match read {
-            Ok(Some(_)) => {
-                if !backlog.is_empty() {
-                    state.s2c_writing.store(true, Relaxed);
-                    let flushed = flush_backlog(dst, &mut backlog).await;
-                    state.s2c_writing.store(false, Relaxed);
-                    if flushed.is_err() {
-                        return SessionEnd::ClientGone;
-                    }
-                }
-                if state.draining.load(Relaxed)
-                    && state.pending.load(Relaxed) == 0
-                    && walker.at_boundary()
-                {
-                    return SessionEnd::ClientTerminated;
-                }
-                if let Some(end) = state.stop_after_chunk() {
-                    return end;
-                }
-            }
-            Ok(None) | Err(Failure::Read) | Err(Failure::Invalid(_)) => {
-                return SessionEnd::ServerGone;
-            }
-            Err(Failure::Write) => return SessionEnd::ClientGone,
-        }
-    }
 }

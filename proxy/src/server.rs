@@ -107,7 +107,7 @@ pub struct ServerConnection {
     pub created: Instant,
     pub idle_since: Instant,
     /// Where cancels for this backend go, and how.
-    pub cancel_route: CancelRoute,
+    pub cancel_route: Arc<CancelRoute>,
     role: Option<String>,
     /// `user@hosts/db` of the generation that opened it: a rotation that changes this moves
     /// sessions (`--migrate changed`).
@@ -453,7 +453,7 @@ impl ServerConnection {
             peer: addr,
             created: now,
             idle_since: now,
-            cancel_route: route,
+            cancel_route: Arc::new(route),
             role: generation.role.clone(),
             target: crate::credentials::describe_dsn(dsn).into(),
             txn: Default::default(),

@@ -142,7 +142,6 @@ pub async fn run(
             args.client_tls_key.as_deref(),
             Duration::from_secs(args.poll_interval.max(1)),
         )?,
-        cancel_routes: Default::default(),
         transaction_mode: args.pool_mode == PoolMode::Transaction,
         migrate: args.migrate,
         migration_timeout: Duration::from_secs(args.migration_timeout),

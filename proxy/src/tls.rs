@@ -1,24 +1,14 @@
-//! TLS on the proxy's two links: the client-facing stream after an SSLRequest, the client TLS
-//! mode (`--client-tls`), and the forwarding loop used when either side is encrypted.
-//!
-//! Plaintext on both sides keeps the specialised TcpStream loop in `proxy`; this loop works on
-//! any stream and is only taken when TLS is involved, where encryption dominates the cost.
+//! TLS on the proxy's client-facing link: the stream after an SSLRequest and the client TLS
+//! mode (`--client-tls`). The session loop (`proxy::run_session`) works on these streams as
+//! on plain sockets.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use clap::ValueEnum;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-
-use crate::protocol::framing::MessageWalker;
-use crate::proxy::{
-    ClientVerdict, DRAIN_TIMEOUT, SessionEnd, SessionOutcome, SessionState, inspect_client,
-    inspect_server,
-};
-use crate::stats::hot;
 
 /// `--client-tls`: what the listener does with SSLRequest, like a server's `ssl` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,142 +90,6 @@ impl AsyncWrite for ClientStream {
             ClientStream::Closed => Poll::Ready(Ok(())),
         }
     }
-}
-
-/// Size of one read; TLS records are at most 16 kB of plaintext.
-const CHUNK: usize = 16 * 1024;
-
-/// Forwards between a client and a server when at least one of them is TLS, with the same
-/// session-end and reuse rules as `proxy::run_session`.
-pub async fn run_session_any<C, S>(
-    client: &mut C,
-    server: &mut S,
-    max_client_message: usize,
-    initial: &[u8],
-    mut signal: Option<&mut crate::migrate::MoveSignal>,
-) -> SessionOutcome
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let state = SessionState::new();
-    let hot = hot();
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = tokio::io::split(server);
-    let mut client_walker = MessageWalker::new();
-    let mut server_walker = MessageWalker::new();
-
-    let end = {
-        let c2s = async {
-            let mut verdict = ClientVerdict::Continue;
-            let finish = |verdict: &ClientVerdict| match verdict {
-                ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(*len),
-                _ => SessionEnd::ClientTerminated,
-            };
-            if !initial.is_empty() {
-                match inspect_client(
-                    &mut client_walker,
-                    &state,
-                    max_client_message,
-                    &mut verdict,
-                    initial,
-                ) {
-                    Ok((forward, stop)) => {
-                        if write_flush(&mut server_write, &initial[..forward])
-                            .await
-                            .is_err()
-                        {
-                            return SessionEnd::ServerGone;
-                        }
-                        if stop {
-                            return finish(&verdict);
-                        }
-                    }
-                    Err(e) => return SessionEnd::ClientProtocol(e),
-                }
-            }
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = match client_read.read(&mut buf).await {
-                    Ok(0) | Err(_) => return SessionEnd::ClientGone,
-                    Ok(n) => n,
-                };
-                let (forward, stop) = match inspect_client(
-                    &mut client_walker,
-                    &state,
-                    max_client_message,
-                    &mut verdict,
-                    &buf[..n],
-                ) {
-                    Ok(v) => v,
-                    Err(e) => return SessionEnd::ClientProtocol(e),
-                };
-                state
-                    .client_partial
-                    .store(!client_walker.at_boundary(), Relaxed);
-                if forward > 0 {
-                    state.c2s_writing.store(true, Relaxed);
-                    let written = write_flush(&mut server_write, &buf[..forward]).await;
-                    state.c2s_writing.store(false, Relaxed);
-                    if written.is_err() {
-                        return SessionEnd::ServerGone;
-                    }
-                }
-                if stop {
-                    return finish(&verdict);
-                }
-            }
-        };
-        let s2c = async {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = match server_read.read(&mut buf).await {
-                    Ok(0) | Err(_) => return SessionEnd::ServerGone,
-                    Ok(n) => n,
-                };
-                if inspect_server(&mut server_walker, &state, hot, &buf[..n]).is_err() {
-                    return SessionEnd::ServerGone;
-                }
-                state
-                    .server_partial
-                    .store(!server_walker.at_boundary(), Relaxed);
-                state.s2c_writing.store(true, Relaxed);
-                let written = write_flush(&mut client_write, &buf[..n]).await;
-                state.s2c_writing.store(false, Relaxed);
-                if written.is_err() {
-                    return SessionEnd::ClientGone;
-                }
-                if state.draining.load(Relaxed)
-                    && state.pending.load(Relaxed) == 0
-                    && server_walker.at_boundary()
-                {
-                    return SessionEnd::ClientTerminated;
-                }
-                if let Some(end) = state.stop_after_chunk() {
-                    return end;
-                }
-            }
-        };
-        tokio::pin!(c2s, s2c);
-        let end = crate::proxy::select_with_signal(&mut c2s, &mut s2c, &state, &mut signal).await;
-        if end == SessionEnd::ClientTerminated && state.pending.load(Relaxed) > 0 {
-            state.draining.store(true, Relaxed);
-            match tokio::time::timeout(DRAIN_TIMEOUT, &mut s2c).await {
-                Ok(SessionEnd::ClientTerminated) | Err(_) => SessionEnd::ClientTerminated,
-                Ok(other) => other,
-            }
-        } else {
-            end
-        }
-    };
-    let server_clean = state.server_clean(&end, &client_walker, &server_walker);
-    SessionOutcome { end, server_clean }
-}
-
-/// Writes everything and flushes: a TLS stream may keep records buffered until flushed.
-async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> io::Result<()> {
-    w.write_all(data).await?;
-    w.flush().await
 }
 
 /// The listener's TLS settings: the mode, and the certificate when TLS is offered.

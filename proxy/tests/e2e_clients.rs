@@ -714,3 +714,162 @@ async fn session_user_soon(client: &tokio_postgres::Client, want: &str) -> anyho
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Megabytes each way through one session: a COPY upload as fast as the client can send, then
+/// a result far larger than the socket buffers read by a client that reads slowly. The proxy
+/// holds what a socket does not take and reads no more from that side until it is delivered;
+/// every byte arrives in order, and another client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_transfers_with_backpressure_both_ways() -> anyhow::Result<()> {
+    const ROWS: i64 = 2_000;
+    const WIDTH: usize = 32 * 300;
+    let db = AppCluster::start("big").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+
+    // Client to server: ~19 MB of COPY data.
+    let client = proxy.connect().await?;
+    client
+        .batch_execute("CREATE TABLE big_in (n int8, line text)")
+        .await?;
+    let sink = client.copy_in("COPY big_in (n, line) FROM STDIN").await?;
+    pin_mut!(sink);
+    for n in 0..ROWS {
+        let fill = char::from(b'a' + (n % 26) as u8);
+        let line = format!("{n}\t{}\n", fill.to_string().repeat(WIDTH));
+        sink.send(Bytes::from(line)).await?;
+    }
+    let copied = sink.finish().await?;
+    assert_eq!(copied, ROWS as u64);
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT n), sum(length(line))::int8,
+                    bool_and(line = repeat(chr(97 + (n % 26)::int), length(line)))
+               FROM big_in",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, i64>(0), ROWS);
+    assert_eq!(row.get::<_, i64>(1), ROWS);
+    assert_eq!(row.get::<_, i64>(2), ROWS * WIDTH as i64);
+    assert!(row.get::<_, bool>(3), "a COPY line arrived altered");
+
+    // Server to client: ~19 MB read 16 kB at a time with pauses, on a raw socket so nothing
+    // buffers ahead of the reader.
+    let mut slow = raw_connect(proxy.port()).await;
+    slow.write_all(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", "x"), ("database", "x")],
+    ))
+    .await?;
+    loop {
+        let (tag, body) = read_message(&mut slow).await.expect("login");
+        assert_ne!(
+            tag,
+            b'E',
+            "login failed: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if tag == b'Z' {
+            break;
+        }
+    }
+    let sql = format!(
+        "SELECT i, repeat(md5(i::text), {}) FROM generate_series(1, {ROWS}) i\0",
+        WIDTH / 32
+    );
+    let mut q = vec![b'Q'];
+    q.extend(((sql.len() + 4) as u32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    slow.write_all(&q).await?;
+
+    let other = proxy.connect().await?;
+    let reader = async {
+        let mut next = 1i64;
+        let mut buffered = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut reads = 0u32;
+        loop {
+            // Parse what is complete, then read a little more.
+            while buffered.len() >= 5 {
+                let len = u32::from_be_bytes(buffered[1..5].try_into().unwrap()) as usize;
+                if buffered.len() < 1 + len {
+                    break;
+                }
+                let msg: Vec<u8> = buffered.drain(..1 + len).collect();
+                match msg[0] {
+                    b'D' => {
+                        let (i, text) = data_row_pair(&msg[5..]);
+                        assert_eq!(i, next.to_string(), "rows out of order");
+                        assert_eq!(text.len(), WIDTH);
+                        assert!(
+                            text.chunks(32).all(|c| c == &text[..32]),
+                            "row {i} arrived altered"
+                        );
+                        next += 1;
+                    }
+                    b'Z' => return next - 1,
+                    b'E' => panic!("query failed: {}", String::from_utf8_lossy(&msg)),
+                    _ => {}
+                }
+            }
+            let n = slow.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "proxy closed the connection mid-result");
+            buffered.extend_from_slice(&chunk[..n]);
+            reads += 1;
+            if reads.is_multiple_of(4) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    // While the slow reader holds its session back, another session is served.
+    let meanwhile = async {
+        for k in 0..50i32 {
+            let row = other.query_one("SELECT $1::int4 * 2", &[&k]).await?;
+            assert_eq!(row.get::<_, i32>(0), k * 2);
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    let (rows, served) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(reader, meanwhile)
+    })
+    .await
+    .expect("large transfers through the proxy timed out");
+    served?;
+    assert_eq!(rows, ROWS);
+
+    // The slow session is still in step afterwards.
+    let sql = b"SELECT 42\0";
+    let mut q = vec![b'Q'];
+    q.extend(((sql.len() + 4) as u32).to_be_bytes());
+    q.extend_from_slice(sql);
+    slow.write_all(&q).await?;
+    let mut saw = None;
+    loop {
+        let (tag, body) = read_message(&mut slow)
+            .await
+            .expect("after the large result");
+        match tag {
+            b'D' => saw = Some(body),
+            b'Z' => break,
+            b'E' => panic!("{}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+    assert!(saw.expect("no row").ends_with(b"42"));
+    Ok(())
+}
+
+/// The two text columns of a DataRow.
+fn data_row_pair(body: &[u8]) -> (String, Vec<u8>) {
+    let mut at = 2;
+    let mut cols = Vec::new();
+    for _ in 0..2 {
+        let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+        at += 4;
+        cols.push(body[at..at + len].to_vec());
+        at += len;
+    }
+    let text = cols.pop().unwrap();
+    (String::from_utf8(cols.pop().unwrap()).unwrap(), text)
+}
