@@ -10,7 +10,7 @@ use crate::credentials::Credentials;
 use crate::error::{ProxyError, Result};
 use crate::server::{ServerConnection, ServerParams};
 use crate::shutdown::Shutdown;
-use crate::stats::{ServerEntry, ServerState, Stats};
+use crate::stats::{Names, ServerEntry, ServerState, Stats};
 
 /// Limits and timeouts of the pool.
 #[derive(Debug, Clone)]
@@ -357,13 +357,15 @@ impl Pool {
                     self.stats.registry.add_server(ServerEntry {
                         id,
                         generation: server.generation,
-                        user: generation.dsn.user().unwrap_or("").to_owned(),
-                        database: generation
-                            .dsn
-                            .dbname()
-                            .or(generation.dsn.user())
-                            .unwrap_or("")
-                            .to_owned(),
+                        names: Names::new(
+                            generation.dsn.user().unwrap_or(""),
+                            generation
+                                .dsn
+                                .dbname()
+                                .or(generation.dsn.user())
+                                .unwrap_or(""),
+                            "",
+                        ),
                         addr: server.peer,
                         backend_pid: server.backend_pid,
                         state: ServerState::Active,

@@ -206,13 +206,50 @@ impl ServerState {
     }
 }
 
+/// A connection's user, database and application name, in one allocation: the registry
+/// holds an entry per connection, so its size is per-client memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names(Box<str>);
+
+impl Names {
+    /// PostgreSQL names cannot contain NUL (the protocol terminates them with it), so it
+    /// separates the parts.
+    pub fn new(user: &str, database: &str, application_name: &str) -> Names {
+        let parts = [user, database, application_name];
+        let mut joined = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for (i, part) in parts.into_iter().enumerate() {
+            if i > 0 {
+                joined.push('\0');
+            }
+            joined.extend(part.chars().filter(|&c| c != '\0'));
+        }
+        Names(joined.into_boxed_str())
+    }
+
+    fn part(&self, i: usize) -> &str {
+        self.0.split('\0').nth(i).unwrap_or("")
+    }
+
+    pub fn user(&self) -> &str {
+        self.part(0)
+    }
+
+    pub fn database(&self) -> &str {
+        self.part(1)
+    }
+
+    pub fn application_name(&self) -> &str {
+        self.part(2)
+    }
+}
+
 /// One server connection as the admin console shows it.
 #[derive(Debug, Clone)]
 pub struct ServerEntry {
     pub id: u64,
     pub generation: u64,
-    pub user: String,
-    pub database: String,
+    /// User and database (no application name).
+    pub names: Names,
     pub addr: SocketAddr,
     pub backend_pid: i32,
     pub state: ServerState,
@@ -233,9 +270,8 @@ pub enum ClientState {
 #[derive(Debug, Clone)]
 pub struct ClientEntry {
     pub id: u64,
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+    /// What the client sent (the server side uses the DSN's user and database).
+    pub names: Names,
     pub addr: SocketAddr,
     pub state: ClientState,
     pub connect_time: SystemTime,
@@ -393,9 +429,7 @@ mod tests {
         {
             let g = r.add_client(ClientEntry {
                 id,
-                user: "u".into(),
-                database: "d".into(),
-                application_name: String::new(),
+                names: Names::new("u", "d", ""),
                 addr,
                 state: ClientState::Waiting,
                 connect_time: SystemTime::now(),
@@ -409,11 +443,15 @@ mod tests {
             assert_eq!(c[0].server_pid, Some(42));
         }
         assert!(r.clients().is_empty());
+        let names = Names::new("us\0er", "", "app");
+        assert_eq!(
+            (names.user(), names.database(), names.application_name()),
+            ("user", "", "app")
+        );
         r.add_server(ServerEntry {
             id: r.next_id(),
             generation: 1,
-            user: "u".into(),
-            database: "d".into(),
+            names: Names::new("u", "d", ""),
             addr,
             backend_pid: 7,
             state: ServerState::Active,

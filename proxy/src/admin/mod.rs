@@ -18,7 +18,7 @@ use crate::error::{ProxyError, Result};
 use crate::protocol::backend;
 use crate::protocol::framing::read_message;
 use crate::protocol::startup::StartupParams;
-use crate::stats::{ClientEntry, ClientGuard, ClientState};
+use crate::stats::{ClientEntry, ClientGuard, ClientState, Names};
 
 /// Database names that open the admin console.
 pub const ADMIN_DATABASES: [&str; 2] = ["pgbouncer", "dbproxy"];
@@ -97,14 +97,16 @@ fn client_entry(
     let now = SystemTime::now();
     ClientEntry {
         id,
-        user: params.user.clone().unwrap_or_default(),
-        database: params.database.clone().unwrap_or_default(),
-        application_name: params
-            .forwarded
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
+        names: Names::new(
+            params.user.as_deref().unwrap_or_default(),
+            params.database.as_deref().unwrap_or_default(),
+            params
+                .forwarded
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_default(),
+        ),
         addr: peer,
         state,
         connect_time: now,

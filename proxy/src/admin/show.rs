@@ -153,8 +153,8 @@ fn clients(ctx: &ClientContext, out: &mut BytesMut) {
                 .unwrap_or_default();
             vec![
                 "C".into(),
-                c.user,
-                c.database,
+                c.names.user().to_owned(),
+                c.names.database().to_owned(),
                 "none".into(),
                 state.into(),
                 c.addr.ip().to_string(),
@@ -170,7 +170,7 @@ fn clients(ctx: &ClientContext, out: &mut BytesMut) {
                 link,
                 "0".into(),
                 String::new(),
-                c.application_name,
+                c.names.application_name().to_owned(),
                 "0".into(),
                 c.id.to_string(),
             ]
@@ -196,8 +196,8 @@ fn servers(ctx: &ClientContext, out: &mut BytesMut) {
                 .unwrap_or_default();
             vec![
                 "S".into(),
-                s.user,
-                s.database,
+                s.names.user().to_owned(),
+                s.names.database().to_owned(),
                 "none".into(),
                 s.state.name().into(),
                 s.addr.ip().to_string(),
