@@ -20,9 +20,6 @@ use crate::stats::{HotStats, hot};
 /// Size of the on-stack read buffer; nothing is kept per idle session.
 const CHUNK: usize = 16 * 1024;
 
-/// A write backlog larger than this is released after use instead of kept.
-const KEEP_BACKLOG: usize = 64 * 1024;
-
 /// How long replies still owed to a terminating client are delivered.
 pub(crate) const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -330,7 +327,9 @@ fn poll_deliver<W: AsyncWrite + Unpin>(
             Poll::Pending => return Poll::Pending,
         }
     }
-    if out.bytes.capacity() > KEEP_BACKLOG {
+    // Delivered: the backlog's allocation goes too, so a session that once had a slow
+    // reader does not keep it while idle (no allocation at all when none was needed).
+    if out.bytes.capacity() > 0 {
         out.bytes = Vec::new();
     }
     if out.flush {
