@@ -267,7 +267,7 @@ async fn login(
                 if let Some((target, _in_flight)) = ctx.cancels.lookup(pid, key)
                     && let Err(e) = send_cancel(&target.route, target.pid, target.key).await
                 {
-                    tracing::debug!(error = %e, "forwarding a cancel request failed");
+                    tracing::debug!(backend_pid = target.pid, error = %e, "forwarding a cancel request failed");
                 }
                 return Ok(Startup::Done);
             }
@@ -591,13 +591,13 @@ async fn after_forwarding(
                 }
                 Ok(Moved::Pinned(why)) => {
                     if pins.is_empty() {
-                        tracing::info!(%peer, reason = why.join(", "), "session cannot move yet; it keeps its server until that state is gone or the migration timeout");
+                        tracing::info!(client = tracked.id(), %peer, reason = why.join(", "), "session cannot move yet; it keeps its server until that state is gone or the migration timeout");
                     }
                     *pins = why;
                     sig.retry_later();
                 }
                 Err(e) => {
-                    tracing::warn!(%peer, error = %e, "moving a session failed; it keeps its server and tries again");
+                    tracing::warn!(client = tracked.id(), %peer, error = %e, "moving a session failed; it keeps its server and tries again");
                     metrics::counter!("dbproxy_migrations_total", "result" => "retry").increment(1);
                     sig.retry_later();
                 }
@@ -617,7 +617,7 @@ async fn after_forwarding(
                 return ControlFlow::Continue(());
             }
             metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
-            tracing::warn!(%peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
+            tracing::warn!(client = tracked.id(), %peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
             ControlFlow::Break(Err(ProxyError::Unmovable(crate::migrate::pinned_message(
                 pins,
                 ctx.migration_timeout,
@@ -641,7 +641,7 @@ async fn adopt(
     tracked.set_server(Some(server.backend_pid));
     unassign(ctx, cancel_key, &old).await;
     assign(cancel_key, server);
-    tracing::info!(%peer, from = %old.target, to = %server.target, "session moved to a new server connection");
+    tracing::info!(client = tracked.id(), %peer, from = %old.target, to = %server.target, "session moved to a new server connection");
     metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
     ctx.pool.release(old, true).await;
 }
@@ -667,7 +667,7 @@ async fn finish_session(
     slot.disarm();
     let result = match ended {
         Ok(outcome) => {
-            tracing::trace!(%peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
+            tracing::trace!(client = tracked.id(), %peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
             ctx.pool.release(server, outcome.server_clean).await;
             session_result(outcome.end, ctx)
         }

@@ -148,7 +148,8 @@ pub async fn accept_loop(
             shutdown.clone(),
             slot,
         );
-        let span = crate::stats::client_span(peer);
-        tokio::spawn(tracing::Instrument::instrument(serve_client(conn), span));
+        // No span per client (a span costs ~370 bytes of subscriber state per connection):
+        // client events carry `peer` and, once registered, `client` (SHOW CLIENTS' id).
+        tokio::spawn(serve_client(conn));
     }
 }

@@ -411,12 +411,6 @@ impl Drop for ClientGuard<'_> {
     }
 }
 
-/// A span for one client connection: its id and address, nothing the client sent.
-pub fn client_span(peer: SocketAddr) -> tracing::Span {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    tracing::info_span!(parent: None, "client", id = NEXT.fetch_add(1, Relaxed), %peer)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
