@@ -183,9 +183,7 @@ impl Pool {
 
     /// Forgets a server in the registry as it closes.
     fn forget(&self, server: &ServerConnection) {
-        self.stats
-            .registry
-            .remove_server(server.peer, server.backend_pid);
+        self.stats.registry.remove_server(server.registry);
     }
 
     /// Waits while the pool is paused; an error once `deadline` passes.
@@ -257,11 +255,9 @@ impl Pool {
                 std::sync::atomic::Ordering::Relaxed,
             );
             self.stats.clients_active.increment(1.0);
-            self.stats.registry.set_server_state(
-                server.peer,
-                server.backend_pid,
-                ServerState::Active,
-            );
+            self.stats
+                .registry
+                .set_server_state(server.registry, ServerState::Active);
         }
         got
     }
@@ -351,10 +347,10 @@ impl Pool {
             let span = tracing::debug_span!("server", id, generation = generation.number);
             let connect = ServerConnection::connect(&generation, params, deadline);
             let err = match tracing::Instrument::instrument(connect, span).await {
-                Ok(server) => {
+                Ok(mut server) => {
                     let now = SystemTime::now();
                     tracing::debug!(server.id = id, generation = server.generation, peer = %server.peer, backend_pid = server.backend_pid, "server connection opened");
-                    self.stats.registry.add_server(ServerEntry {
+                    server.registry = self.stats.registry.add_server(ServerEntry {
                         id,
                         generation: server.generation,
                         names: Names::new(
@@ -442,11 +438,9 @@ impl Pool {
             let mut state = self.lock();
             // The generation may have changed during the reset.
             if server.generation == self.credentials.current_number() {
-                self.stats.registry.set_server_state(
-                    server.peer,
-                    server.backend_pid,
-                    ServerState::Idle,
-                );
+                self.stats
+                    .registry
+                    .set_server_state(server.registry, ServerState::Idle);
                 state.idle.push(server);
                 drop(state);
                 self.changed.notify_one();

@@ -114,6 +114,8 @@ pub struct ServerConnection {
     pub target: Arc<str>,
     /// What transaction pooling left on this connection (prepared statements, settings).
     pub txn: crate::txn::ServerSession,
+    /// Its entry in the registry (SHOW SERVERS), set by the pool that opened it.
+    pub registry: crate::stats::Slot,
 }
 
 impl std::fmt::Debug for ServerConnection {
@@ -457,6 +459,7 @@ impl ServerConnection {
             role: generation.role.clone(),
             target: crate::credentials::describe_dsn(dsn).into(),
             txn: Default::default(),
+            registry: Default::default(),
         };
         if let Some(role) = conn.role.clone() {
             conn.simple_queries(&[&format!("SET ROLE {}", quote_ident(&role))])

@@ -8,6 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use slab::Slab;
 
 /// Histogram names, so the exporter can be given bucket boundaries for them.
 pub const POOL_WAIT_SECONDS: &str = "dbproxy_pool_wait_seconds";
@@ -279,14 +280,56 @@ pub struct ClientEntry {
     pub server_pid: Option<i32>,
 }
 
+/// Where an entry sits in its registry, and whose it is: a handle whose entry is gone (the
+/// slot since reused) touches nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Slot {
+    index: usize,
+    /// The entry's id; 0 for a handle that was never registered.
+    id: u64,
+}
+
+impl Slot {
+    pub fn id(self) -> u64 {
+        self.id
+    }
+}
+
+/// Looks up a slot's entry if it is still the one the slot was given for.
+fn entry_mut<T: HasId>(slab: &mut Slab<T>, slot: Slot) -> Option<&mut T> {
+    slab.get_mut(slot.index).filter(|e| e.id() == slot.id)
+}
+
+fn remove_entry<T: HasId>(slab: &mut Slab<T>, slot: Slot) {
+    if slab.get(slot.index).is_some_and(|e| e.id() == slot.id) {
+        slab.remove(slot.index);
+    }
+}
+
+trait HasId {
+    fn id(&self) -> u64;
+}
+
+impl HasId for ClientEntry {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl HasId for ServerEntry {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 /// Live clients and servers. Touched at connect, assignment and release only, never per
-/// message.
+/// message. Entries live in slabs (a vector with a free list): one entry-sized slot per
+/// connection, where a hash map kept up to twice that plus its keys.
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    clients: Mutex<HashMap<u64, ClientEntry>>,
-    /// Keyed by (server address, backend pid), which is unique while the connection lives.
-    servers: Mutex<HashMap<(SocketAddr, i32), ServerEntry>>,
+    clients: Mutex<Slab<ClientEntry>>,
+    servers: Mutex<Slab<ServerEntry>>,
     reported_server_labels: Mutex<Vec<(&'static str, u64)>>,
     info: Mutex<Option<InfoLabels>>,
 }
@@ -296,26 +339,22 @@ impl Registry {
         self.next_id.fetch_add(1, Relaxed) + 1
     }
 
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, Slab<ClientEntry>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_servers(&self) -> std::sync::MutexGuard<'_, Slab<ServerEntry>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn clients(&self) -> Vec<ClientEntry> {
-        let mut v: Vec<_> = self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut v: Vec<_> = self.lock_clients().iter().map(|(_, c)| c.clone()).collect();
         v.sort_by_key(|c| c.id);
         v
     }
 
     pub fn servers(&self) -> Vec<ServerEntry> {
-        let mut v: Vec<_> = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut v: Vec<_> = self.lock_servers().iter().map(|(_, s)| s.clone()).collect();
         v.sort_by_key(|s| s.id);
         v
     }
@@ -323,54 +362,38 @@ impl Registry {
     /// Registers a client; the entry disappears when the returned guard drops.
     pub fn add_client(&self, entry: ClientEntry) -> ClientGuard<'_> {
         let id = entry.id;
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, entry);
-        ClientGuard { registry: self, id }
+        let index = self.lock_clients().insert(entry);
+        ClientGuard {
+            registry: self,
+            slot: Slot { index, id },
+        }
     }
 
-    pub fn add_server(&self, entry: ServerEntry) {
-        self.servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((entry.addr, entry.backend_pid), entry);
+    /// Registers a server connection; the slot updates and removes it.
+    pub fn add_server(&self, entry: ServerEntry) -> Slot {
+        let id = entry.id;
+        let index = self.lock_servers().insert(entry);
+        Slot { index, id }
     }
 
-    pub fn set_server_state(&self, addr: SocketAddr, pid: i32, state: ServerState) {
-        if let Some(s) = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&(addr, pid))
-        {
+    pub fn set_server_state(&self, slot: Slot, state: ServerState) {
+        if let Some(s) = entry_mut(&mut self.lock_servers(), slot) {
             s.state = state;
             s.request_time = SystemTime::now();
         }
     }
 
-    pub fn remove_server(&self, addr: SocketAddr, pid: i32) {
-        self.servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(addr, pid));
+    pub fn remove_server(&self, slot: Slot) {
+        remove_entry(&mut self.lock_servers(), slot);
     }
 
     /// Forgets every server entry (when the pool knows it holds none).
     pub fn clear_servers(&self) {
-        self.servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.lock_servers().clear();
     }
 
-    fn update_client(&self, id: u64, f: impl FnOnce(&mut ClientEntry)) {
-        if let Some(c) = self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-        {
+    fn update_client(&self, slot: Slot, f: impl FnOnce(&mut ClientEntry)) {
+        if let Some(c) = entry_mut(&mut self.lock_clients(), slot) {
             f(c);
         }
     }
@@ -379,17 +402,17 @@ impl Registry {
 /// Keeps a client listed while it is connected.
 pub struct ClientGuard<'a> {
     registry: &'a Registry,
-    id: u64,
+    slot: Slot,
 }
 
 impl ClientGuard<'_> {
     pub fn id(&self) -> u64 {
-        self.id
+        self.slot.id
     }
 
     /// The client got server `pid` (or lost it).
     pub fn set_server(&self, pid: Option<i32>) {
-        self.registry.update_client(self.id, |c| {
+        self.registry.update_client(self.slot, |c| {
             c.server_pid = pid;
             c.state = if pid.is_some() {
                 ClientState::Active
@@ -403,11 +426,7 @@ impl ClientGuard<'_> {
 
 impl Drop for ClientGuard<'_> {
     fn drop(&mut self) {
-        self.registry
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        remove_entry(&mut self.registry.lock_clients(), self.slot);
     }
 }
 
@@ -442,7 +461,7 @@ mod tests {
             (names.user(), names.database(), names.application_name()),
             ("user", "", "app")
         );
-        r.add_server(ServerEntry {
+        let slot = r.add_server(ServerEntry {
             id: r.next_id(),
             generation: 1,
             names: Names::new("u", "d", ""),
@@ -452,9 +471,29 @@ mod tests {
             connect_time: SystemTime::now(),
             request_time: SystemTime::now(),
         });
-        r.set_server_state(addr, 7, ServerState::Idle);
+        r.set_server_state(slot, ServerState::Idle);
         assert_eq!(r.servers()[0].state, ServerState::Idle);
-        r.remove_server(addr, 7);
+        // A stale handle (its entry cleared, the slot reused) touches nothing.
+        r.clear_servers();
+        let again = r.add_server(ServerEntry {
+            id: r.next_id(),
+            generation: 2,
+            names: Names::new("u", "d", ""),
+            addr,
+            backend_pid: 8,
+            state: ServerState::Active,
+            connect_time: SystemTime::now(),
+            request_time: SystemTime::now(),
+        });
+        r.set_server_state(slot, ServerState::Idle);
+        r.remove_server(slot);
+        let listed = r.servers();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].backend_pid, listed[0].state),
+            (8, ServerState::Active)
+        );
+        r.remove_server(again);
         assert!(r.servers().is_empty());
     }
 }
