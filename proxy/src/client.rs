@@ -506,7 +506,7 @@ async fn session(
     let mut moves = Moves {
         signal: (ctx.migrate != MigratePolicy::Never).then(|| {
             MoveSignal::new(
-                ctx.pool.credentials().subscribe(),
+                ctx.pool.credentials(),
                 ctx.migrate,
                 ctx.migration_timeout,
                 &st.server,
@@ -925,7 +925,7 @@ async fn transaction_step(
     let pinned = !client.pins.is_empty();
     if pinned && signal.is_none() {
         *signal = Some(MoveSignal::new(
-            ctx.pool.credentials().subscribe(),
+            ctx.pool.credentials(),
             ctx.migrate,
             ctx.migration_timeout,
             server,

@@ -2,10 +2,12 @@
 //! before it becomes current; failures keep the last good one and retry with backoff.
 
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use dbcred::tls::ServerTlsPolicy;
 use dbcred::{Dsn, FileWatcher, HostKind, ReloadHandle, SslMode, TimedEvent, WatchEvent};
+use slab::Slab;
 use tokio::sync::{Notify, watch};
 
 use crate::auth::scram_client::{SaltedPasswordCache, normalize};
@@ -112,6 +114,41 @@ pub struct Credentials {
     auth_failed: Notify,
     role_policy: RolePolicy,
     validate_timeout: Duration,
+    /// Sessions that move on rotations, woken when a generation is published. One waker per
+    /// session in a slab instead of a `watch::changed()` future per session (~200 bytes,
+    /// and polled again at every wake of the session's task).
+    rotation_wakers: Mutex<Slab<Waker>>,
+}
+
+/// A session's place in the rotation wake list; leaves it when dropped.
+pub struct RotationWaiter {
+    credentials: Arc<Credentials>,
+    slot: Option<usize>,
+    /// The waker registered (kept to skip the lock when the task's waker is the same).
+    waker: Option<Waker>,
+}
+
+impl RotationWaiter {
+    /// Makes sure `waker` is woken by the next publish.
+    pub fn register(&mut self, waker: &Waker) {
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            return;
+        }
+        let mut wakers = self.credentials.lock_wakers();
+        match self.slot {
+            Some(i) => wakers[i] = waker.clone(),
+            None => self.slot = Some(wakers.insert(waker.clone())),
+        }
+        self.waker = Some(waker.clone());
+    }
+}
+
+impl Drop for RotationWaiter {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            self.credentials.lock_wakers().try_remove(i);
+        }
+    }
 }
 
 impl Credentials {
@@ -123,7 +160,23 @@ impl Credentials {
             auth_failed: Notify::new(),
             role_policy,
             validate_timeout,
+            rotation_wakers: Mutex::new(Slab::new()),
         })
+    }
+
+    fn lock_wakers(&self) -> std::sync::MutexGuard<'_, Slab<Waker>> {
+        self.rotation_wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place in the list of sessions woken at each publish (see [`RotationWaiter`]).
+    pub fn rotation_waiter(self: &Arc<Self>) -> RotationWaiter {
+        RotationWaiter {
+            credentials: self.clone(),
+            slot: None,
+            waker: None,
+        }
     }
 
     /// The generation new server connections use, if any has been validated yet.
@@ -215,6 +268,10 @@ impl Credentials {
         candidate.number = self.current_number() + 1;
         let generation = Arc::new(candidate);
         self.current.send_replace(Some(generation.clone()));
+        // After the send: a session woken here sees the new generation.
+        for (_, waker) in self.lock_wakers().iter() {
+            waker.wake_by_ref();
+        }
         self.set_problem(None);
         generation
     }

@@ -11,13 +11,16 @@
 //! holding any of those stays on its backend until it is gone or `--migration-timeout`
 //! passes; then the client receives FATAL 57P01 naming what pinned it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use tokio::sync::watch;
 
-use crate::credentials::Generation;
+use crate::credentials::{Credentials, Generation, RotationWaiter};
 use crate::error::{ProxyError, Result};
 use crate::server::{ServerConnection, quote_ident};
 use crate::sql::{find_prepare, quote_literal};
@@ -49,34 +52,47 @@ pub enum StopKind {
 
 /// Tells a session when its server connection should be left: a newer credential generation
 /// that the policy says to move to, a recheck of a pinned session, or the migration deadline.
+///
+/// Polled by the forwarding loops at every wake of the session's task, so it is cheap when
+/// nothing changed: a rotation is noticed through the watch's version (one atomic load), and
+/// the task is woken for it through the credentials' wake list, not a future of its own.
 pub struct MoveSignal {
     rx: watch::Receiver<Option<Arc<Generation>>>,
+    waiter: RotationWaiter,
     policy: MigratePolicy,
     timeout: Duration,
     server_generation: u64,
     server_target: Arc<str>,
+    /// The current generation has not been compared with the server's yet (it may have
+    /// changed before this signal existed, or before a rebase).
+    unchecked: bool,
     /// Set once a move is wanted: when the session must be gone from its server.
     deadline: Option<Instant>,
     recheck_at: Option<Instant>,
+    /// The timer for the recheck or the deadline, only while a move is wanted.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deadline has been reported; nothing more to say.
     finished: bool,
 }
 
 impl MoveSignal {
     pub fn new(
-        rx: watch::Receiver<Option<Arc<Generation>>>,
+        credentials: &Arc<Credentials>,
         policy: MigratePolicy,
         timeout: Duration,
         server: &ServerConnection,
     ) -> Self {
         MoveSignal {
-            rx,
+            rx: credentials.subscribe(),
+            waiter: credentials.rotation_waiter(),
             policy,
             timeout,
             server_generation: server.generation,
             server_target: server.target.clone(),
+            unchecked: true,
             deadline: None,
             recheck_at: None,
+            timer: None,
             finished: false,
         }
     }
@@ -85,8 +101,10 @@ impl MoveSignal {
     pub fn rebase(&mut self, server: &ServerConnection) {
         self.server_generation = server.generation;
         self.server_target = server.target.clone();
+        self.unchecked = true;
         self.deadline = None;
         self.recheck_at = None;
+        self.timer = None;
         self.finished = false;
     }
 
@@ -115,37 +133,50 @@ impl MoveSignal {
         }
     }
 
-    /// Completes when the loop should stop: first at the rotation that asks for a move
+    /// Ready when the loop should stop: first at the rotation that asks for a move
     /// (`SafePoint`), then at each recheck time (`SafePoint`), then at the deadline (`Now`).
-    /// Cancel-safe: the loops recreate it each time one of their branches fires.
-    pub async fn wait(&mut self) -> StopKind {
+    /// Its state lives here, so a caller may poll it from a new future each time.
+    pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<StopKind> {
         if self.finished || self.policy == MigratePolicy::Never {
-            return std::future::pending().await;
+            return Poll::Pending;
         }
-        if self.deadline.is_none() {
-            loop {
-                let current = self.rx.borrow_and_update().clone();
-                let wanted = self.requires_move(&current);
-                if wanted {
-                    break;
-                }
-                if self.rx.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
+        let Some(deadline) = self.deadline else {
+            // Registered before looking: a publish after the look wakes this task.
+            self.waiter.register(cx.waker());
+            if !std::mem::take(&mut self.unchecked) && !self.rx.has_changed().unwrap_or(false) {
+                return Poll::Pending;
+            }
+            let current = self.rx.borrow_and_update().clone();
+            if !self.requires_move(&current) {
+                return Poll::Pending;
             }
             self.deadline = Some(Instant::now() + self.timeout);
-            return StopKind::SafePoint;
+            return Poll::Ready(StopKind::SafePoint);
+        };
+        let (at, kind) = match self.recheck_at {
+            Some(at) if at < deadline => (at, StopKind::SafePoint),
+            _ => (deadline, StopKind::Now),
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+        if timer.deadline() != at.into() {
+            timer.as_mut().reset(at.into());
         }
-        let deadline = self.deadline.unwrap_or_else(Instant::now);
-        if let Some(at) = self.recheck_at.take()
-            && at < deadline
-        {
-            tokio::time::sleep_until(at.into()).await;
-            return StopKind::SafePoint;
+        std::task::ready!(timer.as_mut().poll(cx));
+        match kind {
+            StopKind::SafePoint => self.recheck_at = None,
+            StopKind::Now => {
+                self.finished = true;
+                self.timer = None;
+            }
         }
-        tokio::time::sleep_until(deadline.into()).await;
-        self.finished = true;
-        StopKind::Now
+        Poll::Ready(kind)
+    }
+
+    /// [`MoveSignal::poll_stop`] as a future.
+    pub async fn wait(&mut self) -> StopKind {
+        std::future::poll_fn(|cx| self.poll_stop(cx)).await
     }
 }
 

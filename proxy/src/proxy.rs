@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::migrate::{MoveSignal, StopKind};
+use crate::migrate::MoveSignal;
 use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
 use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
 use crate::stats::{HotStats, hot};
@@ -237,7 +237,7 @@ where
         max_client_message,
         client_done: false,
         early_end: None,
-        stop: signal.map(wait_owned),
+        stop: signal,
         drain: None,
     };
     if !initial.is_empty() {
@@ -262,16 +262,6 @@ where
         }
     }
     pump
-}
-
-/// A boxed wait on the move signal that hands the signal back when it fires.
-type StopWait<'a> = Pin<Box<dyn Future<Output = (StopKind, &'a mut MoveSignal)> + Send + 'a>>;
-
-fn wait_owned(signal: &mut MoveSignal) -> StopWait<'_> {
-    Box::pin(async move {
-        let kind = signal.wait().await;
-        (kind, signal)
-    })
 }
 
 /// Bytes read from one side that the other side's socket has not taken yet.
@@ -299,7 +289,7 @@ pub struct Pump<'a, C, S> {
     client_done: bool,
     /// The bytes behind the startup packet were not a valid message stream.
     early_end: Option<SessionEnd>,
-    stop: Option<StopWait<'a>>,
+    stop: Option<&'a mut MoveSignal>,
     /// After Terminate, replies still owed are delivered until this fires.
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -491,9 +481,8 @@ where
     /// The move signal: a stop it asks for ends the session now if the session is where it
     /// may stop; otherwise the directions check after each chunk.
     fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
-        while let Some(wait) = self.stop.as_mut() {
-            let (kind, signal) = std::task::ready!(wait.as_mut().poll(cx));
-            self.stop = Some(wait_owned(signal));
+        while let Some(signal) = self.stop.as_mut() {
+            let kind = std::task::ready!(signal.poll_stop(cx));
             if let Some(end) = self.state.request_stop(kind) {
                 return Poll::Ready(end);
             }
