@@ -934,7 +934,7 @@ async fn transaction_step(
     let outcome = run_round(
         socket,
         &mut server.stream,
-        &mut server.txn,
+        server.txn.get_or_insert_with(Default::default),
         &mut server.parameter_status,
         client,
         cbuf,
@@ -1057,9 +1057,9 @@ async fn sync_session(
     out: &mut BytesMut,
 ) -> Result<()> {
     let queries = crate::migrate::restore_statements(
-        &server.txn.settings,
+        &server.txn().settings,
         &client.settings,
-        &server.txn.sql_prepared,
+        &server.txn().sql_prepared,
         &client.sql_prepared,
         server.policy_role(),
     );
@@ -1070,8 +1070,9 @@ async fn sync_session(
                 "restoring this session's settings and prepared statements on another server connection failed: {e}"
             )),
         })?;
-        server.txn.settings = client.settings.clone();
-        server.txn.sql_prepared = client.sql_prepared.clone();
+        let txn = server.txn_mut();
+        txn.settings = client.settings.clone();
+        txn.sql_prepared = client.sql_prepared.clone();
     }
     let changes = crate::migrate::reported_changes(&client.seen, &server.parameter_status);
     if !changes.is_empty() {
@@ -1091,14 +1092,42 @@ async fn sync_session(
 fn learn(server: &mut ServerConnection, client: &mut ClientSession, snap: Snapshot) {
     client.pins = snap.pins;
     client.settings = snap.settings.clone();
-    server.txn.settings = snap.settings;
     client.sql_prepared = snap.sql_prepared.clone();
-    server.txn.sql_prepared = snap.sql_prepared;
+    let txn = server.txn_mut();
+    txn.settings = snap.settings;
+    txn.sql_prepared = snap.sql_prepared;
     // Statements dbproxy created that the server no longer has (DISCARD, DEALLOCATE).
     let present: std::collections::HashSet<&str> =
         snap.parses.iter().map(|(n, _, _)| n.as_str()).collect();
-    server
-        .txn
-        .prepared
+    txn.prepared
         .retain(|key, _| present.contains(crate::txn::server_name(key).as_str()));
+}
+#[cfg(test)]
+mod size_tests {
+    use std::mem::size_of;
+
+    /// What every idle session-mode client keeps besides its sockets and task: a guard
+    /// against fields that quietly grow per-client memory (measured on 64-bit Linux; the
+    /// limits leave some room for layout changes between compiler versions).
+    #[test]
+    fn per_session_state_stays_small() {
+        let sizes = [
+            (
+                "ServerConnection",
+                size_of::<crate::server::ServerConnection>(),
+                232,
+            ),
+            ("SessClient", size_of::<super::SessClient>(), 320),
+            ("ClientConn", size_of::<super::ClientConn>(), 168),
+            ("Moves", size_of::<super::Moves>(), 184),
+            (
+                "Pump",
+                size_of::<crate::proxy::Pump<tokio::net::TcpStream, tokio::net::TcpStream>>(),
+                264,
+            ),
+        ];
+        for (name, size, limit) in sizes {
+            assert!(size <= limit, "{name} is {size} bytes (limit {limit})");
+        }
+    }
 }

@@ -112,8 +112,9 @@ pub struct ServerConnection {
     /// `user@hosts/db` of the generation that opened it: a rotation that changes this moves
     /// sessions (`--migrate changed`).
     pub target: Arc<str>,
-    /// What transaction pooling left on this connection (prepared statements, settings).
-    pub txn: crate::txn::ServerSession,
+    /// What transaction pooling left on this connection (prepared statements, settings);
+    /// allocated on first use, so session-mode connections do not carry it.
+    pub txn: Option<Box<crate::txn::ServerSession>>,
     /// Its entry in the registry (SHOW SERVERS), set by the pool that opened it.
     pub registry: crate::stats::Slot,
 }
@@ -126,6 +127,19 @@ impl std::fmt::Debug for ServerConnection {
             .field("backend_pid", &self.backend_pid)
             .field("tls", &self.stream.is_tls())
             .finish_non_exhaustive()
+    }
+}
+
+impl ServerConnection {
+    /// What transaction pooling left here (empty when nothing has).
+    pub fn txn(&self) -> &crate::txn::ServerSession {
+        static EMPTY: std::sync::LazyLock<crate::txn::ServerSession> =
+            std::sync::LazyLock::new(Default::default);
+        self.txn.as_deref().unwrap_or(&EMPTY)
+    }
+
+    pub fn txn_mut(&mut self) -> &mut crate::txn::ServerSession {
+        self.txn.get_or_insert_with(Default::default)
     }
 }
 
@@ -458,7 +472,7 @@ impl ServerConnection {
             cancel_route: Arc::new(route),
             role: generation.role.clone(),
             target: crate::credentials::describe_dsn(dsn).into(),
-            txn: Default::default(),
+            txn: None,
             registry: Default::default(),
         };
         if let Some(role) = conn.role.clone() {
@@ -641,7 +655,7 @@ impl ServerConnection {
         }
         // DISCARD ALL drops prepared statements and settings, whatever transaction pooling
         // left here.
-        self.txn = Default::default();
+        self.txn = None;
         match tokio::time::timeout(RESET_TIMEOUT, self.simple_queries(&queries)).await {
             Ok(r) => r,
             Err(_) => Err(ProxyError::Timeout("resetting a server connection")),
