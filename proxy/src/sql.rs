@@ -9,11 +9,37 @@
 /// The statements of a query string, as byte ranges of `sql` (without the `;`), skipping
 /// empty ones. Quotes ('...', E'...', "..."), dollar quotes ($tag$...$tag$), line comments and
 /// nested block comments are honoured, so a `;` inside them does not split.
-pub fn split_statements(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
+pub fn split_statements(sql: &str) -> Statements<'_> {
+    Statements { sql, pos: 0 }
+}
+
+/// The iterator [`split_statements`] returns (no allocation: the statements are slices).
+pub struct Statements<'a> {
+    sql: &'a str,
+    /// Where the next statement starts; past the end once the last one was returned.
+    pos: usize,
+}
+
+impl<'a> Iterator for Statements<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        while self.pos <= self.sql.len() {
+            let start = self.pos;
+            let end = statement_end(self.sql.as_bytes(), start);
+            self.pos = end + 1;
+            let s = self.sql[start..end].trim();
+            if !strip_comments_prefix(s).is_empty() {
+                return Some(s);
+            }
+        }
+        None
+    }
+}
+
+/// The index of the `;` that ends the statement starting at `start`, or the end of `b`.
+fn statement_end(b: &[u8], start: usize) -> usize {
+    let mut i = start;
     while i < b.len() {
         match b[i] {
             b'\'' => {
@@ -61,23 +87,11 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
                 }
                 None => i += 1,
             },
-            b';' => {
-                push_statement(&mut out, sql, start, i);
-                i += 1;
-                start = i;
-            }
+            b';' => return i,
             _ => i += 1,
         }
     }
-    push_statement(&mut out, sql, start, b.len());
-    out
-}
-
-fn push_statement<'a>(out: &mut Vec<&'a str>, sql: &'a str, start: usize, end: usize) {
-    let s = sql[start..end].trim();
-    if !strip_comments_prefix(s).is_empty() {
-        out.push(s);
-    }
+    b.len()
 }
 
 fn is_ident_byte(c: u8) -> bool {
@@ -146,12 +160,30 @@ fn strip_comments_prefix(mut s: &str) -> &str {
     }
 }
 
-/// The first `n` keywords of a statement, upper-cased (identifiers and keywords only; stops at
-/// anything else).
-pub fn leading_keywords(statement: &str, n: usize) -> Vec<String> {
-    let mut s = strip_comments_prefix(statement);
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
+/// The first three keywords of a statement as written (identifiers and keywords only; stops
+/// at anything else); compared case-insensitively, nothing allocated.
+pub struct Keywords<'a>([&'a str; 3]);
+
+impl<'a> Keywords<'a> {
+    /// The `i`th keyword, empty if the statement has fewer.
+    pub fn get(&self, i: usize) -> &'a str {
+        self.0.get(i).copied().unwrap_or("")
+    }
+
+    /// Whether the `i`th keyword is `word` (any case).
+    pub fn is(&self, i: usize, word: &str) -> bool {
+        self.get(i).eq_ignore_ascii_case(word)
+    }
+
+    pub fn is_any(&self, i: usize, words: &[&str]) -> bool {
+        words.iter().any(|w| self.is(i, w))
+    }
+}
+
+pub fn leading_keywords(statement: &str) -> Keywords<'_> {
+    let mut s = statement;
+    let mut out = [""; 3];
+    for slot in &mut out {
         s = strip_comments_prefix(s);
         let end = s
             .bytes()
@@ -160,10 +192,10 @@ pub fn leading_keywords(statement: &str, n: usize) -> Vec<String> {
         if end == 0 {
             break;
         }
-        out.push(s[..end].to_ascii_uppercase());
+        *slot = &s[..end];
         s = &s[end..];
     }
-    out
+    Keywords(out)
 }
 
 /// Whether `text` (a Query or a Parse) may change session state that dbproxy carries across
@@ -179,19 +211,28 @@ pub fn may_touch_session_state(text: &str) -> bool {
     {
         return true;
     }
-    split_statements(text).into_iter().any(|statement| {
-        let kw = leading_keywords(statement, 3);
-        let word = |i: usize| kw.get(i).map(String::as_str).unwrap_or("");
-        match word(0) {
-            "SET" => !matches!(word(1), "LOCAL" | "TRANSACTION" | "CONSTRAINTS"),
-            "RESET" | "DISCARD" | "PREPARE" | "DEALLOCATE" | "LISTEN" | "UNLISTEN" | "CLOSE"
-            | "DECLARE" | "DROP" => true,
-            "CREATE" => {
-                matches!(word(1), "TEMP" | "TEMPORARY")
-                    || (matches!(word(1), "LOCAL" | "GLOBAL")
-                        && matches!(word(2), "TEMP" | "TEMPORARY"))
-            }
-            _ => false,
+    split_statements(text).any(|statement| {
+        let kw = leading_keywords(statement);
+        if kw.is(0, "SET") {
+            !kw.is_any(1, &["LOCAL", "TRANSACTION", "CONSTRAINTS"])
+        } else if kw.is(0, "CREATE") {
+            kw.is_any(1, &["TEMP", "TEMPORARY"])
+                || (kw.is_any(1, &["LOCAL", "GLOBAL"]) && kw.is_any(2, &["TEMP", "TEMPORARY"]))
+        } else {
+            kw.is_any(
+                0,
+                &[
+                    "RESET",
+                    "DISCARD",
+                    "PREPARE",
+                    "DEALLOCATE",
+                    "LISTEN",
+                    "UNLISTEN",
+                    "CLOSE",
+                    "DECLARE",
+                    "DROP",
+                ],
+            )
         }
     })
 }
@@ -217,10 +258,8 @@ pub fn quote_literal(value: &str) -> String {
 /// The PREPARE statement named `name` inside a query string (PostgreSQL reports a SQL
 /// prepared statement's source as the whole query string that created it).
 pub fn find_prepare<'a>(source: &'a str, name: &str) -> Option<&'a str> {
-    split_statements(source).into_iter().find(|s| {
-        let kw = leading_keywords(s, 2);
-        kw.first().map(String::as_str) == Some("PREPARE")
-            && prepared_name(s).is_some_and(|n| n == name)
+    split_statements(source).find(|s| {
+        leading_keywords(s).is(0, "PREPARE") && prepared_name(s).is_some_and(|n| n == name)
     })
 }
 
@@ -260,7 +299,7 @@ mod tests {
     fn splits_on_semicolons_outside_quotes_and_comments() {
         let sql = "select 'a;b', \"x;y\" ; -- c;d\n prepare p(int) as select $1; \
                    select $$;$$, $t$ ; $t$, E'\\';' /* ; /* ; */ */ ;;  ";
-        let parts = split_statements(sql);
+        let parts: Vec<&str> = split_statements(sql).collect();
         assert_eq!(parts.len(), 3, "{parts:?}");
         assert_eq!(parts[0], "select 'a;b', \"x;y\"");
         assert!(parts[1].ends_with("prepare p(int) as select $1"));
@@ -269,15 +308,20 @@ mod tests {
 
     #[test]
     fn keywords() {
-        assert_eq!(
-            leading_keywords("  /* x */ set LOCAL work_mem = 1", 2),
-            vec!["SET", "LOCAL"]
+        let kw = leading_keywords("  /* x */ set LOCAL work_mem = 1");
+        assert!(kw.is(0, "SET") && kw.is(1, "local") && kw.is(2, "work_mem"));
+        let kw = leading_keywords("-- c\nDISCARD all");
+        assert_eq!((kw.get(0), kw.get(1), kw.get(2)), ("DISCARD", "all", ""));
+        assert_eq!(leading_keywords("(select 1)").get(0), "");
+        assert!(
+            split_statements(" ;; -- only a comment\n; /* c */ ")
+                .next()
+                .is_none()
         );
         assert_eq!(
-            leading_keywords("-- c\nDISCARD all", 3),
-            vec!["DISCARD", "ALL"]
+            split_statements("select 1").collect::<Vec<_>>(),
+            ["select 1"]
         );
-        assert!(leading_keywords("(select 1)", 1).is_empty());
     }
 
     #[test]

@@ -20,9 +20,11 @@
 //! will be answered with.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -304,8 +306,12 @@ where
     }));
     let wake = Notify::new();
     let end_at_safe_point = AtomicBool::new(config.end_at_safe_point);
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = tokio::io::split(server_stream);
+    // Both directions poll the same stream from this one task, one at a time: a shared
+    // reference to a never-contended lock, where `tokio::io::split` allocates per round.
+    let client = Local(Mutex::new(client));
+    let server_stream = Local(Mutex::new(server_stream));
+    let (mut client_read, mut client_write) = (Half(&client), Half(&client));
+    let (mut server_read, mut server_write) = (Half(&server_stream), Half(&server_stream));
 
     let end = {
         let c2s = async {
@@ -479,6 +485,37 @@ impl<T> Local<T> {
 
     fn borrow_mut(&self) -> MutexGuard<'_, T> {
         self.borrow()
+    }
+}
+
+/// One direction of a stream that both directions of a round use (see [`Local`]).
+struct Half<'a, T>(&'a Local<T>);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Half<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Half<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_shutdown(cx)
     }
 }
 
@@ -1021,12 +1058,11 @@ impl SliceAfter for BytesMut {
 
 /// The statement name of a query that is exactly `DEALLOCATE [PREPARE] name`.
 fn deallocate_target(text: &str) -> Option<String> {
-    let statements = crate::sql::split_statements(text);
-    let [one] = statements.as_slice() else {
+    let mut statements = crate::sql::split_statements(text);
+    let (Some(one), None) = (statements.next(), statements.next()) else {
         return None;
     };
-    let kw = crate::sql::leading_keywords(one, 3);
-    if kw.first().map(String::as_str) != Some("DEALLOCATE") {
+    if !crate::sql::leading_keywords(one).is(0, "DEALLOCATE") {
         return None;
     }
     let words: Vec<&str> = one.split_whitespace().collect();
