@@ -753,8 +753,8 @@ struct TxClient<'a> {
     held: Option<Box<ServerConnection>>,
     /// Whether cancels are routed to `held`.
     assigned: bool,
-    /// Rotations, while state pins the client to its server.
-    signal: Option<MoveSignal>,
+    /// Rotations, while state pins the client to its server (boxed: rarely there).
+    signal: Option<Box<MoveSignal>>,
     sync_failures: u32,
 }
 
@@ -924,12 +924,12 @@ async fn transaction_step(
     }
     let pinned = !client.pins.is_empty();
     if pinned && signal.is_none() {
-        *signal = Some(MoveSignal::new(
+        *signal = Some(Box::new(MoveSignal::new(
             ctx.pool.credentials(),
             ctx.migrate,
             ctx.migration_timeout,
             server,
-        ));
+        )));
     }
     let outcome = run_round(
         socket,
@@ -939,7 +939,7 @@ async fn transaction_step(
         client,
         cbuf,
         &config(pinned),
-        if pinned { signal.as_mut() } else { None },
+        if pinned { signal.as_deref_mut() } else { None },
     )
     .await;
     if outcome.end == RoundEnd::SafePoint && outcome.recheck {
@@ -1120,6 +1120,7 @@ mod size_tests {
             ("SessClient", size_of::<super::SessClient>(), 320),
             ("ClientConn", size_of::<super::ClientConn>(), 168),
             ("Moves", size_of::<super::Moves>(), 184),
+            ("TxClient", size_of::<super::TxClient>(), 280),
             (
                 "Pump",
                 size_of::<crate::proxy::Pump<tokio::net::TcpStream, tokio::net::TcpStream>>(),
