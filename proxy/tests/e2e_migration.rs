@@ -609,6 +609,58 @@ async fn transaction_mode_clients_follow_rotation_with_their_state() -> anyhow::
 
 /// `--migrate never`: open sessions stay on the old cluster (with their state) while new
 /// sessions go to the new one.
+/// Sessions that send nothing after a host move still move: the rotation itself wakes them
+/// (no query of theirs does). Watched from the clusters' pg_stat_activity only; the clients'
+/// first query after the move runs on the new cluster with its setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_sessions_move_without_client_traffic() -> anyhow::Result<()> {
+    const CLIENTS: usize = 3;
+    const COUNT: &str =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'idlemove%'";
+    let a = AppCluster::start("one").await?;
+    let b = AppCluster::start("two").await?;
+    let (a_port, b_port) = (port_of(&a), port_of(&b));
+    let secret = uri_secret(&a.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let (client, conn) = proxy_config(proxy.port(), "idle", &format!("idlemove{k}"))
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("SET work_mem = '{}MB'", 50 + k))
+            .await?;
+        assert_eq!(server_port(&client).await?, a_port);
+        clients.push(client);
+    }
+    let (admin_a, admin_b) = (a.admin().await?, b.admin().await?);
+    let since = write_uri(&secret, &b.uri("app_a"))?;
+    let moved = loop {
+        let on_a: i64 = admin_a.query_one(COUNT, &[]).await?.get(0);
+        let on_b: i64 = admin_b.query_one(COUNT, &[]).await?.get(0);
+        if on_a == 0 && on_b == CLIENTS as i64 {
+            break since.elapsed();
+        }
+        ensure!(
+            since.elapsed() < MOVE_DEADLINE,
+            "idle sessions did not move by themselves: {on_a} backend(s) on the old cluster, \
+             {on_b} on the new one {:?} after the rotation",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("{CLIENTS} idle sessions moved {moved:?} after the Secret write, without a query");
+    for (k, client) in clients.iter().enumerate() {
+        assert_eq!(server_port(client).await?, b_port);
+        assert_eq!(
+            simple_value(client, "SHOW work_mem").await?,
+            format!("{}MB", 50 + k)
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_never_leaves_sessions_in_place() -> anyhow::Result<()> {
     let a = AppCluster::start("one").await?;
