@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dbcred::tls::PgStream;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram_server::ScramVerifier;
@@ -217,9 +217,28 @@ async fn send_error(socket: &mut ClientStream, out: &mut BytesMut, e: &ProxyErro
         ProxyError::Io(_) => return,
         other => backend::fatal(out, other.sqlstate(), &format!("dbproxy: {other}")),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let sent = tokio::time::timeout(Duration::from_secs(5), async {
         socket.write_all(out).await?;
         socket.flush().await
+    })
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        linger(socket).await;
+    }
+}
+
+/// How long a closing connection waits for the client to close its side.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes the write side, then reads (and drops) what the client still sends until it
+/// closes too, for at most [`LINGER`]. Closing with unread bytes from the client would make
+/// the kernel answer with a reset, and the client could lose the error just sent.
+async fn linger(socket: &mut ClientStream) {
+    let _ = tokio::time::timeout(LINGER, async {
+        socket.shutdown().await?;
+        let mut scratch = [0u8; 1024];
+        while socket.read(&mut scratch).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }

@@ -105,7 +105,8 @@ pub struct RunArgs {
 
     /// Seconds a session that cannot move (LISTEN, temporary tables, WITH HOLD cursors,
     /// session advisory locks, or never idle) keeps its old server after a rotation asked it
-    /// to move; then it is closed with FATAL 57P01 saying why.
+    /// to move; then it is closed with FATAL 57P01 saying why, once a query in flight has
+    /// finished (at most 5 s more).
     #[arg(long = "migration-timeout", default_value_t = 60)]
     pub migration_timeout: u64,
 

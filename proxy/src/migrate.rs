@@ -41,13 +41,21 @@ pub enum MigratePolicy {
 /// How often a pinned session is asked again whether it still holds unmovable state.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How long after the migration timeout a session's in-flight replies may still finish.
+pub const FORCE_GRACE: Duration = Duration::from_secs(5);
+
 /// What a forwarding loop is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopKind {
     /// Stop at the next safe point and let the session move.
     SafePoint,
-    /// The migration timeout passed: stop at the next message boundary and close the client.
+    /// The migration timeout passed: close the client once the replies it is owed are
+    /// delivered (up to its last ReadyForQuery), so a query in flight completes and the
+    /// FATAL that follows is not taken for part of its reply.
     Now,
+    /// [`FORCE_GRACE`] after `Now` the replies still have not finished (a long query, a
+    /// client that keeps sending): stop at the next message boundary.
+    Force,
 }
 
 /// Tells a session when its server connection should be left: a newer credential generation
@@ -69,6 +77,8 @@ pub struct MoveSignal {
     /// Set once a move is wanted: when the session must be gone from its server.
     deadline: Option<Instant>,
     recheck_at: Option<Instant>,
+    /// Set once the deadline was reported: when to stop even mid-reply.
+    force_at: Option<Instant>,
     /// The timer for the recheck or the deadline, only while a move is wanted.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The deadline has been reported; nothing more to say.
@@ -92,6 +102,7 @@ impl MoveSignal {
             unchecked: true,
             deadline: None,
             recheck_at: None,
+            force_at: None,
             timer: None,
             finished: false,
         }
@@ -104,6 +115,7 @@ impl MoveSignal {
         self.unchecked = true;
         self.deadline = None;
         self.recheck_at = None;
+        self.force_at = None;
         self.timer = None;
         self.finished = false;
     }
@@ -134,7 +146,8 @@ impl MoveSignal {
     }
 
     /// Ready when the loop should stop: first at the rotation that asks for a move
-    /// (`SafePoint`), then at each recheck time (`SafePoint`), then at the deadline (`Now`).
+    /// (`SafePoint`), then at each recheck time (`SafePoint`), then at the deadline (`Now`),
+    /// then [`FORCE_GRACE`] later (`Force`).
     /// Its state lives here, so a caller may poll it from a new future each time.
     pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<StopKind> {
         if self.finished || self.policy == MigratePolicy::Never {
@@ -153,8 +166,9 @@ impl MoveSignal {
             self.deadline = Some(Instant::now() + self.timeout);
             return Poll::Ready(StopKind::SafePoint);
         };
-        let (at, kind) = match self.recheck_at {
-            Some(at) if at < deadline => (at, StopKind::SafePoint),
+        let (at, kind) = match (self.force_at, self.recheck_at) {
+            (Some(force), _) => (force, StopKind::Force),
+            (None, Some(at)) if at < deadline => (at, StopKind::SafePoint),
             _ => (deadline, StopKind::Now),
         };
         let timer = self
@@ -166,7 +180,8 @@ impl MoveSignal {
         std::task::ready!(timer.as_mut().poll(cx));
         match kind {
             StopKind::SafePoint => self.recheck_at = None,
-            StopKind::Now => {
+            StopKind::Now => self.force_at = Some(at + FORCE_GRACE),
+            StopKind::Force => {
                 self.finished = true;
                 self.timer = None;
             }

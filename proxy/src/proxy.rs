@@ -57,7 +57,8 @@ pub(crate) struct SessionState {
     pub(crate) draining: AtomicBool,
     /// Query and transaction timing for the metrics.
     clock: TransactionClock,
-    /// 0: run; 1: stop at the next safe point; 2: stop at the next message boundary.
+    /// 0: run; 1: stop at the next safe point; 2: stop once no reply is owed (the deadline);
+    /// 3: stop at the next message boundary (past the grace).
     pub(crate) stop: AtomicU8,
     /// A message from the client (or to it, from the server) is only partly forwarded.
     pub(crate) client_partial: AtomicBool,
@@ -97,7 +98,15 @@ impl SessionState {
         match self.stop.load(Relaxed) {
             0 => None,
             1 if self.at_safe_point() => Some(SessionEnd::SafePoint),
-            2 if !self.server_partial.load(Relaxed) && !self.s2c_writing.load(Relaxed) => {
+            // The deadline: once the replies the client is owed are delivered...
+            2 if self.pending.load(Relaxed) == 0
+                && !self.server_partial.load(Relaxed)
+                && !self.s2c_writing.load(Relaxed) =>
+            {
+                Some(SessionEnd::Deadline)
+            }
+            // ...or, past the grace, at the next message boundary.
+            3 if !self.server_partial.load(Relaxed) && !self.s2c_writing.load(Relaxed) => {
                 Some(SessionEnd::Deadline)
             }
             _ => None,
@@ -110,6 +119,7 @@ impl SessionState {
         let level = match kind {
             crate::migrate::StopKind::SafePoint => 1,
             crate::migrate::StopKind::Now => 2,
+            crate::migrate::StopKind::Force => 3,
         };
         self.stop.fetch_max(level, Relaxed);
         self.stop_after_chunk()

@@ -245,7 +245,8 @@ struct Shared<'a> {
     unsynced: bool,
     recheck: bool,
     terminated: bool,
-    /// 0: run; 1: stop at a safe point; 2: stop at a message boundary.
+    /// 0: run; 1: stop at a safe point; 2: stop once no reply is owed; 3: stop at a message
+    /// boundary.
     stop: u8,
     /// A server message is being passed through in pieces (not at a boundary).
     server_partial: bool,
@@ -399,7 +400,9 @@ where
                     if sh.terminated && sh.queue.is_empty() {
                         return RoundEnd::ClientTerminated;
                     }
-                    if sh.stop == 2 && passthrough == 0 {
+                    // The deadline: once the client has every reply it is owed, or past
+                    // the grace at a message boundary.
+                    if passthrough == 0 && (sh.stop >= 3 || (sh.stop == 2 && sh.queue.is_empty())) {
                         return RoundEnd::Deadline;
                     }
                     if idle
@@ -444,10 +447,15 @@ where
                 end = &mut s2c => break end,
                 kind = stop => {
                     let mut sh = shared.borrow_mut();
-                    sh.stop = sh.stop.max(match kind { StopKind::SafePoint => 1, StopKind::Now => 2 });
+                    sh.stop = sh.stop.max(match kind {
+                        StopKind::SafePoint => 1,
+                        StopKind::Now => 2,
+                        StopKind::Force => 3,
+                    });
                     let quiet = !sh.writing_to_client && !sh.writing_to_server && !sh.server_partial;
                     let safe = quiet && sh.queue.is_empty() && !sh.unsynced && sh.client.status == b'I';
-                    if sh.stop == 2 && !sh.writing_to_client && !sh.server_partial {
+                    let owed = !sh.queue.is_empty() && sh.stop < 3;
+                    if sh.stop >= 2 && !owed && !sh.writing_to_client && !sh.server_partial {
                         break RoundEnd::Deadline;
                     }
                     if safe {

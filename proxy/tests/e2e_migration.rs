@@ -609,6 +609,93 @@ async fn transaction_mode_clients_follow_rotation_with_their_state() -> anyhow::
 
 /// `--migrate never`: open sessions stay on the old cluster (with their state) while new
 /// sessions go to the new one.
+/// A query running when the migration timeout passes finishes and returns its row; the
+/// 57P01 comes after it, never in place of (or in the middle of) a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn query_in_flight_at_the_migration_deadline_completes_first() -> anyhow::Result<()> {
+    in_flight_at_deadline("session").await
+}
+
+/// The same for a transaction-mode client pinned to its server by a temporary table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_mode_query_in_flight_at_the_deadline_completes_first() -> anyhow::Result<()> {
+    in_flight_at_deadline("transaction").await
+}
+
+/// A query still running 5 s (the grace) after the migration timeout is cut: it fails with
+/// the 57P01 that names the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn query_running_past_the_grace_gets_57p01() -> anyhow::Result<()> {
+    let a = AppCluster::start("one").await?;
+    let b = AppCluster::start("two").await?;
+    let secret = uri_secret(&a.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--migration-timeout", "3"])
+        .start()?;
+    let pinned = connect_observed(&proxy_config(proxy.port(), "pinned", "longquery")).await?;
+    pinned
+        .client
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await?;
+    let since = write_uri(&secret, &b.uri("app_a"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = pinned
+        .client
+        .query_one("SELECT 42 FROM pg_sleep(20)", &[])
+        .await
+        .err()
+        .context("a 20 s query outlived the migration timeout and its grace")?;
+    let after = since.elapsed();
+    let (code, message) = pinned.failure_of(&err).await;
+    println!("cut {after:?} after the rotation: {code:?}: {message}");
+    assert_eq!(code.as_deref(), Some("57P01"), "{message}");
+    assert!(message.contains("temporary"), "{message}");
+    ensure!(
+        after >= Duration::from_secs(7) && after <= MOVE_DEADLINE,
+        "cut {after:?} after the rotation (migration timeout 3 s + 5 s grace)"
+    );
+    Ok(())
+}
+
+async fn in_flight_at_deadline(pool_mode: &str) -> anyhow::Result<()> {
+    let a = AppCluster::start("one").await?;
+    let b = AppCluster::start("two").await?;
+    let secret = uri_secret(&a.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--migration-timeout", "3", "--pool-mode", pool_mode])
+        .start()?;
+    let pinned = connect_observed(&proxy_config(proxy.port(), "pinned", "inflight")).await?;
+    pinned
+        .client
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await?;
+    let since = write_uri(&secret, &b.uri("app_a"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Runs from ~1.5 s to ~4.5 s after the rotation: across the 3 s migration timeout.
+    let row = pinned
+        .client
+        .query_one("SELECT 42 FROM pg_sleep(3)", &[])
+        .await
+        .context("the query running at the migration deadline failed")?;
+    let finished = since.elapsed();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let end = pinned
+        .wait_ended(Duration::from_secs(15))
+        .await
+        .context("the pinned session was not closed after its query")?;
+    println!(
+        "{pool_mode} mode: query finished {finished:?} after the rotation; then {:?}: {}",
+        end.code, end.message
+    );
+    assert_eq!(end.code.as_deref(), Some("57P01"), "{}", end.message);
+    assert!(
+        end.message.contains("temporary"),
+        "the 57P01 does not say why: {}",
+        end.message
+    );
+    Ok(())
+}
+
 /// Sessions that send nothing after a host move still move: the rotation itself wakes them
 /// (no query of theirs does). Watched from the clusters' pg_stat_activity only; the clients'
 /// first query after the move runs on the new cluster with its setting.
