@@ -635,6 +635,9 @@ async fn after_forwarding(
                 pins.clear();
                 return ControlFlow::Continue(());
             }
+            if !outcome.server_clean {
+                cancel_running(server);
+            }
             metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
             tracing::warn!(client = tracked.id(), %peer, reason = pins.join(", "), "closing a session that could not move within the migration timeout");
             ControlFlow::Break(Err(ProxyError::Unmovable(crate::migrate::pinned_message(
@@ -644,6 +647,21 @@ async fn after_forwarding(
         }
         _ => ControlFlow::Break(Ok(outcome)),
     }
+}
+
+/// Cancels whatever a backend about to be closed is still running: a query cut at the end
+/// of the migration grace would otherwise run on the old server until it ends by itself.
+fn cancel_running(server: &ServerConnection) {
+    let (route, pid, key) = (
+        server.cancel_route.clone(),
+        server.backend_pid,
+        server.backend_key,
+    );
+    tokio::spawn(async move {
+        if let Err(e) = crate::server::send_cancel(&route, pid, key).await {
+            tracing::debug!(backend_pid = pid, error = %e, "canceling a cut query failed");
+        }
+    });
 }
 
 /// The session moves to `new`: cancels in flight for the old server land first, then
@@ -1005,6 +1023,9 @@ async fn transaction_step(
             }
             metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
             if let Some(server) = held.take() {
+                if !outcome.clean {
+                    cancel_running(&server);
+                }
                 give_back(ctx, cancel_key, *server, false, false).await;
             }
 

@@ -654,6 +654,28 @@ async fn query_running_past_the_grace_gets_57p01() -> anyhow::Result<()> {
         after >= Duration::from_secs(7) && after <= MOVE_DEADLINE,
         "cut {after:?} after the rotation (migration timeout 3 s + 5 s grace)"
     );
+    // The old backend stops too (canceled), rather than sleeping out its 20 s.
+    let admin_a = a.admin().await?;
+    let cut = Instant::now();
+    loop {
+        let running: i64 = admin_a
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await?
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        ensure!(
+            cut.elapsed() < Duration::from_secs(5),
+            "the cut query still runs on the old cluster {:?} after the cut",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
