@@ -123,30 +123,35 @@ pub struct Credentials {
 /// A session's place in the rotation wake list; leaves it when dropped.
 pub struct RotationWaiter {
     credentials: Arc<Credentials>,
-    slot: Option<usize>,
-    /// The waker registered (kept to skip the lock when the task's waker is the same).
-    waker: Option<Waker>,
+    /// Its slot in the list and the waker stored there (kept to skip the lock when the
+    /// task's waker is the same); none until first registered.
+    registered: Option<(usize, Waker)>,
 }
 
 impl RotationWaiter {
     /// Makes sure `waker` is woken by the next publish.
     pub fn register(&mut self, waker: &Waker) {
-        if self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        if let Some((_, w)) = &self.registered
+            && w.will_wake(waker)
+        {
             return;
         }
-        let mut wakers = self.credentials.lock_wakers();
-        match self.slot {
-            Some(i) => wakers[i] = waker.clone(),
-            None => self.slot = Some(wakers.insert(waker.clone())),
-        }
-        self.waker = Some(waker.clone());
+        let mut wakers = crate::lock(&self.credentials.rotation_wakers);
+        let slot = match &self.registered {
+            Some((i, _)) => {
+                wakers[*i] = waker.clone();
+                *i
+            }
+            None => wakers.insert(waker.clone()),
+        };
+        self.registered = Some((slot, waker.clone()));
     }
 }
 
 impl Drop for RotationWaiter {
     fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            self.credentials.lock_wakers().try_remove(i);
+        if let Some((i, _)) = self.registered {
+            crate::lock(&self.credentials.rotation_wakers).try_remove(i);
         }
     }
 }
@@ -164,18 +169,11 @@ impl Credentials {
         })
     }
 
-    fn lock_wakers(&self) -> std::sync::MutexGuard<'_, Slab<Waker>> {
-        self.rotation_wakers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
     /// A place in the list of sessions woken at each publish (see [`RotationWaiter`]).
     pub fn rotation_waiter(self: &Arc<Self>) -> RotationWaiter {
         RotationWaiter {
             credentials: self.clone(),
-            slot: None,
-            waker: None,
+            registered: None,
         }
     }
 
@@ -269,7 +267,7 @@ impl Credentials {
         let generation = Arc::new(candidate);
         self.current.send_replace(Some(generation.clone()));
         // After the send: a session woken here sees the new generation.
-        for (_, waker) in self.lock_wakers().iter() {
+        for (_, waker) in crate::lock(&self.rotation_wakers).iter() {
             waker.wake_by_ref();
         }
         self.set_problem(None);

@@ -44,3 +44,9 @@ pub mod stats;
 pub mod tls;
 /// Transaction pooling: the per-transaction forwarding loop and the session kept between.
 pub mod txn;
+
+/// Locks `mutex`, recovering it if a panic poisoned it: dbproxy's critical sections are a
+/// few field updates, so a panic inside one cannot leave the data inconsistent.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

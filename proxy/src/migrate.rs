@@ -58,6 +58,25 @@ pub enum StopKind {
     Force,
 }
 
+impl StopKind {
+    /// The stop level a forwarding loop records (the highest asked for wins): 1 stop at a
+    /// safe point, 2 close once no reply is owed, 3 close at the next message boundary.
+    pub fn level(self) -> u8 {
+        match self {
+            StopKind::SafePoint => 1,
+            StopKind::Now => 2,
+            StopKind::Force => 3,
+        }
+    }
+}
+
+/// Whether a forwarding loop at stop `level` closes the session now for the deadline: at
+/// level 2 once no reply is owed, at level 3 regardless, never in the middle of a message
+/// to the client.
+pub fn deadline_reached(level: u8, replies_owed: bool, mid_message: bool) -> bool {
+    !mid_message && (level >= 3 || (level == 2 && !replies_owed))
+}
+
 /// Tells a session when its server connection should be left: a newer credential generation
 /// that the policy says to move to, a recheck of a pinned session, or the migration deadline.
 ///
@@ -481,6 +500,17 @@ pub fn pinned_message(pins: &[&str], timeout: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deadline_waits_for_owed_replies_until_forced() {
+        let (now, force) = (StopKind::Now.level(), StopKind::Force.level());
+        assert!(StopKind::SafePoint.level() < now && now < force);
+        assert!(deadline_reached(now, false, false));
+        assert!(!deadline_reached(now, true, false), "a reply is owed");
+        assert!(deadline_reached(force, true, false), "past the grace");
+        assert!(!deadline_reached(force, true, true), "mid-message");
+        assert!(!deadline_reached(StopKind::SafePoint.level(), false, false));
+    }
 
     fn kv(a: &str, b: &str) -> (String, String) {
         (a.to_owned(), b.to_owned())

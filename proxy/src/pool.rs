@@ -200,7 +200,7 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         // A panic while holding this lock cannot leave the state inconsistent (every
         // critical section is a few field updates), so recover from poisoning.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Number of server connections open or opening.

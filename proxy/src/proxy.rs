@@ -57,8 +57,7 @@ pub(crate) struct SessionState {
     pub(crate) draining: AtomicBool,
     /// Query and transaction timing for the metrics.
     clock: TransactionClock,
-    /// 0: run; 1: stop at the next safe point; 2: stop once no reply is owed (the deadline);
-    /// 3: stop at the next message boundary (past the grace).
+    /// 0: run, else a [`crate::migrate::StopKind::level`].
     pub(crate) stop: AtomicU8,
     /// A message from the client (or to it, from the server) is only partly forwarded.
     pub(crate) client_partial: AtomicBool,
@@ -97,31 +96,20 @@ impl SessionState {
     pub(crate) fn stop_after_chunk(&self) -> Option<SessionEnd> {
         match self.stop.load(Relaxed) {
             0 => None,
-            1 if self.at_safe_point() => Some(SessionEnd::SafePoint),
-            // The deadline: once the replies the client is owed are delivered...
-            2 if self.pending.load(Relaxed) == 0
-                && !self.server_partial.load(Relaxed)
-                && !self.s2c_writing.load(Relaxed) =>
-            {
-                Some(SessionEnd::Deadline)
-            }
-            // ...or, past the grace, at the next message boundary.
-            3 if !self.server_partial.load(Relaxed) && !self.s2c_writing.load(Relaxed) => {
-                Some(SessionEnd::Deadline)
-            }
-            _ => None,
+            1 => self.at_safe_point().then_some(SessionEnd::SafePoint),
+            level => crate::migrate::deadline_reached(
+                level,
+                self.pending.load(Relaxed) > 0,
+                self.server_partial.load(Relaxed) || self.s2c_writing.load(Relaxed),
+            )
+            .then_some(SessionEnd::Deadline),
         }
     }
 
     /// A stop was asked for (`kind`): the end to report now, if the session is already
     /// where it may stop.
     pub(crate) fn request_stop(&self, kind: crate::migrate::StopKind) -> Option<SessionEnd> {
-        let level = match kind {
-            crate::migrate::StopKind::SafePoint => 1,
-            crate::migrate::StopKind::Now => 2,
-            crate::migrate::StopKind::Force => 3,
-        };
-        self.stop.fetch_max(level, Relaxed);
+        self.stop.fetch_max(kind.level(), Relaxed);
         self.stop_after_chunk()
     }
 

@@ -52,7 +52,7 @@ const MAX_SHARED_PARAMETER_STATUS: usize = 64;
 pub fn share_parameter_status(list: Vec<(String, String)>) -> ParameterStatus {
     static SHARED: std::sync::Mutex<Vec<std::sync::Weak<ParameterList>>> =
         std::sync::Mutex::new(Vec::new());
-    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut shared = crate::lock(&SHARED);
     shared.retain(|w| w.strong_count() > 0);
     if let Some(found) = shared
         .iter()

@@ -77,7 +77,7 @@ impl Stats {
 
     /// Publishes `dbproxy_info` for the generation now current (and zeroes the previous one).
     pub fn set_info(&self, labels: InfoLabels) {
-        let mut last = self.registry.info.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = crate::lock(&self.registry.info);
         if let Some(old) = last.take()
             && old != labels
         {
@@ -101,11 +101,7 @@ impl Stats {
         for s in self.registry.servers() {
             *counts.entry((s.state.name(), s.generation)).or_default() += 1.0;
         }
-        let mut reported = self
-            .registry
-            .reported_server_labels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut reported = crate::lock(&self.registry.reported_server_labels);
         for key in reported.iter() {
             if !counts.contains_key(key) {
                 server_gauge(key.0, key.1).set(0.0);
@@ -339,22 +335,20 @@ impl Registry {
         self.next_id.fetch_add(1, Relaxed) + 1
     }
 
-    fn lock_clients(&self) -> std::sync::MutexGuard<'_, Slab<ClientEntry>> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_servers(&self) -> std::sync::MutexGuard<'_, Slab<ServerEntry>> {
-        self.servers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn clients(&self) -> Vec<ClientEntry> {
-        let mut v: Vec<_> = self.lock_clients().iter().map(|(_, c)| c.clone()).collect();
+        let mut v: Vec<_> = crate::lock(&self.clients)
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect();
         v.sort_by_key(|c| c.id);
         v
     }
 
     pub fn servers(&self) -> Vec<ServerEntry> {
-        let mut v: Vec<_> = self.lock_servers().iter().map(|(_, s)| s.clone()).collect();
+        let mut v: Vec<_> = crate::lock(&self.servers)
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
         v.sort_by_key(|s| s.id);
         v
     }
@@ -362,7 +356,7 @@ impl Registry {
     /// Registers a client; the entry disappears when the returned guard drops.
     pub fn add_client(&self, entry: ClientEntry) -> ClientGuard<'_> {
         let id = entry.id;
-        let index = self.lock_clients().insert(entry);
+        let index = crate::lock(&self.clients).insert(entry);
         ClientGuard {
             registry: self,
             slot: Slot { index, id },
@@ -372,28 +366,28 @@ impl Registry {
     /// Registers a server connection; the slot updates and removes it.
     pub fn add_server(&self, entry: ServerEntry) -> Slot {
         let id = entry.id;
-        let index = self.lock_servers().insert(entry);
+        let index = crate::lock(&self.servers).insert(entry);
         Slot { index, id }
     }
 
     pub fn set_server_state(&self, slot: Slot, state: ServerState) {
-        if let Some(s) = entry_mut(&mut self.lock_servers(), slot) {
+        if let Some(s) = entry_mut(&mut crate::lock(&self.servers), slot) {
             s.state = state;
             s.request_time = SystemTime::now();
         }
     }
 
     pub fn remove_server(&self, slot: Slot) {
-        remove_entry(&mut self.lock_servers(), slot);
+        remove_entry(&mut crate::lock(&self.servers), slot);
     }
 
     /// Forgets every server entry (when the pool knows it holds none).
     pub fn clear_servers(&self) {
-        self.lock_servers().clear();
+        crate::lock(&self.servers).clear();
     }
 
     fn update_client(&self, slot: Slot, f: impl FnOnce(&mut ClientEntry)) {
-        if let Some(c) = entry_mut(&mut self.lock_clients(), slot) {
+        if let Some(c) = entry_mut(&mut crate::lock(&self.clients), slot) {
             f(c);
         }
     }
@@ -426,7 +420,7 @@ impl ClientGuard<'_> {
 
 impl Drop for ClientGuard<'_> {
     fn drop(&mut self) {
-        remove_entry(&mut self.registry.lock_clients(), self.slot);
+        remove_entry(&mut crate::lock(&self.registry.clients), self.slot);
     }
 }
 

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::migrate::{MoveSignal, StopKind};
+use crate::migrate::MoveSignal;
 use crate::protocol::backend;
 use crate::proxy::{DRAIN_TIMEOUT, TransactionClock};
 use crate::sql::may_touch_session_state;
@@ -245,8 +245,7 @@ struct Shared<'a> {
     unsynced: bool,
     recheck: bool,
     terminated: bool,
-    /// 0: run; 1: stop at a safe point; 2: stop once no reply is owed; 3: stop at a message
-    /// boundary.
+    /// 0: run, else a [`crate::migrate::StopKind::level`].
     stop: u8,
     /// A server message is being passed through in pieces (not at a boundary).
     server_partial: bool,
@@ -400,9 +399,7 @@ where
                     if sh.terminated && sh.queue.is_empty() {
                         return RoundEnd::ClientTerminated;
                     }
-                    // The deadline: once the client has every reply it is owed, or past
-                    // the grace at a message boundary.
-                    if passthrough == 0 && (sh.stop >= 3 || (sh.stop == 2 && sh.queue.is_empty())) {
+                    if sh.deadline_reached() {
                         return RoundEnd::Deadline;
                     }
                     if idle
@@ -447,15 +444,10 @@ where
                 end = &mut s2c => break end,
                 kind = stop => {
                     let mut sh = shared.borrow_mut();
-                    sh.stop = sh.stop.max(match kind {
-                        StopKind::SafePoint => 1,
-                        StopKind::Now => 2,
-                        StopKind::Force => 3,
-                    });
+                    sh.stop = sh.stop.max(kind.level());
                     let quiet = !sh.writing_to_client && !sh.writing_to_server && !sh.server_partial;
                     let safe = quiet && sh.queue.is_empty() && !sh.unsynced && sh.client.status == b'I';
-                    let owed = !sh.queue.is_empty() && sh.stop < 3;
-                    if sh.stop >= 2 && !owed && !sh.writing_to_client && !sh.server_partial {
+                    if sh.deadline_reached() {
                         break RoundEnd::Deadline;
                     }
                     if safe {
@@ -482,13 +474,25 @@ where
     }
 }
 
+impl Shared<'_> {
+    /// Whether the round ends now for the migration deadline (see
+    /// [`crate::migrate::deadline_reached`]).
+    fn deadline_reached(&self) -> bool {
+        crate::migrate::deadline_reached(
+            self.stop,
+            !self.queue.is_empty(),
+            self.server_partial || self.writing_to_client,
+        )
+    }
+}
+
 /// State both directions of one task share; never locked across an await, so never contended
 /// (a Mutex only because the task must be Send).
 struct Local<T>(Mutex<T>);
 
 impl<T> Local<T> {
     fn borrow(&self) -> MutexGuard<'_, T> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.0)
     }
 
     fn borrow_mut(&self) -> MutexGuard<'_, T> {

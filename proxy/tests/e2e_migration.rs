@@ -607,8 +607,6 @@ async fn transaction_mode_clients_follow_rotation_with_their_state() -> anyhow::
     Ok(())
 }
 
-/// `--migrate never`: open sessions stay on the old cluster (with their state) while new
-/// sessions go to the new one.
 /// A query running when the migration timeout passes finishes and returns its row; the
 /// 57P01 comes after it, never in place of (or in the middle of) a reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -622,23 +620,50 @@ async fn transaction_mode_query_in_flight_at_the_deadline_completes_first() -> a
     in_flight_at_deadline("transaction").await
 }
 
-/// A query still running 5 s (the grace) after the migration timeout is cut: it fails with
-/// the 57P01 that names the reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn query_running_past_the_grace_gets_57p01() -> anyhow::Result<()> {
-    let a = AppCluster::start("one").await?;
-    let b = AppCluster::start("two").await?;
-    let secret = uri_secret(&a.uri("app_a"))?;
+/// A session pinned by a temporary table, 1.5 s after a host rotation, with
+/// `--migration-timeout 3`: its close is due about 1.5 s later.
+struct PinnedAtRotation {
+    old: AppCluster,
+    _new: AppCluster,
+    _proxy: ProxyProcess,
+    /// Kept: the proxy watches its files.
+    _secret: dbtests::SecretDir,
+    pinned: ObservedClient,
+    /// When the rotation was written.
+    since: Instant,
+}
+
+async fn pinned_at_rotation(pool_mode: &str, app: &str) -> anyhow::Result<PinnedAtRotation> {
+    let old = AppCluster::start("one").await?;
+    let new = AppCluster::start("two").await?;
+    let secret = uri_secret(&old.uri("app_a"))?;
     let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--migration-timeout", "3"])
+        .args(["--migration-timeout", "3", "--pool-mode", pool_mode])
         .start()?;
-    let pinned = connect_observed(&proxy_config(proxy.port(), "pinned", "longquery")).await?;
+    let pinned = connect_observed(&proxy_config(proxy.port(), "pinned", app)).await?;
     pinned
         .client
         .batch_execute("CREATE TEMP TABLE scratch (x int)")
         .await?;
-    let since = write_uri(&secret, &b.uri("app_a"))?;
+    let since = write_uri(&secret, &new.uri("app_a"))?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    Ok(PinnedAtRotation {
+        old,
+        _new: new,
+        _proxy: proxy,
+        _secret: secret,
+        pinned,
+        since,
+    })
+}
+
+/// A query still running 5 s (the grace) after the migration timeout is cut: it fails with
+/// the 57P01 that names the reason, and the old backend stops running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn query_running_past_the_grace_gets_57p01() -> anyhow::Result<()> {
+    // Bound whole: a `..` pattern would drop the proxy and clusters right here.
+    let scene = pinned_at_rotation("session", "longquery").await?;
+    let (old, pinned, since) = (&scene.old, &scene.pinned, scene.since);
     let err = pinned
         .client
         .query_one("SELECT 42 FROM pg_sleep(20)", &[])
@@ -655,10 +680,10 @@ async fn query_running_past_the_grace_gets_57p01() -> anyhow::Result<()> {
         "cut {after:?} after the rotation (migration timeout 3 s + 5 s grace)"
     );
     // The old backend stops too (canceled), rather than sleeping out its 20 s.
-    let admin_a = a.admin().await?;
+    let admin_old = old.admin().await?;
     let cut = Instant::now();
     loop {
-        let running: i64 = admin_a
+        let running: i64 = admin_old
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity \
                  WHERE query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()",
@@ -680,19 +705,8 @@ async fn query_running_past_the_grace_gets_57p01() -> anyhow::Result<()> {
 }
 
 async fn in_flight_at_deadline(pool_mode: &str) -> anyhow::Result<()> {
-    let a = AppCluster::start("one").await?;
-    let b = AppCluster::start("two").await?;
-    let secret = uri_secret(&a.uri("app_a"))?;
-    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--migration-timeout", "3", "--pool-mode", pool_mode])
-        .start()?;
-    let pinned = connect_observed(&proxy_config(proxy.port(), "pinned", "inflight")).await?;
-    pinned
-        .client
-        .batch_execute("CREATE TEMP TABLE scratch (x int)")
-        .await?;
-    let since = write_uri(&secret, &b.uri("app_a"))?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let scene = pinned_at_rotation(pool_mode, "inflight").await?;
+    let (pinned, since) = (&scene.pinned, scene.since);
     // Runs from ~1.5 s to ~4.5 s after the rotation: across the 3 s migration timeout.
     let row = pinned
         .client
@@ -770,6 +784,8 @@ async fn idle_sessions_move_without_client_traffic() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--migrate never`: open sessions stay on the old cluster (with their state) while new
+/// sessions go to the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_never_leaves_sessions_in_place() -> anyhow::Result<()> {
     let a = AppCluster::start("one").await?;
