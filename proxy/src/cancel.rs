@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -24,13 +25,29 @@ impl CancelTarget {
     }
 }
 
+/// The clients' keys, in a slab: a synthetic pid holds its entry's index (low
+/// [`INDEX_BITS`] bits, plus one) under random high bits, so routing a key is an index and two
+/// comparisons, no hashing. The random 32-bit key is what makes a cancel hard to forge.
 #[derive(Default)]
 pub struct CancelMap {
-    entries: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    entries: Mutex<slab::Slab<Entry>>,
     /// Cancels being forwarded right now, per backend: a backend is not handed to another
     /// client until they are through (pgbouncer#717).
     in_flight: Mutex<HashMap<(SocketAddr, i32), usize>>,
+    /// Sum of `in_flight`'s counts, so the common case (none) needs no lock.
+    in_flight_total: AtomicUsize,
 }
+
+struct Entry {
+    pid: i32,
+    key: i32,
+    target: Option<CancelTarget>,
+}
+
+/// Bits of a synthetic pid that hold the entry's index plus one (up to ~2 million clients;
+/// `--max-clients` allows one million); the rest above them, below the sign bit, are random.
+const INDEX_BITS: u32 = 21;
+const INDEX_MASK: i32 = (1 << INDEX_BITS) - 1;
 
 /// Marks a cancel as in flight until dropped.
 pub struct InFlightCancel<'a> {
@@ -40,10 +57,10 @@ pub struct InFlightCancel<'a> {
 
 impl Drop for InFlightCancel<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.map.in_flight.lock()
-            && let Some(n) = m.get_mut(&self.backend)
-        {
+        let mut m = crate::lock(&self.map.in_flight);
+        if let Some(n) = m.get_mut(&self.backend) {
             *n -= 1;
+            self.map.in_flight_total.fetch_sub(1, Ordering::Release);
             if *n == 0 {
                 m.remove(&self.backend);
             }
@@ -64,41 +81,61 @@ impl CancelMap {
         Arc::new(Self::default())
     }
 
-    /// A fresh random key for a new client.
+    /// A fresh key for a new client.
     pub fn register(self: &Arc<Self>) -> CancelKey {
         let mut rng = rand::rng();
-        loop {
-            let pid = rng.random_range(1..i32::MAX);
-            let key = rng.random::<i32>();
-            if let Ok(mut entries) = self.entries.lock()
-                && !entries.contains_key(&(pid, key))
-            {
-                entries.insert((pid, key), None);
-                return CancelKey {
-                    map: self.clone(),
-                    pid,
-                    key,
-                };
-            }
+        let high: i32 = rng.random_range(0..(1 << (31 - INDEX_BITS)));
+        let key = rng.random::<i32>();
+        let mut entries = crate::lock(&self.entries);
+        let entry = entries.vacant_entry();
+        let index = entry.key();
+        if index >= INDEX_MASK as usize {
+            // More live clients than a pid can index (far above --max-clients' limit): this
+            // one's cancels are not routed.
+            return CancelKey {
+                map: self.clone(),
+                pid: 0,
+                key,
+            };
+        }
+        let pid = (high << INDEX_BITS) | (index as i32 + 1);
+        entry.insert(Entry {
+            pid,
+            key,
+            target: None,
+        });
+        CancelKey {
+            map: self.clone(),
+            pid,
+            key,
         }
     }
 
     /// Where a cancel for this key goes, if the client is connected and has a backend; the
     /// returned guard keeps the backend from being reused until the cancel is sent.
     pub fn lookup(&self, pid: i32, key: i32) -> Option<(CancelTarget, InFlightCancel<'_>)> {
-        let entries = self.entries.lock().ok()?;
-        let target = entries.get(&(pid, key)).cloned().flatten()?;
+        let entries = crate::lock(&self.entries);
+        let target = Self::entry(&entries, pid, key)?.target.clone()?;
         let backend = (target.addr(), target.pid);
-        *self.in_flight.lock().ok()?.entry(backend).or_insert(0) += 1;
+        *crate::lock(&self.in_flight).entry(backend).or_insert(0) += 1;
+        self.in_flight_total.fetch_add(1, Ordering::Release);
         drop(entries);
         Some((target, InFlightCancel { map: self, backend }))
     }
 
+    /// The live entry `pid` and `key` name, if any.
+    fn entry(entries: &slab::Slab<Entry>, pid: i32, key: i32) -> Option<&Entry> {
+        let index = usize::try_from((pid & INDEX_MASK) - 1).ok()?;
+        entries
+            .get(index)
+            .filter(|e| pid > 0 && e.pid == pid && e.key == key)
+    }
+
     fn cancel_in_flight(&self, addr: SocketAddr, pid: i32) -> bool {
-        self.in_flight
-            .lock()
-            .map(|m| m.contains_key(&(addr, pid)))
-            .unwrap_or(false)
+        if self.in_flight_total.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        crate::lock(&self.in_flight).contains_key(&(addr, pid))
     }
 
     /// Waits (briefly) until no cancel for this backend is being forwarded, so a late cancel
@@ -113,7 +150,7 @@ impl CancelMap {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+        crate::lock(&self.entries).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,18 +161,30 @@ impl CancelMap {
 impl CancelKey {
     /// Points this client's cancels at a backend (or at none between backends).
     pub fn set_target(&self, target: Option<CancelTarget>) {
-        if let Ok(mut entries) = self.map.entries.lock()
-            && let Some(slot) = entries.get_mut(&(self.pid, self.key))
-        {
-            *slot = target;
-        }
+        let old = {
+            let mut entries = crate::lock(&self.map.entries);
+            let index = ((self.pid & INDEX_MASK) - 1) as usize;
+            match entries.get_mut(index) {
+                Some(e) if self.pid > 0 && e.pid == self.pid => {
+                    std::mem::replace(&mut e.target, target)
+                }
+                _ => None,
+            }
+        };
+        // The old route's reference is released outside the lock.
+        drop(old);
     }
 }
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        if let Ok(mut entries) = self.map.entries.lock() {
-            entries.remove(&(self.pid, self.key));
+        if self.pid <= 0 {
+            return;
+        }
+        let mut entries = crate::lock(&self.map.entries);
+        let index = ((self.pid & INDEX_MASK) - 1) as usize;
+        if entries.get(index).is_some_and(|e| e.pid == self.pid) {
+            entries.remove(index);
         }
     }
 }
@@ -178,5 +227,41 @@ mod tests {
         assert_eq!(map.len(), 1);
         drop(b);
         assert!(map.is_empty());
+    }
+
+    #[test]
+    fn a_reused_slot_does_not_route_the_old_key() {
+        let map = CancelMap::new();
+        let dsn = dbcred::Dsn::parse("host=127.0.0.1 user=u sslmode=disable").unwrap();
+        let route = Arc::new(CancelRoute {
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            host: "127.0.0.1".into(),
+            policy: dbcred::ServerTlsPolicy::from_dsn(&dsn).unwrap(),
+            tls: false,
+        });
+        let target = |pid| CancelTarget {
+            route: route.clone(),
+            pid,
+            key: 1,
+        };
+        let old = map.register();
+        let (old_pid, old_key) = (old.pid, old.key);
+        drop(old);
+        let new = map.register();
+        // The slab hands out the freed slot again: same index, new random bits and key.
+        assert_eq!(new.pid & INDEX_MASK, old_pid & INDEX_MASK);
+        new.set_target(Some(target(5)));
+        assert!(map.lookup(old_pid, old_key).is_none());
+        assert_eq!(map.lookup(new.pid, new.key).unwrap().0.pid, 5);
+        // Made-up pids (zero, negative, an index never handed out) find nothing.
+        assert!(map.lookup(0, new.key).is_none());
+        assert!(map.lookup(-1, new.key).is_none());
+        assert!(map.lookup(new.pid + 1, new.key).is_none());
+        let many: Vec<_> = (0..100).map(|_| map.register()).collect();
+        assert!(many.iter().all(|k| k.pid > 0));
+        let mut pids: Vec<_> = many.iter().map(|k| k.pid & INDEX_MASK).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        assert_eq!(pids.len(), 100, "each live key has its own slot");
     }
 }

@@ -4,12 +4,13 @@
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dbcred::tls::PgStream;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram_server::ScramVerifier;
@@ -507,7 +508,7 @@ async fn session_login<'a>(
         tracked,
         slot,
         cancel_key,
-        server,
+        server: *server,
         initial: early,
     }))
 }
@@ -680,7 +681,7 @@ async fn adopt(
     assign(cancel_key, server);
     tracing::info!(client = tracked.id(), %peer, from = %old.target, to = %server.target, "session moved to a new server connection");
     metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
-    ctx.pool.release(old, true).await;
+    ctx.pool.release(Box::new(old), true).await;
 }
 
 /// The session is over: its server goes back to the pool (reset and reused when clean).
@@ -705,11 +706,13 @@ async fn finish_session(
     let result = match ended {
         Ok(outcome) => {
             tracing::trace!(client = tracked.id(), %peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
-            ctx.pool.release(server, outcome.server_clean).await;
+            ctx.pool
+                .release(Box::new(server), outcome.server_clean)
+                .await;
             session_result(outcome.end, ctx)
         }
         Err(e) => {
-            ctx.pool.release(server, false).await;
+            ctx.pool.release(Box::new(server), false).await;
             Err(e)
         }
     };
@@ -770,7 +773,7 @@ async fn try_move(
             return Err(e.into());
         }
     }
-    Ok(Moved::To(Box::new(new)))
+    Ok(Moved::To(new))
 }
 
 /// How often a transaction-mode client tries another server connection when bringing one in
@@ -834,7 +837,7 @@ async fn transaction_login<'a>(
         cancel_key,
         client: ClientSession::new(crate::server::share_parameter_status(welcome)),
         cbuf: early,
-        held: first.map(Box::new),
+        held: first,
         assigned: false,
         signal: None,
         sync_failures: 0,
@@ -854,6 +857,10 @@ async fn transaction_session(
     out: &mut BytesMut,
     shutdown: &mut Shutdown,
 ) -> Result<()> {
+    // One wait on the shutdown signal for the whole session: registering a fresh one per
+    // transaction cost more than the rest of the idle wait.
+    let stop = shutdown.recv();
+    tokio::pin!(stop);
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.tracked.set_server(None);
@@ -861,14 +868,17 @@ async fn transaction_session(
             // buffer and copied into a fresh one.
             st.cbuf = BytesMut::new();
             tokio::select! {
-                read = read_into(socket, &mut st.cbuf) => match read {
+                // The read first: the shutdown signal is only looked at while the client is
+                // idle (its next request not already here), which is when it applies.
+                biased;
+                read = crate::txn::read_appending(socket, &mut st.cbuf) => match read {
                     Ok(0) | Err(_) => return Ok(()),
                     Ok(n) => crate::proxy::count_client_bytes(n),
                 },
-                _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
+                () = stop.as_mut() => return Err(ProxyError::ShuttingDown),
             }
         }
-        let step = Box::pin(transaction_step(socket, ctx, &mut st, out, shutdown)).await?;
+        let step = Box::pin(transaction_step(socket, ctx, &mut st, out, stop.as_mut())).await?;
         if step == Step::Done {
             return Ok(());
         }
@@ -892,7 +902,7 @@ async fn transaction_step(
     ctx: &ClientContext,
     st: &mut TxClient<'_>,
     out: &mut BytesMut,
-    shutdown: &mut Shutdown,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Step> {
     let TxClient {
         tracked,
@@ -924,14 +934,15 @@ async fn transaction_step(
         }
         let deadline = Instant::now() + ctx.pool_timeout;
         let server = tokio::select! {
+            biased;
             s = ctx.pool.acquire(server_params, deadline) => s?,
-            _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
+            () = stop.as_mut() => return Err(ProxyError::ShuttingDown),
         };
-        *held = Some(Box::new(server));
+        *held = Some(server);
     } else if cbuf.is_empty() && client.pins.is_empty() && !*assigned {
         // The login server: give it back until the client asks for something.
         if let Some(server) = held.take() {
-            ctx.pool.release_with(*server, true, false).await;
+            ctx.pool.release_with(server, true, false).await;
         }
         return Ok(Step::Again);
     }
@@ -945,7 +956,7 @@ async fn transaction_step(
         if let Err(e) = sync_session(server, client, socket, out).await {
             // The server's state is unknown now: it is closed, never reused.
             if let Some(server) = held.take() {
-                give_back(ctx, cancel_key, *server, false, false).await;
+                give_back(ctx, cancel_key, server, false, false).await;
             }
             *assigned = false;
             if matches!(e, ProxyError::Canceled(_)) && *sync_failures < SYNC_ATTEMPTS {
@@ -984,7 +995,7 @@ async fn transaction_step(
             Ok(snap) => learn(server, client, snap),
             Err(e) => {
                 if let Some(server) = held.take() {
-                    give_back(ctx, cancel_key, *server, false, false).await;
+                    give_back(ctx, cancel_key, server, false, false).await;
                 }
 
                 return Err(e);
@@ -996,7 +1007,7 @@ async fn transaction_step(
             if client.pins.is_empty() {
                 *signal = None;
                 if let Some(server) = held.take() {
-                    give_back(ctx, cancel_key, *server, true, false).await;
+                    give_back(ctx, cancel_key, server, true, false).await;
                 }
                 *assigned = false;
             } else if let Some(sig) = signal.as_mut()
@@ -1014,7 +1025,7 @@ async fn transaction_step(
                 if client.pins.is_empty() {
                     *signal = None;
                     if let Some(server) = held.take() {
-                        give_back(ctx, cancel_key, *server, true, false).await;
+                        give_back(ctx, cancel_key, server, true, false).await;
                     }
                     *assigned = false;
 
@@ -1026,7 +1037,7 @@ async fn transaction_step(
                 if !outcome.clean {
                     cancel_running(&server);
                 }
-                give_back(ctx, cancel_key, *server, false, false).await;
+                give_back(ctx, cancel_key, server, false, false).await;
             }
 
             return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
@@ -1041,7 +1052,7 @@ async fn transaction_step(
             // next client: reset then.
             let reset = !client.pins.is_empty();
             if let Some(server) = held.take() {
-                give_back(ctx, cancel_key, *server, clean, reset).await;
+                give_back(ctx, cancel_key, server, clean, reset).await;
             }
             return match end {
                 RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
@@ -1061,30 +1072,12 @@ async fn transaction_step(
 async fn give_back(
     ctx: &ClientContext,
     cancel_key: &CancelKey,
-    server: ServerConnection,
+    server: Box<ServerConnection>,
     clean: bool,
     reset: bool,
 ) {
     unassign(ctx, cancel_key, &server).await;
     ctx.pool.release_with(server, clean, reset).await;
-}
-
-/// One read from the client into a stack buffer, appended to `buf` (which holds no memory
-/// while the client is idle).
-async fn read_into(socket: &mut ClientStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 8 * 1024];
-        let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
-        match std::pin::Pin::new(&mut *socket).poll_read(cx, &mut read) {
-            std::task::Poll::Ready(Ok(())) => {
-                buf.extend_from_slice(read.filled());
-                std::task::Poll::Ready(Ok(read.filled().len()))
-            }
-            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    })
-    .await
 }
 
 /// Brings a server just assigned to the client in line with the client's session: settings
@@ -1104,7 +1097,7 @@ async fn sync_session(
         server.policy_role(),
     );
     if !queries.is_empty() {
-        server.replay(&queries, &[], &[]).await.map_err(|e| match e {
+        Box::pin(server.replay(&queries, &[], &[])).await.map_err(|e| match e {
             ProxyError::Canceled(_) => e,
             e => ProxyError::Reset(format!(
                 "restoring this session's settings and prepared statements on another server connection failed: {e}"

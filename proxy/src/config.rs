@@ -81,8 +81,12 @@ pub struct RunArgs {
     #[arg(long = "pool-size", default_value_t = 20)]
     pub pool_size: usize,
 
-    /// Maximum number of client connections.
-    #[arg(long = "max-clients", default_value_t = 1000)]
+    /// Maximum number of client connections (at most one million).
+    #[arg(
+        long = "max-clients",
+        default_value_t = 1000,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
     pub max_clients: usize,
 
     /// Seconds a client waits for a server connection before it gets an error.

@@ -407,6 +407,10 @@ pub fn reported_changes(
     seen: &[(String, String)],
     new: &[(String, String)],
 ) -> Vec<(String, String)> {
+    // Equal lists are usually one shared allocation (see `share_parameter_status`).
+    if std::ptr::eq(seen, new) {
+        return Vec::new();
+    }
     new.iter()
         .filter(|(n, v)| !seen.iter().any(|(sn, sv)| sn == n && sv == v))
         .cloned()

@@ -22,7 +22,10 @@ pub struct PoolConfig {
 }
 
 struct PoolState {
-    idle: Vec<ServerConnection>,
+    /// Boxed: a connection moves between the pool and clients once per transaction in
+    /// transaction mode, and a pointer moves cheaper than the connection.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<ServerConnection>>,
     /// Server connections that exist or are being opened (idle + in use + opening).
     open: usize,
 }
@@ -74,8 +77,8 @@ impl Drop for SlotGuard<'_> {
 }
 
 enum Decision {
-    Take(ServerConnection),
-    Open(Option<ServerConnection>),
+    Take(Box<ServerConnection>),
+    Open(Option<Box<ServerConnection>>),
     Wait,
 }
 
@@ -219,7 +222,7 @@ impl Pool {
         &self,
         params: &ServerParams,
         deadline: Instant,
-    ) -> Result<ServerConnection> {
+    ) -> Result<Box<ServerConnection>> {
         self.acquire_with(params, deadline, false).await
     }
 
@@ -230,7 +233,7 @@ impl Pool {
         &self,
         params: &ServerParams,
         deadline: Instant,
-    ) -> Result<ServerConnection> {
+    ) -> Result<Box<ServerConnection>> {
         self.acquire_with(params, deadline, true).await
     }
 
@@ -239,7 +242,7 @@ impl Pool {
         params: &ServerParams,
         deadline: Instant,
         exceed: bool,
-    ) -> Result<ServerConnection> {
+    ) -> Result<Box<ServerConnection>> {
         let started = Instant::now();
         self.stats.clients_waiting.increment(1.0);
         let got = self.acquire_inner(params, deadline, exceed).await;
@@ -267,46 +270,29 @@ impl Pool {
         params: &ServerParams,
         deadline: Instant,
         exceed: bool,
-    ) -> Result<ServerConnection> {
+    ) -> Result<Box<ServerConnection>> {
         loop {
             if self.is_paused() {
-                self.wait_unpaused(deadline).await?;
+                Box::pin(self.wait_unpaused(deadline)).await?;
             }
-            let generation = self.credentials.wait_current(deadline).await?;
+            let generation = match self.credentials.current() {
+                Some(g) => g,
+                None => Box::pin(self.credentials.wait_current(deadline)).await?,
+            };
             let notified = self.changed.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
-            let decision = {
-                let mut state = self.lock();
-                let mut found = None;
-                while let Some(pos) = state
-                    .idle
-                    .iter()
-                    .rposition(|s| s.generation == generation.number && s.params == *params)
-                {
-                    let server = state.idle.swap_remove(pos);
-                    if server.is_alive() {
-                        found = Some(server);
-                        break;
+            // Registered for wake-ups only once it looks like waiting, then decided again, so
+            // a release in between is not missed and the common case takes no extra lock.
+            let mut registered = false;
+            let decision = loop {
+                match self.decide(&generation, params, exceed) {
+                    Decision::Wait if !registered => {
+                        notified.as_mut().enable();
+                        registered = true;
                     }
-                    self.forget(&server);
-                    state.open -= 1;
-                }
-                if let Some(server) = found {
-                    Decision::Take(server)
-                } else if state.open < self.config.size || exceed {
-                    state.open += 1;
-                    Decision::Open(None)
-                } else if !state.idle.is_empty() {
-                    // Full, but an idle connection with other parameters (or an older
-                    // generation) holds a slot: replace it.
-                    let victim = state.idle.remove(0);
-                    Decision::Open(Some(victim))
-                } else {
-                    Decision::Wait
+                    decision => break decision,
                 }
             };
-            self.stats.server_connections.set(self.open_count() as f64);
             match decision {
                 Decision::Take(server) => return Ok(server),
                 Decision::Open(victim) => {
@@ -316,9 +302,11 @@ impl Pool {
                     }
                     // Frees the slot if opening fails, or if this future is dropped midway.
                     let slot = self.slot_guard();
-                    let server = self.open_new(generation, params, deadline).await?;
+                    // Boxed: logging in is the rare path, and inline it would make every
+                    // acquire (one per transaction in transaction mode) a 3.5 kB future.
+                    let server = Box::pin(self.open_new(generation, params, deadline)).await?;
                     slot.disarm();
-                    return Ok(server);
+                    return Ok(Box::new(server));
                 }
                 Decision::Wait => {
                     if tokio::time::timeout_at(deadline.into(), notified)
@@ -331,6 +319,46 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// What [`Pool::acquire_inner`] does now: take an idle connection of `generation` with
+    /// these parameters, open one (maybe replacing an idle mismatched one), or wait.
+    fn decide(
+        &self,
+        generation: &crate::credentials::Generation,
+        params: &ServerParams,
+        exceed: bool,
+    ) -> Decision {
+        let mut state = self.lock();
+        let mut found = None;
+        while let Some(pos) = state
+            .idle
+            .iter()
+            .rposition(|s| s.generation == generation.number && s.params == *params)
+        {
+            let server = state.idle.swap_remove(pos);
+            if server.is_alive() {
+                found = Some(server);
+                break;
+            }
+            self.forget(&server);
+            state.open -= 1;
+        }
+        let decision = if let Some(server) = found {
+            Decision::Take(server)
+        } else if state.open < self.config.size || exceed {
+            state.open += 1;
+            Decision::Open(None)
+        } else if !state.idle.is_empty() {
+            // Full, but an idle connection with other parameters (or an older generation)
+            // holds a slot: replace it.
+            let victim = state.idle.remove(0);
+            Decision::Open(Some(victim))
+        } else {
+            Decision::Wait
+        };
+        self.stats.server_connections.set(state.open as f64);
+        decision
     }
 
     /// Opens a connection; if the server says our password is wrong, the Secret has probably
@@ -420,19 +448,19 @@ impl Pool {
     /// Takes a connection back from a client. `clean` says the session ended at a safe point
     /// (idle, nothing in flight); only then, and only for the current generation within its
     /// lifetime, is it reset and kept.
-    pub async fn release(&self, server: ServerConnection, clean: bool) {
+    pub async fn release(&self, server: Box<ServerConnection>, clean: bool) {
         self.release_with(server, clean, true).await
     }
 
     /// Like [`Pool::release`]; `reset: false` keeps the session state (transaction pooling
     /// carries prepared statements and settings on the connection and syncs them per client).
-    pub async fn release_with(&self, mut server: ServerConnection, clean: bool, reset: bool) {
+    pub async fn release_with(&self, mut server: Box<ServerConnection>, clean: bool, reset: bool) {
         self.stats.clients_active.decrement(1.0);
         let keep = clean
             && server.generation == self.credentials.current_number()
             && server.created.elapsed() < self.config.lifetime
             && !self.retired(&server);
-        let reset_ok = keep && (!reset || server.reset().await.is_ok());
+        let reset_ok = keep && (!reset || Box::pin(server.reset()).await.is_ok());
         if reset_ok {
             server.idle_since = Instant::now();
             let mut state = self.lock();

@@ -28,7 +28,7 @@ impl<'a> Iterator for Statements<'a> {
             let start = self.pos;
             let end = statement_end(self.sql.as_bytes(), start);
             self.pos = end + 1;
-            let s = self.sql[start..end].trim();
+            let s = self.sql[start..end].trim_ascii();
             if !strip_comments_prefix(s).is_empty() {
                 return Some(s);
             }
@@ -41,6 +41,10 @@ impl<'a> Iterator for Statements<'a> {
 fn statement_end(b: &[u8], start: usize) -> usize {
     let mut i = start;
     while i < b.len() {
+        if !LEXICAL[usize::from(b[i])] {
+            i += 1;
+            continue;
+        }
         match b[i] {
             b'\'' => {
                 // E'...' strings treat backslash as an escape.
@@ -94,6 +98,18 @@ fn statement_end(b: &[u8], start: usize) -> usize {
     b.len()
 }
 
+/// The bytes [`statement_end`] has to look at; everything else is skipped in a tight loop.
+static LEXICAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'\'' as usize] = true;
+    t[b'"' as usize] = true;
+    t[b'-' as usize] = true;
+    t[b'/' as usize] = true;
+    t[b'$' as usize] = true;
+    t[b';' as usize] = true;
+    t
+};
+
 fn is_ident_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
 }
@@ -132,7 +148,7 @@ fn dollar_tag(b: &[u8], i: usize) -> Option<usize> {
 /// `s` without leading whitespace and comments.
 fn strip_comments_prefix(mut s: &str) -> &str {
     loop {
-        s = s.trim_start();
+        s = s.trim_ascii_start();
         if let Some(rest) = s.strip_prefix("--") {
             s = rest.find('\n').map_or("", |n| &rest[n + 1..]);
         } else if s.starts_with("/*") {
@@ -184,16 +200,12 @@ pub fn leading_keywords(statement: &str) -> Keywords<'_> {
     let mut s = statement;
     let mut out = [""; 3];
     for slot in &mut out {
-        s = strip_comments_prefix(s);
-        let end = s
-            .bytes()
-            .position(|c| !(c.is_ascii_alphanumeric() || c == b'_'))
-            .unwrap_or(s.len());
-        if end == 0 {
+        let (word, rest) = next_keyword(s);
+        if word.is_empty() {
             break;
         }
-        *slot = &s[..end];
-        s = &s[end..];
+        *slot = word;
+        s = rest;
     }
     Keywords(out)
 }
@@ -208,30 +220,61 @@ pub fn may_touch_session_state(text: &str) -> bool {
     if mentions_state_function(text) {
         return true;
     }
-    split_statements(text).any(|statement| {
-        let kw = leading_keywords(statement);
-        if kw.is(0, "SET") {
-            !kw.is_any(1, &["LOCAL", "TRANSACTION", "CONSTRAINTS"])
-        } else if kw.is(0, "CREATE") {
-            kw.is_any(1, &["TEMP", "TEMPORARY"])
-                || (kw.is_any(1, &["LOCAL", "GLOBAL"]) && kw.is_any(2, &["TEMP", "TEMPORARY"]))
-        } else {
-            kw.is_any(
-                0,
-                &[
-                    "RESET",
-                    "DISCARD",
-                    "PREPARE",
-                    "DEALLOCATE",
-                    "LISTEN",
-                    "UNLISTEN",
-                    "CLOSE",
-                    "DECLARE",
-                    "DROP",
-                ],
-            )
-        }
-    })
+    // Nothing but whitespace and semicolons after the first `;` (or no `;`): one statement,
+    // no need to split (a `;` inside a literal or comment leaves more text behind it).
+    let single = match memchr::memchr(b';', text.as_bytes()) {
+        None => true,
+        Some(at) => text.as_bytes()[at..]
+            .iter()
+            .all(|&c| c == b';' || c.is_ascii_whitespace()),
+    };
+    if single {
+        return statement_touches_state(text);
+    }
+    split_statements(text).any(statement_touches_state)
+}
+
+/// [`may_touch_session_state`] for one statement, from its leading keywords (read only as
+/// far as needed).
+fn statement_touches_state(statement: &str) -> bool {
+    let (first, rest) = next_keyword(statement);
+    let is = |word: &str, w: &str| word.eq_ignore_ascii_case(w);
+    if is(first, "SET") {
+        let second = next_keyword(rest).0;
+        !["LOCAL", "TRANSACTION", "CONSTRAINTS"]
+            .iter()
+            .any(|w| is(second, w))
+    } else if is(first, "CREATE") {
+        let (second, rest) = next_keyword(rest);
+        let temp = |w: &str| is(w, "TEMP") || is(w, "TEMPORARY");
+        temp(second)
+            || ((is(second, "LOCAL") || is(second, "GLOBAL")) && temp(next_keyword(rest).0))
+    } else {
+        [
+            "RESET",
+            "DISCARD",
+            "PREPARE",
+            "DEALLOCATE",
+            "LISTEN",
+            "UNLISTEN",
+            "CLOSE",
+            "DECLARE",
+            "DROP",
+        ]
+        .iter()
+        .any(|w| is(first, w))
+    }
+}
+
+/// The keyword (identifier characters) at the start of `s` after whitespace and comments,
+/// and what follows it; empty if something else comes first.
+fn next_keyword(s: &str) -> (&str, &str) {
+    let s = strip_comments_prefix(s);
+    let end = s
+        .bytes()
+        .position(|c| !(c.is_ascii_alphanumeric() || c == b'_'))
+        .unwrap_or(s.len());
+    s.split_at(end)
 }
 
 /// Whether `text` contains `set_config`, `advisory_lock` or `advisory_unlock` (any case).
@@ -244,11 +287,10 @@ fn mentions_state_function(text: &str) -> bool {
             .and_then(|s| b.get(s..s + word.len()))
             .is_some_and(|w| w.eq_ignore_ascii_case(word))
     };
-    b.iter().enumerate().any(|(i, &c)| {
-        c == b'_'
-            && (at(i.checked_sub(3), b"set_config")
-                || at(i.checked_sub(8), b"advisory_lock")
-                || at(i.checked_sub(8), b"advisory_unlock"))
+    memchr::memchr_iter(b'_', b).any(|i| {
+        at(i.checked_sub(3), b"set_config")
+            || at(i.checked_sub(8), b"advisory_lock")
+            || at(i.checked_sub(8), b"advisory_unlock")
     })
 }
 
@@ -385,5 +427,25 @@ mod tests {
         assert!(may_touch_session_state(
             "declare c cursor with hold for select 1"
         ));
+    }
+
+    #[test]
+    fn session_state_scan_with_semicolons() {
+        // One statement with trailing semicolons and whitespace: judged without a split.
+        assert!(!may_touch_session_state("SELECT 1;"));
+        assert!(may_touch_session_state(" /* c */ SET a = 1 ;; \n"));
+        assert!(!may_touch_session_state("SET LOCAL a = 1;"));
+        assert!(may_touch_session_state(
+            "CREATE GLOBAL TEMP TABLE t(a int);"
+        ));
+        assert!(!may_touch_session_state("CREATE TABLE t(a int);"));
+        // A `;` inside a literal, a comment or a dollar quote does not end the statement.
+        assert!(!may_touch_session_state("SELECT ';SET a = 1'"));
+        assert!(may_touch_session_state("SELECT ';'; SET a = 1"));
+        assert!(!may_touch_session_state("SELECT 1 -- ; SET a = 1"));
+        assert!(may_touch_session_state("SELECT $$;$$; LISTEN x;"));
+        assert!(may_touch_session_state("SELECT 1; /* x */ RESET ALL"));
+        assert!(!may_touch_session_state(";;"));
+        assert!(!may_touch_session_state(""));
     }
 }

@@ -47,6 +47,36 @@ pub struct ServerSession {
     /// SQL prepared statements: name and PREPARE statement.
     pub sql_prepared: Vec<(String, String)>,
     tick: u64,
+    /// The rounds' buffers, kept with the connection: there are only pool-size many, and
+    /// allocating them per transaction was a measurable part of its cost.
+    bufs: RoundBuffers,
+}
+
+/// Buffers a round works in; empty between rounds (a round that leaves bytes in them ends
+/// unclean, and its connection is closed).
+#[derive(Debug, Default)]
+struct RoundBuffers {
+    queue: VecDeque<Expect>,
+    from_server: BytesMut,
+    to_client: BytesMut,
+    to_server: BytesMut,
+}
+
+impl RoundBuffers {
+    /// Empties the buffers, dropping any that a large message grew.
+    fn recycle(&mut self) {
+        self.queue.clear();
+        for buf in [
+            &mut self.from_server,
+            &mut self.to_client,
+            &mut self.to_server,
+        ] {
+            buf.clear();
+            if buf.capacity() > STREAM_ABOVE {
+                *buf = BytesMut::new();
+            }
+        }
+    }
 }
 
 /// A client's named protocol statement.
@@ -285,8 +315,14 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let RoundBuffers {
+        queue,
+        from_server: mut sbuf,
+        mut to_client,
+        mut to_server,
+    } = std::mem::take(&mut server.bufs);
     let shared = Local(Mutex::new(Shared {
-        queue: VecDeque::new(),
+        queue,
         server,
         server_params,
         client: session,
@@ -315,13 +351,14 @@ where
 
     let end = {
         let c2s = async {
-            let mut out = BytesMut::new();
+            let out = &mut to_server;
             loop {
-                let verdict = process_client(&mut shared.borrow_mut(), cbuf, &mut out, config);
+                let out = &mut *out;
+                let verdict = process_client(&mut shared.borrow_mut(), cbuf, out, config);
                 if !out.is_empty() {
                     shared.borrow_mut().writing_to_server = true;
                     let written = async {
-                        server_write.write_all(&out).await?;
+                        server_write.write_all(out).await?;
                         server_write.flush().await
                     }
                     .await;
@@ -331,14 +368,14 @@ where
                     }
                     out.clear();
                     if out.capacity() > STREAM_ABOVE {
-                        out = BytesMut::new();
+                        *out = BytesMut::new();
                     }
                 }
                 if shared.borrow().synthetic_ready {
                     wake.notify_one();
                 }
                 match verdict {
-                    ClientVerdict::Continue => {}
+                    ClientVerdict::Continue | ClientVerdict::Incomplete(_) => {}
                     ClientVerdict::Terminate => {
                         shared.borrow_mut().terminated = true;
                         wake.notify_one();
@@ -347,39 +384,33 @@ where
                     ClientVerdict::TooLarge(len) => return RoundEnd::ClientMessageTooLarge(len),
                     ClientVerdict::Invalid(e) => return RoundEnd::ClientProtocol(e),
                 }
-                if cbuf.capacity() - cbuf.len() < 1024 {
-                    cbuf.reserve(8 * 1024);
-                }
-                match client_read.read_buf(cbuf).await {
+                match read_appending(&mut client_read, cbuf).await {
                     Ok(0) | Err(_) => return RoundEnd::ClientGone,
                     Ok(n) => crate::proxy::count_client_bytes(n),
                 }
             }
         };
         let s2c = async {
-            let mut sbuf = BytesMut::with_capacity(8 * 1024);
-            let mut out = BytesMut::with_capacity(8 * 1024);
+            let sbuf = &mut sbuf;
+            let out = &mut to_client;
             let mut passthrough = 0usize;
             let mut progressed = false;
             loop {
                 {
                     let mut sh = shared.borrow_mut();
-                    if let Err(e) = process_server(
-                        &mut sh,
-                        &mut sbuf,
-                        &mut out,
-                        &mut passthrough,
-                        &mut progressed,
-                    ) {
+                    if let Err(e) =
+                        process_server(&mut sh, sbuf, out, &mut passthrough, &mut progressed)
+                    {
                         tracing::debug!(error = %e, "invalid server message stream");
                         return RoundEnd::ServerGone;
                     }
-                    sh.server_partial = passthrough > 0;
+                    // Part of a message is through, or waits in the buffer: not a boundary.
+                    sh.server_partial = passthrough > 0 || !sbuf.is_empty();
                 }
                 if !out.is_empty() {
                     shared.borrow_mut().writing_to_client = true;
                     let written = async {
-                        client_write.write_all(&out).await?;
+                        client_write.write_all(out).await?;
                         client_write.flush().await
                     }
                     .await;
@@ -390,7 +421,7 @@ where
                     crate::proxy::count_server_bytes(out.len());
                     out.clear();
                     if out.capacity() > STREAM_ABOVE {
-                        out = BytesMut::with_capacity(8 * 1024);
+                        *out = BytesMut::new();
                     }
                 }
                 {
@@ -403,6 +434,7 @@ where
                         return RoundEnd::Deadline;
                     }
                     if idle
+                        && !sh.server_partial
                         && progressed
                         && sh.client.status == b'I'
                         && (end_at_safe_point.load(Relaxed) || sh.stop >= 1 || sh.recheck)
@@ -414,7 +446,8 @@ where
                     sbuf.reserve(8 * 1024);
                 }
                 tokio::select! {
-                    read = server_read.read_buf(&mut sbuf) => match read {
+                    biased;
+                    read = server_read.read_buf(&mut *sbuf) => match read {
                         Ok(0) | Err(_) => return RoundEnd::ServerGone,
                         Ok(_) => {}
                     },
@@ -460,18 +493,52 @@ where
             }
         }
     };
-    let sh = shared.borrow();
+    let mut sh = shared.borrow_mut();
     let clean = sh.queue.is_empty()
         && !sh.unsynced
         && !sh.server_partial
         && !sh.writing_to_server
         && !sh.writing_to_client
         && sh.client.status == b'I';
+    let mut bufs = RoundBuffers {
+        queue: std::mem::take(&mut sh.queue),
+        from_server: sbuf,
+        to_client,
+        to_server,
+    };
+    bufs.recycle();
+    sh.server.bufs = bufs;
     RoundOutcome {
         end,
         clean,
         recheck: sh.recheck,
     }
+}
+
+/// One read appended to `buf`: straight into its spare room when it has 8 KiB of it, else
+/// through a buffer on the stack, so a small request costs an allocation of its own size
+/// rather than 8 KiB (an idle client's buffer holds no memory at all).
+pub async fn read_appending<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    const CHUNK: usize = 8 * 1024;
+    std::future::poll_fn(|cx| {
+        if buf.capacity() - buf.len() >= CHUNK {
+            return tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, buf);
+        }
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); CHUNK];
+        let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 impl Shared<'_> {
@@ -533,26 +600,50 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Half<'_, T> {
 
 enum ClientVerdict {
     Continue,
+    /// A message of this length is not complete yet (internal to [`process_client`]).
+    Incomplete(usize),
     Terminate,
     TooLarge(usize),
     Invalid(String),
 }
 
 /// Takes every complete message from `cbuf`, rewriting and answering as needed; what goes to
-/// the server is appended to `out`.
+/// the server is appended to `out`. Messages are read in place and `cbuf` advanced once.
 fn process_client(
     sh: &mut Shared<'_>,
     cbuf: &mut BytesMut,
     out: &mut BytesMut,
     config: &RoundConfig<'_>,
 ) -> ClientVerdict {
+    let mut at = 0;
+    let verdict = client_messages(sh, &cbuf[..], &mut at, out, config);
+    cbuf.advance(at);
+    if cbuf.is_empty() && cbuf.capacity() > STREAM_ABOVE {
+        *cbuf = BytesMut::new();
+    }
+    if let ClientVerdict::Incomplete(len) = verdict {
+        cbuf.reserve(len + 1 - cbuf.len());
+        return ClientVerdict::Continue;
+    }
+    verdict
+}
+
+/// The loop of [`process_client`] over `buf`, from `*at` (left after the last message taken).
+fn client_messages(
+    sh: &mut Shared<'_>,
+    buf: &[u8],
+    at: &mut usize,
+    out: &mut BytesMut,
+    config: &RoundConfig<'_>,
+) -> ClientVerdict {
     let hot = hot();
     loop {
-        if cbuf.len() < 5 {
+        let rest = &buf[*at..];
+        if rest.len() < 5 {
             return ClientVerdict::Continue;
         }
-        let tag = cbuf[0];
-        let len = i32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
+        let tag = rest[0];
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
         if len < 4 {
             return ClientVerdict::Invalid(format!(
                 "invalid message length {len} for message type {:?}",
@@ -563,15 +654,12 @@ fn process_client(
         if len > config.max_message {
             return ClientVerdict::TooLarge(len);
         }
-        if cbuf.len() < len + 1 {
-            cbuf.reserve(len + 1 - cbuf.len());
-            return ClientVerdict::Continue;
+        if rest.len() < len + 1 {
+            return ClientVerdict::Incomplete(len);
         }
-        let mut msg = cbuf.split_to(len + 1);
-        if cbuf.is_empty() && cbuf.capacity() > STREAM_ABOVE {
-            *cbuf = BytesMut::new();
-        }
-        let body = msg.split_off(5);
+        let msg = &rest[..len + 1];
+        let body = &msg[5..];
+        *at += len + 1;
         if sh.skipping {
             if tag != b'S' {
                 continue;
@@ -582,11 +670,14 @@ fn process_client(
             b'X' => return ClientVerdict::Terminate,
             b'Q' => {
                 sh.clock.request_sent(hot);
-                let text = cstr(&body).unwrap_or("");
-                if may_touch_session_state(text) {
+                let text = cstr(body).unwrap_or("");
+                // (DEALLOCATE is one of the statements that may touch session state.)
+                let touches = may_touch_session_state(text);
+                if touches {
                     sh.recheck = true;
                 }
-                if let Some(name) = deallocate_target(text)
+                if touches
+                    && let Some(name) = deallocate_target(text)
                     && sh.client.statements.remove(name.as_bytes()).is_some()
                 {
                     // A protocol statement: the server knows it under another name and keeps
@@ -595,22 +686,20 @@ fn process_client(
                     continue;
                 }
                 sh.queue.push_back(Expect::Simple);
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&body);
+                out.extend_from_slice(msg);
             }
             b'F' => {
                 sh.clock.request_sent(hot);
                 sh.queue.push_back(Expect::Simple);
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&body);
+                out.extend_from_slice(msg);
             }
             b'P' => {
                 sh.unsynced = true;
-                let Some(name) = cstr_bytes(&body) else {
+                let Some(name) = cstr_bytes(body) else {
                     return ClientVerdict::Invalid("Parse without a statement name".into());
                 };
-                let rest = body.slice_ref_after(name.len() + 1);
-                if cstr(&rest).is_some_and(may_touch_session_state) {
+                let rest = &body[name.len() + 1..];
+                if cstr(rest).is_some_and(may_touch_session_state) {
                     sh.recheck = true;
                 }
                 if name.is_empty() {
@@ -618,8 +707,7 @@ fn process_client(
                         key: None,
                         swallow: false,
                     });
-                    out.extend_from_slice(&msg);
-                    out.extend_from_slice(&body);
+                    out.extend_from_slice(msg);
                     continue;
                 }
                 if sh.client.statements.contains_key(name) {
@@ -628,7 +716,7 @@ fn process_client(
                     sh.skipping = true;
                     continue;
                 }
-                let statement = Arc::new(Statement::new(rest));
+                let statement = Arc::new(Statement::new(Bytes::copy_from_slice(rest)));
                 sh.client
                     .statements
                     .insert(name.to_vec(), statement.clone());
@@ -647,7 +735,7 @@ fn process_client(
                 });
                 // Bind: portal, statement, ...; Describe: 'S' or 'P', name.
                 let (prefix_len, name) = if tag == b'B' {
-                    let portal = cstr_bytes(&body).map_or(0, |p| p.len() + 1);
+                    let portal = cstr_bytes(body).map_or(0, |p| p.len() + 1);
                     (portal, body.get(portal..).and_then(cstr_bytes))
                 } else if body.first() == Some(&b'S') {
                     (1, body.get(1..).and_then(cstr_bytes))
@@ -678,8 +766,7 @@ fn process_client(
                         out.extend_from_slice(tail);
                     }
                     _ => {
-                        out.extend_from_slice(&msg);
-                        out.extend_from_slice(&body);
+                        out.extend_from_slice(msg);
                     }
                 }
             }
@@ -694,15 +781,13 @@ fn process_client(
                     push_synthetic(sh, Synthetic::CloseComplete);
                 } else {
                     sh.queue.push_back(Expect::Close { swallow: false });
-                    out.extend_from_slice(&msg);
-                    out.extend_from_slice(&body);
+                    out.extend_from_slice(msg);
                 }
             }
             b'E' => {
                 sh.unsynced = true;
                 sh.queue.push_back(Expect::Execute);
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&body);
+                out.extend_from_slice(msg);
             }
             b'S' => {
                 if !sh.copy_in {
@@ -710,8 +795,7 @@ fn process_client(
                     sh.unsynced = false;
                     sh.queue.push_back(Expect::Sync);
                 }
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&body);
+                out.extend_from_slice(msg);
             }
             b'd' | b'c' | b'f' => {
                 if !sh.copy_in {
@@ -725,14 +809,12 @@ fn process_client(
                 if tag != b'd' {
                     sh.copy_in = false;
                 }
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&body);
+                out.extend_from_slice(msg);
             }
             _ => {
                 // Flush, CopyData/CopyDone/CopyFail and anything else: as is (the server
                 // answers what it does not know with an error).
-                out.extend_from_slice(&msg);
-                out.extend_from_slice(&body);
+                out.extend_from_slice(msg);
             }
         }
     }
@@ -948,7 +1030,7 @@ fn process_server(
             sbuf.reserve(whole - sbuf.len());
             return Ok(());
         }
-        let msg = sbuf.split_to(whole);
+        let msg = &sbuf[..whole];
         let body = &msg[5..];
         let forward = match tag {
             b'Z' => {
@@ -1026,8 +1108,9 @@ fn process_server(
             }
         };
         if forward {
-            out.extend_from_slice(&msg);
+            out.extend_from_slice(msg);
         }
+        sbuf.advance(whole);
         if sh.emit_synthetics(out) {
             *progressed = true;
         }
@@ -1056,16 +1139,6 @@ fn cstr_bytes(b: &[u8]) -> Option<&[u8]> {
 
 fn cstr(b: &[u8]) -> Option<&str> {
     cstr_bytes(b).and_then(|s| std::str::from_utf8(s).ok())
-}
-
-trait SliceAfter {
-    fn slice_ref_after(&self, at: usize) -> Bytes;
-}
-
-impl SliceAfter for BytesMut {
-    fn slice_ref_after(&self, at: usize) -> Bytes {
-        Bytes::copy_from_slice(self.get(at..).unwrap_or(&[]))
-    }
 }
 
 /// The statement name of a query that is exactly `DEALLOCATE [PREPARE] name`.
