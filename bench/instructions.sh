@@ -10,7 +10,9 @@
 # client, zeroes the counters, runs the measured transactions (simple protocol, 4 clients),
 # dumps the counters and divides. Client logins of the measured run are included (4 per run).
 # Needs valgrind, pgbench, PostgreSQL's server binaries and (optionally) pgbouncer;
-# DBPROXY_BIN overrides the dbproxy binary (default: target/release/dbproxy, built here).
+# DBPROXY_BIN overrides the dbproxy binary (default: target/release/dbproxy, built here);
+# TARGETS picks some of "dbproxy-session dbproxy-transaction pgbouncer-session
+# pgbouncer-transaction"; KEEP=DIR keeps the callgrind dumps there (for callgrind_annotate).
 set -euo pipefail
 [ -n "${TRACE:-}" ] && set -x
 
@@ -78,13 +80,17 @@ measure() {
     wait "$PROXY_PID" 2>/dev/null || true
     local dump total
     dump=$(ls "$out".* | sort | tail -1)
+    if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$dump" "$KEEP/$(basename "$out")"; fi
     total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
     printf '| %s | %d |\n' "$name" $((total / (CLIENTS * N)))
 }
 
 echo "| target | user-space instructions per select-only transaction |"
 echo "| --- | ---: |"
+TARGETS=${TARGETS:-dbproxy-session dbproxy-transaction pgbouncer-session pgbouncer-transaction}
+wanted() { case " $TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for mode in session transaction; do
+    wanted "dbproxy-$mode" || continue
     port=$(free_port)
     as_user "exec valgrind --tool=callgrind --callgrind-out-file=$WORK/dbproxy-$mode.out $DBPROXY_BIN run --dbc $WORK/dsn --addr 127.0.0.1:$port --ops-addr 127.0.0.1:$(free_port) --pool-mode $mode --pool-size 8" >"$WORK/dbproxy-$mode.log" 2>&1 &
     PROXY_PID=$!
@@ -92,6 +98,7 @@ for mode in session transaction; do
 done
 if command -v pgbouncer >/dev/null; then
     for mode in session transaction; do
+        wanted "pgbouncer-$mode" || continue
         port=$(free_port)
         cat >"$WORK/pgbouncer-$mode.ini" <<EOF
 [databases]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use dbcred::tls::PgStream;
@@ -474,11 +474,10 @@ async fn session_login<'a>(
     };
     let tracked = crate::admin::track_client(ctx, peer, &params);
     let server_params = Arc::new(params.forwarded);
-    let deadline = Instant::now() + ctx.pool_timeout;
     let server = tokio::select! {
         // Boxed: opening a server connection (TCP, SCRAM, SET ROLE) needs kilobytes of
         // future state that would otherwise stay in every idle session's task.
-        s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
+        s = Box::pin(ctx.pool.acquire(&server_params, ctx.pool_timeout)) => s?,
         _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
     };
     // Only the pool needed these; the server holds its own copy (moves use that).
@@ -750,8 +749,7 @@ async fn try_move(
     if !snap.pins.is_empty() {
         return Ok(Moved::Pinned(snap.pins));
     }
-    let deadline = Instant::now() + ctx.pool_timeout;
-    let mut new = ctx.pool.acquire_for_move(&params, deadline).await?;
+    let mut new = ctx.pool.acquire_for_move(&params, ctx.pool_timeout).await?;
     if let Err(e) = crate::migrate::restore(&mut new, &snap).await {
         ctx.pool.release(new, false).await;
         return Err(e);
@@ -815,9 +813,8 @@ async fn transaction_login<'a>(
     let (welcome, first) = match ctx.pool.welcome(&server_params) {
         Some(welcome) => (welcome.to_vec(), None),
         None => {
-            let deadline = Instant::now() + ctx.pool_timeout;
             let first = tokio::select! {
-                s = Box::pin(ctx.pool.acquire(&server_params, deadline)) => s?,
+                s = Box::pin(ctx.pool.acquire(&server_params, ctx.pool_timeout)) => s?,
                 _ = shutdown.recv() => return Err(ProxyError::ShuttingDown),
             };
             (first.parameter_status.to_vec(), Some(first))
@@ -863,7 +860,7 @@ async fn transaction_session(
     tokio::pin!(stop);
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
-            st.tracked.set_server(None);
+            st.tracked.clear_server();
             // Nothing is kept for an idle client: its next bytes are read into a stack
             // buffer and copied into a fresh one.
             st.cbuf = BytesMut::new();
@@ -932,11 +929,16 @@ async fn transaction_step(
             socket.flush().await?;
             return Ok(Step::Again);
         }
-        let deadline = Instant::now() + ctx.pool_timeout;
-        let server = tokio::select! {
-            biased;
-            s = ctx.pool.acquire(server_params, deadline) => s?,
-            () = stop.as_mut() => return Err(ProxyError::ShuttingDown),
+        let server = match ctx.pool.try_acquire(server_params) {
+            Some(server) => server,
+            None => {
+                tracked.set_waiting();
+                tokio::select! {
+                    biased;
+                    s = ctx.pool.acquire(server_params, ctx.pool_timeout) => s?,
+                    () = stop.as_mut() => return Err(ProxyError::ShuttingDown),
+                }
+            }
         };
         *held = Some(server);
     } else if cbuf.is_empty() && client.pins.is_empty() && !*assigned {

@@ -78,7 +78,9 @@ async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
     match &state.metrics {
         Some(h) => {
             state.stats.refresh();
-            (StatusCode::OK, h.render())
+            let mut text = h.render();
+            crate::stats::render_hot(&mut text);
+            (StatusCode::OK, text)
         }
         None => (
             StatusCode::NOT_FOUND,

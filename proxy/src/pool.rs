@@ -217,13 +217,13 @@ impl Pool {
 
     /// A server connection for a client with startup parameters `params`: an idle one of
     /// the current generation with the same parameters, else a new one if the pool has
-    /// room (evicting an idle mismatched one if needed), else wait until `deadline`.
+    /// room (evicting an idle mismatched one if needed), else wait up to `timeout`.
     pub async fn acquire(
         &self,
         params: &ServerParams,
-        deadline: Instant,
+        timeout: Duration,
     ) -> Result<Box<ServerConnection>> {
-        self.acquire_with(params, deadline, false).await
+        self.acquire_with(params, timeout, false).await
     }
 
     /// A server connection for a session moving off `old` (which it still holds and gives
@@ -232,37 +232,67 @@ impl Pool {
     pub async fn acquire_for_move(
         &self,
         params: &ServerParams,
-        deadline: Instant,
+        timeout: Duration,
     ) -> Result<Box<ServerConnection>> {
-        self.acquire_with(params, deadline, true).await
+        self.acquire_with(params, timeout, true).await
     }
 
     async fn acquire_with(
         &self,
         params: &ServerParams,
-        deadline: Instant,
+        timeout: Duration,
         exceed: bool,
     ) -> Result<Box<ServerConnection>> {
+        if let Some(server) = self.try_acquire(params) {
+            return Ok(server);
+        }
         let started = Instant::now();
-        self.stats.clients_waiting.increment(1.0);
-        let got = self.acquire_inner(params, deadline, exceed).await;
-        self.stats.clients_waiting.decrement(1.0);
+        self.stats.clients_waiting.increment();
+        let got = self.acquire_inner(params, started + timeout, exceed).await;
+        self.stats.clients_waiting.decrement();
         let waited = started.elapsed();
-        self.stats.pool_wait.record(waited.as_secs_f64());
+        crate::stats::hot().pool_wait.record(waited);
         if let Ok(server) = &got {
-            let hot = crate::stats::hot();
-            hot.assignments
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            hot.wait_us.fetch_add(
-                waited.as_micros() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            self.stats.clients_active.increment(1.0);
-            self.stats
-                .registry
-                .set_server_state(server.registry, ServerState::Active);
+            self.assigned(server, waited.as_micros() as u64);
         }
         got
+    }
+
+    /// An idle connection of the current generation with these parameters, when there is one
+    /// and the pool is not paused: the common case (once per transaction in transaction
+    /// mode), with no clock read, no wait registration and no gauge of waiting clients.
+    pub fn try_acquire(&self, params: &ServerParams) -> Option<Box<ServerConnection>> {
+        let server = self.try_take(params)?;
+        crate::stats::hot().pool_wait.record_ns(0);
+        self.assigned(&server, 0);
+        Some(server)
+    }
+
+    fn try_take(&self, params: &ServerParams) -> Option<Box<ServerConnection>> {
+        if self.is_paused() {
+            return None;
+        }
+        let generation = self.credentials.current_number();
+        if generation == 0 {
+            return None;
+        }
+        let mut state = self.lock();
+        self.take_idle(&mut state, generation, params)
+    }
+
+    /// Accounts for a server handed to a client after `waited_us` of waiting.
+    fn assigned(&self, server: &ServerConnection, waited_us: u64) {
+        let hot = crate::stats::hot();
+        hot.assignments
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if waited_us > 0 {
+            hot.wait_us
+                .fetch_add(waited_us, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.stats.clients_active.increment();
+        self.stats
+            .registry
+            .set_server_state(server.registry, ServerState::Active);
     }
 
     async fn acquire_inner(
@@ -330,20 +360,7 @@ impl Pool {
         exceed: bool,
     ) -> Decision {
         let mut state = self.lock();
-        let mut found = None;
-        while let Some(pos) = state
-            .idle
-            .iter()
-            .rposition(|s| s.generation == generation.number && s.params == *params)
-        {
-            let server = state.idle.swap_remove(pos);
-            if server.is_alive() {
-                found = Some(server);
-                break;
-            }
-            self.forget(&server);
-            state.open -= 1;
-        }
+        let found = self.take_idle(&mut state, generation.number, params);
         let decision = if let Some(server) = found {
             Decision::Take(server)
         } else if state.open < self.config.size || exceed {
@@ -357,8 +374,32 @@ impl Pool {
         } else {
             Decision::Wait
         };
-        self.stats.server_connections.set(state.open as f64);
+        self.stats.server_connections.set(state.open);
         decision
+    }
+
+    /// Takes the most recently released idle connection of `generation` with `params`,
+    /// closing dead ones met on the way.
+    fn take_idle(
+        &self,
+        state: &mut PoolState,
+        generation: u64,
+        params: &ServerParams,
+    ) -> Option<Box<ServerConnection>> {
+        while let Some(pos) = state
+            .idle
+            .iter()
+            .rposition(|s| s.generation == generation && s.params == *params)
+        {
+            let server = state.idle.swap_remove(pos);
+            if server.is_alive() {
+                return Some(server);
+            }
+            self.forget(&server);
+            state.open -= 1;
+            self.stats.server_connections.set(state.open);
+        }
+        None
     }
 
     /// Opens a connection; if the server says our password is wrong, the Secret has probably
@@ -436,7 +477,7 @@ impl Pool {
         {
             let mut state = self.lock();
             state.open = state.open.saturating_sub(1);
-            self.stats.server_connections.set(state.open as f64);
+            self.stats.server_connections.set(state.open);
             if state.open == 0 {
                 // A session that panicked dropped its server without telling us which.
                 self.stats.registry.clear_servers();
@@ -455,14 +496,15 @@ impl Pool {
     /// Like [`Pool::release`]; `reset: false` keeps the session state (transaction pooling
     /// carries prepared statements and settings on the connection and syncs them per client).
     pub async fn release_with(&self, mut server: Box<ServerConnection>, clean: bool, reset: bool) {
-        self.stats.clients_active.decrement(1.0);
+        self.stats.clients_active.decrement();
+        let now = Instant::now();
         let keep = clean
             && server.generation == self.credentials.current_number()
-            && server.created.elapsed() < self.config.lifetime
+            && now.saturating_duration_since(server.created) < self.config.lifetime
             && !self.retired(&server);
         let reset_ok = keep && (!reset || Box::pin(server.reset()).await.is_ok());
         if reset_ok {
-            server.idle_since = Instant::now();
+            server.idle_since = if reset { Instant::now() } else { now };
             let mut state = self.lock();
             // The generation may have changed during the reset.
             if server.generation == self.credentials.current_number() {
@@ -502,7 +544,7 @@ impl Pool {
                 }
             }
             state.open = state.open.saturating_sub(closed.len());
-            self.stats.server_connections.set(state.open as f64);
+            self.stats.server_connections.set(state.open);
         }
         let n = closed.len();
         for s in closed {

@@ -184,7 +184,7 @@ impl TransactionClock {
         if started != 0 {
             let ns = now.saturating_sub(started);
             hot.query_us.fetch_add(ns / 1000, Relaxed);
-            hot.query_seconds.record(ns as f64 / 1e9);
+            hot.query_seconds.record_ns(ns);
         }
         // Pipelined requests: the next one is being answered from now on.
         self.request_start
@@ -195,7 +195,7 @@ impl TransactionClock {
                 let ns = now.saturating_sub(tx);
                 hot.transactions.fetch_add(1, Relaxed);
                 hot.transaction_us.fetch_add(ns / 1000, Relaxed);
-                hot.transaction_seconds.record(ns as f64 / 1e9);
+                hot.transaction_seconds.record_ns(ns);
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -26,10 +26,10 @@ pub struct Stats {
     /// Clients connected (logged in or logging in).
     pub clients: Gauge,
     /// Clients holding a server connection.
-    pub clients_active: Gauge,
+    pub clients_active: Level,
     /// Clients waiting for a server connection (pool full, paused, or no credentials yet).
-    pub clients_waiting: Gauge,
-    pub server_connections: Gauge,
+    pub clients_waiting: Level,
+    pub server_connections: Level,
     pub rotations_applied: Counter,
     pub rotations_rejected: Counter,
     pub generation: Gauge,
@@ -37,7 +37,6 @@ pub struct Stats {
     pub credential_rejected: Gauge,
     pub client_login_failures: Counter,
     pub pool_timeouts: Counter,
-    pub pool_wait: Histogram,
     /// Seconds from the watcher noticing a Secret change to the new generation being current.
     pub rotation_seconds: Histogram,
     /// Live clients and server connections, for the admin console and labelled gauges.
@@ -49,16 +48,15 @@ impl Stats {
     pub fn new() -> Self {
         Stats {
             clients: gauge!("dbproxy_clients"),
-            clients_active: gauge!("dbproxy_clients_active"),
-            clients_waiting: gauge!("dbproxy_clients_waiting"),
-            server_connections: gauge!("dbproxy_server_connections"),
+            clients_active: Level::default(),
+            clients_waiting: Level::default(),
+            server_connections: Level::default(),
             rotations_applied: counter!("dbproxy_rotations_applied_total"),
             rotations_rejected: counter!("dbproxy_rotations_rejected_total"),
             generation: gauge!("dbproxy_credential_generation"),
             credential_rejected: gauge!("dbproxy_credential_rejected"),
             client_login_failures: counter!("dbproxy_client_login_failures_total"),
             pool_timeouts: counter!("dbproxy_pool_timeouts_total"),
-            pool_wait: histogram!(POOL_WAIT_SECONDS),
             rotation_seconds: histogram!(ROTATION_SECONDS),
             registry: Registry::default(),
         }
@@ -97,6 +95,13 @@ impl Stats {
         copy("dbproxy_queries_total", &h.queries);
         copy("dbproxy_transactions_total", &h.transactions);
         copy("dbproxy_server_assignments_total", &h.assignments);
+        for (name, level) in [
+            ("dbproxy_clients_active", &self.clients_active),
+            ("dbproxy_clients_waiting", &self.clients_waiting),
+            ("dbproxy_server_connections", &self.server_connections),
+        ] {
+            gauge!(name).set(level.get() as f64);
+        }
         let mut counts: HashMap<(&'static str, u64), f64> = HashMap::new();
         for s in self.registry.servers() {
             *counts.entry((s.state.name(), s.generation)).or_default() += 1.0;
@@ -112,6 +117,119 @@ impl Stats {
             server_gauge(key.0, key.1).set(n);
             reported.push(key);
         }
+    }
+}
+
+/// Appends the hot-path histograms to a Prometheus text exposition (they are kept outside
+/// the recorder, see [`LatencyHistogram`]).
+pub fn render_hot(out: &mut String) {
+    let h = hot();
+    h.pool_wait.render(
+        POOL_WAIT_SECONDS,
+        "Time clients waited for a server connection.",
+        out,
+    );
+    h.query_seconds.render(
+        QUERY_SECONDS,
+        "Time from a client request to the server's ReadyForQuery.",
+        out,
+    );
+    h.transaction_seconds.render(
+        TRANSACTION_SECONDS,
+        "Time from a transaction's first request to the ReadyForQuery that ends it.",
+        out,
+    );
+}
+
+/// A gauge kept as a plain atomic and published at each scrape: the pool moves
+/// `dbproxy_clients_active` and friends twice per transaction in transaction mode.
+#[derive(Debug, Default)]
+pub struct Level(AtomicI64);
+
+impl Level {
+    #[inline]
+    pub fn increment(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    #[inline]
+    pub fn decrement(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    #[inline]
+    pub fn set(&self, v: usize) {
+        self.0.store(v as i64, Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Upper bounds of [`BUCKETS`] in nanoseconds.
+const BOUNDS_NS: [u64; BUCKETS.len()] = {
+    let mut out = [0u64; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        out[i] = (BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    out
+};
+
+/// A latency histogram with the buckets of [`BUCKETS`], recorded with two relaxed atomic
+/// additions and rendered at each scrape. The recorder's own histograms queue every sample
+/// (with a clock read for recency) until the next upkeep: several hundred instructions per
+/// sample, on a path that records up to three samples per transaction.
+pub struct LatencyHistogram {
+    /// Samples per bucket (upper bounds [`BOUNDS_NS`]); the last counts larger ones.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LatencyHistogram {
+    pub const fn new() -> Self {
+        LatencyHistogram {
+            counts: [const { AtomicU64::new(0) }; BUCKETS.len() + 1],
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// One sample of `ns` nanoseconds (Prometheus buckets are inclusive: `le`).
+    #[inline]
+    pub fn record_ns(&self, ns: u64) {
+        let i = BOUNDS_NS.partition_point(|&b| b < ns);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    pub fn record(&self, d: std::time::Duration) {
+        self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// The histogram in Prometheus text format: cumulative buckets, `+Inf`, sum (seconds)
+    /// and count. The count is the sum of the buckets read, so the two always agree.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut total = 0u64;
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            total += count.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {total}");
+        }
+        total += self.counts[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {total}");
     }
 }
 
@@ -143,7 +261,7 @@ impl Default for Stats {
 }
 
 /// Counters touched on every forwarded message batch: plain atomics (copied into the
-/// exported counters at each scrape) and two histogram handles, fetched once per process.
+/// exported counters at each scrape) and the latency histograms (rendered at each scrape).
 pub struct HotStats {
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
@@ -155,8 +273,10 @@ pub struct HotStats {
     /// Server assignments and the time clients waited for them, in microseconds.
     pub assignments: AtomicU64,
     pub wait_us: AtomicU64,
-    pub query_seconds: Histogram,
-    pub transaction_seconds: Histogram,
+    pub query_seconds: LatencyHistogram,
+    pub transaction_seconds: LatencyHistogram,
+    /// Time clients waited for a server connection (0 when one was idle).
+    pub pool_wait: LatencyHistogram,
     /// Origin of the nanosecond timestamps sessions keep in atomics.
     pub epoch: Instant,
 }
@@ -174,8 +294,9 @@ pub fn hot() -> &'static HotStats {
         transaction_us: AtomicU64::new(0),
         assignments: AtomicU64::new(0),
         wait_us: AtomicU64::new(0),
-        query_seconds: histogram!(QUERY_SECONDS),
-        transaction_seconds: histogram!(TRANSACTION_SECONDS),
+        query_seconds: LatencyHistogram::new(),
+        transaction_seconds: LatencyHistogram::new(),
+        pool_wait: LatencyHistogram::new(),
         epoch: Instant::now(),
     })
 }
@@ -370,10 +491,13 @@ impl Registry {
         Slot { index, id }
     }
 
+    /// A server connection was assigned (its request time is now) or went idle.
     pub fn set_server_state(&self, slot: Slot, state: ServerState) {
         if let Some(s) = entry_mut(&mut crate::lock(&self.servers), slot) {
             s.state = state;
-            s.request_time = SystemTime::now();
+            if state == ServerState::Active {
+                s.request_time = SystemTime::now();
+            }
         }
     }
 
@@ -406,13 +530,30 @@ impl ClientGuard<'_> {
 
     /// The client got server `pid` (or lost it).
     pub fn set_server(&self, pid: Option<i32>) {
+        match pid {
+            Some(pid) => self.registry.update_client(self.slot, |c| {
+                c.server_pid = Some(pid);
+                c.state = ClientState::Active;
+                c.request_time = SystemTime::now();
+            }),
+            None => self.clear_server(),
+        }
+    }
+
+    /// The client gave its server back and is idle (transaction pooling): active in
+    /// pgbouncer's words, with no server linked.
+    pub fn clear_server(&self) {
         self.registry.update_client(self.slot, |c| {
-            c.server_pid = pid;
-            c.state = if pid.is_some() {
-                ClientState::Active
-            } else {
-                ClientState::Waiting
-            };
+            c.server_pid = None;
+            c.state = ClientState::Active;
+        });
+    }
+
+    /// The client waits for a server from now on.
+    pub fn set_waiting(&self) {
+        self.registry.update_client(self.slot, |c| {
+            c.server_pid = None;
+            c.state = ClientState::Waiting;
             c.request_time = SystemTime::now();
         });
     }
@@ -427,6 +568,31 @@ impl Drop for ClientGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_histogram_buckets_are_inclusive_and_cumulative() {
+        let h = LatencyHistogram::new();
+        h.record_ns(0);
+        h.record_ns(100_000); // exactly 0.0001 s: in the first bucket (le)
+        h.record_ns(100_001);
+        h.record(std::time::Duration::from_secs(61)); // beyond the last bound
+        let mut text = String::new();
+        h.render("x_seconds", "test", &mut text);
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(value("x_seconds_bucket{le=\"0.0001\"}"), 2.0);
+        assert_eq!(value("x_seconds_bucket{le=\"0.00025\"}"), 3.0);
+        assert_eq!(value("x_seconds_bucket{le=\"60\"}"), 3.0);
+        assert_eq!(value("x_seconds_bucket{le=\"+Inf\"}"), 4.0);
+        assert_eq!(value("x_seconds_count"), 4.0);
+        assert!((value("x_seconds_sum") - 61.000200001).abs() < 1e-9);
+        assert!(text.contains("# TYPE x_seconds histogram"));
+    }
 
     #[test]
     fn registry_lists_and_forgets() {

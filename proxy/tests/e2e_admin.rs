@@ -316,3 +316,68 @@ async fn only_loopback_clients_or_the_admin_user_get_the_console() -> anyhow::Re
     assert_eq!(whoami(&app).await?.0, "app_a");
     Ok(())
 }
+
+/// Transaction pooling: clients between transactions hold no server and wait for nothing.
+/// pgbouncer counts them in cl_active; counting them as waiting (as dbproxy once did) made
+/// maxwait grow with their idle time. A client that does wait (pool of one held by an open
+/// transaction) is counted in cl_waiting, and maxwait measures its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_mode_idle_clients_are_active_and_waiters_are_waiting() -> anyhow::Result<()> {
+    let db = AppCluster::start("admintxn").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--pool-mode", "transaction", "--pool-size", "1"])
+        .redact(&db.password("app_a"))
+        .start()?;
+    let first = proxy.connect().await?;
+    let second = proxy.connect().await?;
+    first.simple_query("SELECT 1").await?;
+    second.simple_query("SELECT 1").await?;
+    let admin = admin_connect(proxy.port(), "pgbouncer").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let p = admin_rows(&admin, "SHOW POOLS").await?.remove(0);
+    println!("SHOW POOLS, both idle: {p:?}");
+    assert_eq!(p["pool_mode"], "transaction");
+    assert_eq!(p["cl_active"], "2", "{p:?}");
+    assert_eq!(p["cl_waiting"], "0", "{p:?}");
+    assert_eq!(
+        (p["maxwait"].as_str(), p["maxwait_us"].as_str()),
+        ("0", "0"),
+        "idle time counted as waiting: {p:?}"
+    );
+    let clients = admin_rows(&admin, "SHOW CLIENTS").await?;
+    let app_rows: Vec<_> = clients
+        .iter()
+        .filter(|c| c["database"] == "anything")
+        .collect();
+    assert_eq!(app_rows.len(), 2);
+    assert!(
+        app_rows.iter().all(|c| c["state"] == "active"),
+        "{clients:?}"
+    );
+
+    // The first client holds the only server in an open transaction: the second waits.
+    first.batch_execute("BEGIN; SELECT 1").await?;
+    let waiter = tokio::spawn(async move { second.simple_query("SELECT 2").await.map(|_| second) });
+    let deadline = Instant::now() + WAIT;
+    let p = loop {
+        let p = admin_rows(&admin, "SHOW POOLS").await?.remove(0);
+        if p["cl_waiting"] == "1" && (p["maxwait"] != "0" || p["maxwait_us"] != "0") {
+            break p;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no waiting client shown: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("SHOW POOLS, one waiting: {p:?}");
+    assert_eq!(p["cl_active"], "1", "{p:?}");
+    first.batch_execute("COMMIT").await?;
+    let second = tokio::time::timeout(WAIT, waiter).await???;
+    second.simple_query("SELECT 3").await?;
+    let p = admin_rows(&admin, "SHOW POOLS").await?.remove(0);
+    assert_eq!(
+        (p["cl_active"].as_str(), p["cl_waiting"].as_str()),
+        ("2", "0"),
+        "{p:?}"
+    );
+    Ok(())
+}

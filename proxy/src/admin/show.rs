@@ -74,7 +74,12 @@ fn pools(ctx: &ClientContext, out: &mut BytesMut) {
         login.to_string(),
         maxwait.as_secs().to_string(),
         maxwait.subsec_micros().to_string(),
-        "session".into(),
+        if ctx.transaction_mode {
+            "transaction"
+        } else {
+            "session"
+        }
+        .into(),
         if ctx.pool.is_paused() { "1" } else { "0" }.into(),
         ctx.pool.credentials().current_number().to_string(),
     ];
