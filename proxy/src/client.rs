@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -855,24 +856,38 @@ async fn transaction_session(
     shutdown: &mut Shutdown,
 ) -> Result<()> {
     // One wait on the shutdown signal for the whole session: registering a fresh one per
-    // transaction cost more than the rest of the idle wait.
+    // transaction cost more than the rest of the idle wait. Once polled it stays registered
+    // (the task's waker does not change), so an idle client only looks at the flag.
+    let flag = shutdown.clone();
     let stop = shutdown.recv();
     tokio::pin!(stop);
+    let mut stop_registered = false;
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.tracked.clear_server();
             // Nothing is kept for an idle client: its next bytes are read into a stack
             // buffer and copied into a fresh one.
             st.cbuf = BytesMut::new();
-            tokio::select! {
+            let cbuf = &mut st.cbuf;
+            let read = std::future::poll_fn(|cx| {
                 // The read first: the shutdown signal is only looked at while the client is
                 // idle (its next request not already here), which is when it applies.
-                biased;
-                read = crate::txn::read_appending(socket, &mut st.cbuf) => match read {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(n) => crate::proxy::count_client_bytes(n),
-                },
-                () = stop.as_mut() => return Err(ProxyError::ShuttingDown),
+                if let Poll::Ready(read) = crate::txn::poll_read_appending(socket, cx, cbuf) {
+                    return Poll::Ready(Some(read));
+                }
+                if !stop_registered || flag.is_shutdown() {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    stop_registered = true;
+                }
+                Poll::Pending
+            })
+            .await;
+            match read {
+                Some(Ok(0) | Err(_)) => return Ok(()),
+                Some(Ok(n)) => crate::proxy::count_client_bytes(n),
+                None => return Err(ProxyError::ShuttingDown),
             }
         }
         let step = Box::pin(transaction_step(socket, ctx, &mut st, out, stop.as_mut())).await?;

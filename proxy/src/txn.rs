@@ -358,9 +358,12 @@ where
     let mut end = std::future::poll_fn(|cx| round.poll(cx, signal.as_deref_mut())).await;
     if end == RoundEnd::ClientTerminated && !round.sh.queue.is_empty() {
         // Deliver what the server still owes (PostgreSQL would), then end.
-        let drained =
-            tokio::time::timeout(DRAIN_TIMEOUT, std::future::poll_fn(|cx| round.poll_s2c(cx)))
-                .await;
+        // Boxed: a timer is large, and this is the rare path of every transaction's future.
+        let drained = Box::pin(tokio::time::timeout(
+            DRAIN_TIMEOUT,
+            std::future::poll_fn(|cx| round.poll_s2c(cx)),
+        ))
+        .await;
         end = match drained {
             Ok(RoundEnd::ClientTerminated) | Err(_) => RoundEnd::ClientTerminated,
             Ok(other) => other,
@@ -652,7 +655,7 @@ pub async fn read_appending<R: AsyncRead + Unpin>(
 }
 
 /// [`read_appending`] as a poll.
-fn poll_read_appending<R: AsyncRead + Unpin>(
+pub fn poll_read_appending<R: AsyncRead + Unpin>(
     reader: &mut R,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,

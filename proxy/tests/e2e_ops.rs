@@ -396,3 +396,46 @@ async fn non_loopback_listener_requires_client_password() -> anyhow::Result<()> 
     assert_no_secret(&proxy.log(), &[client_password], "the log");
     Ok(())
 }
+
+/// Transaction pooling: a client between transactions holds no server and nothing worth
+/// waiting for, so SIGTERM ends its session at once and dbproxy exits without waiting for
+/// --shutdown-timeout. The idle client was registered for the shutdown signal once, at its
+/// first transaction, and not again: this is what proves the registration holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_ends_idle_transaction_mode_clients_at_once() -> anyhow::Result<()> {
+    let db = AppCluster::start("txnstop").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let mut proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args([
+            "--pool-mode",
+            "transaction",
+            "--shutdown-delay",
+            "0",
+            "--shutdown-timeout",
+            "60",
+        ])
+        .redact(&db.password("app_a"))
+        .start()?;
+    let idle = proxy.connect().await?;
+    for _ in 0..3 {
+        idle.simple_query("SELECT 1").await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    proxy.sigterm();
+    let status = proxy
+        .wait_exit(Duration::from_secs(30))
+        .ok_or_else(|| anyhow::anyhow!("dbproxy still running 30 s after SIGTERM"))?;
+    let took = t.elapsed();
+    println!("exited {took:?} after SIGTERM with one idle transaction-mode client");
+    assert!(status.success(), "dbproxy exited with {status}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the idle client kept dbproxy running for {took:?}"
+    );
+    assert!(
+        idle.simple_query("SELECT 1").await.is_err(),
+        "the idle client's session survived the proxy"
+    );
+    Ok(())
+}
