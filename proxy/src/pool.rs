@@ -47,6 +47,8 @@ pub struct Pool {
     /// transaction pooling greets new clients with it instead of taking a server (a client
     /// must never wait for a server just to log in while others hold them all).
     welcome: Mutex<Vec<Welcome>>,
+    /// Startup parameter sets clients sent, shared (see [`Pool::intern_params`]).
+    interned: Mutex<Vec<ServerParams>>,
 }
 
 /// Generation, startup parameters and the ParameterStatus a server sent at login.
@@ -54,6 +56,10 @@ type Welcome = (u64, ServerParams, crate::server::ParameterStatus);
 
 /// Login parameter sets remembered for greeting clients.
 const WELCOME_CACHE: usize = 16;
+
+/// Distinct startup parameter sets shared between clients (beyond this, a new set is not
+/// shared; a set no client uses any more is forgotten when room is needed).
+const INTERNED_PARAMS: usize = 64;
 
 /// See [`Pool::slot_guard`].
 pub struct SlotGuard<'a> {
@@ -100,6 +106,7 @@ impl Pool {
             retire_before: Mutex::new(None),
             admin: std::sync::OnceLock::new(),
             welcome: Mutex::new(Vec::new()),
+            interned: Mutex::new(Vec::new()),
         })
     }
 
@@ -120,6 +127,26 @@ impl Pool {
             .iter()
             .find(|(g, p, _)| *g == generation && p == params)
             .map(|(_, _, w)| w.clone())
+    }
+
+    /// The startup parameters a client sent, shared with every other client that sent the
+    /// same ones: a sidecar's clients are mostly one application with one set, and a copy
+    /// per client was about 190 bytes of each idle client's memory. Sharing also makes the
+    /// pool's parameter comparisons pointer comparisons.
+    pub fn intern_params(&self, params: Vec<(String, String)>) -> ServerParams {
+        let mut interned = crate::lock(&self.interned);
+        if let Some(known) = interned.iter().find(|p| ***p == params) {
+            return known.clone();
+        }
+        if interned.len() >= INTERNED_PARAMS {
+            // Only the table holds these: no client uses them any more.
+            interned.retain(|p| Arc::strong_count(p) > 1);
+        }
+        let params = Arc::new(params);
+        if interned.len() < INTERNED_PARAMS {
+            interned.push(params.clone());
+        }
+        params
     }
 
     fn remember_welcome(&self, server: &ServerConnection) {
@@ -595,5 +622,56 @@ impl Pool {
                 _ = shutdown.recv() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(
+            PoolConfig {
+                size: 1,
+                timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(60),
+                lifetime: Duration::from_secs(3600),
+            },
+            Credentials::new(crate::config::RolePolicy::None, Duration::from_secs(1)),
+            Arc::new(Stats::new()),
+        )
+    }
+
+    fn set(app: &str) -> Vec<(String, String)> {
+        vec![("application_name".to_owned(), app.to_owned())]
+    }
+
+    #[test]
+    fn clients_with_the_same_startup_parameters_share_one_copy() {
+        let pool = pool();
+        let a = pool.intern_params(set("app"));
+        let b = pool.intern_params(set("app"));
+        let other = pool.intern_params(set("other"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(*other, set("other"));
+    }
+
+    #[test]
+    fn the_shared_table_is_bounded_and_forgets_unused_sets() {
+        let pool = pool();
+        // Sets still held by clients fill the table; more are handed out, just not shared.
+        let held: Vec<_> = (0..INTERNED_PARAMS)
+            .map(|i| pool.intern_params(set(&format!("app{i}"))))
+            .collect();
+        let extra = pool.intern_params(set("extra"));
+        let again = pool.intern_params(set("extra"));
+        assert!(!Arc::ptr_eq(&extra, &again), "the full table grew");
+        assert_eq!(crate::lock(&pool.interned).len(), INTERNED_PARAMS);
+        // Once their clients are gone, their entries make room.
+        drop(held);
+        let shared = pool.intern_params(set("extra"));
+        assert!(Arc::ptr_eq(&shared, &pool.intern_params(set("extra"))));
+        assert_eq!(crate::lock(&pool.interned).len(), 1);
     }
 }
