@@ -1149,6 +1149,11 @@ fn learn(server: &mut ServerConnection, client: &mut ClientSession, snap: Snapsh
 mod size_tests {
     use std::mem::size_of;
 
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<A, F: std::future::Future>(_: fn(A) -> F) -> usize {
+        size_of::<F>()
+    }
+
     /// What every idle session-mode client keeps besides its sockets and task: a guard
     /// against fields that quietly grow per-client memory (measured on 64-bit Linux; the
     /// limits leave some room for layout changes between compiler versions).
@@ -1169,6 +1174,9 @@ mod size_tests {
                 size_of::<crate::proxy::Pump<tokio::net::TcpStream, tokio::net::TcpStream>>(),
                 264,
             ),
+            // Every client's task: tokio allocates it in multiples of 128 bytes, and past
+            // about 150 bytes of future it takes 384 instead of 256.
+            ("serve_client future", future_size(super::serve_client), 144),
         ];
         for (name, size, limit) in sizes {
             assert!(
