@@ -118,6 +118,9 @@ pub struct Credentials {
     /// session in a slab instead of a `watch::changed()` future per session (~200 bytes,
     /// and polled again at every wake of the session's task).
     rotation_wakers: Mutex<Slab<Waker>>,
+    /// The current generation's number, for the checks made once or twice per transaction
+    /// (a load instead of the watch's lock).
+    current_number: std::sync::atomic::AtomicU64,
 }
 
 /// A session's place in the rotation wake list; leaves it when dropped.
@@ -166,6 +169,7 @@ impl Credentials {
             role_policy,
             validate_timeout,
             rotation_wakers: Mutex::new(Slab::new()),
+            current_number: Default::default(),
         })
     }
 
@@ -188,7 +192,8 @@ impl Credentials {
     }
 
     pub fn current_number(&self) -> u64 {
-        self.current.borrow().as_ref().map_or(0, |g| g.number)
+        self.current_number
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Why the newest DSN is not (yet) in use, for /readyz and logs.
@@ -266,6 +271,8 @@ impl Credentials {
         candidate.number = self.current_number() + 1;
         let generation = Arc::new(candidate);
         self.current.send_replace(Some(generation.clone()));
+        self.current_number
+            .store(generation.number, std::sync::atomic::Ordering::Release);
         // After the send: a session woken here sees the new generation.
         for (_, waker) in crate::lock(&self.rotation_wakers).iter() {
             waker.wake_by_ref();

@@ -445,6 +445,14 @@ pub fn restore_statements(
     want_prepared: &[(String, String)],
     policy_role: Option<&str>,
 ) -> Vec<String> {
+    // The common case in transaction mode (once per transaction): nothing set anywhere.
+    if have_settings.is_empty()
+        && want_settings.is_empty()
+        && have_prepared.is_empty()
+        && want_prepared.is_empty()
+    {
+        return Vec::new();
+    }
     let mut statements = settings_delta(have_settings, want_settings, policy_role);
     let prepared = sql_prepared_delta(have_prepared, want_prepared);
     if !prepared.is_empty() {

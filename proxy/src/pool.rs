@@ -1,6 +1,7 @@
 //! Session pool: idle server connections, the pool-size limit, the bounded wait for a free
 //! connection, release with reset, and the janitor that enforces idle timeout and lifetime.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,6 +40,12 @@ pub struct Pool {
     stats: Arc<Stats>,
     /// True while the admin console has paused new server assignments.
     paused: watch::Sender<bool>,
+    /// `paused` as a flag, for the check on every assignment.
+    paused_flag: AtomicBool,
+    /// Clients waiting for `changed` (a release notifies only when there are some).
+    waiting: AtomicUsize,
+    /// Whether `retire_before` was ever set.
+    retiring: AtomicBool,
     /// RECONNECT: connections created before this instant are retired at their next safe point.
     retire_before: Mutex<Option<Instant>>,
     /// Set once at startup; the admin console reads it.
@@ -88,6 +95,22 @@ enum Decision {
     Wait,
 }
 
+/// One client counted in [`Pool`]'s `waiting` while it lives.
+struct WaitCount<'a>(&'a AtomicUsize);
+
+impl<'a> WaitCount<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, SeqCst);
+        WaitCount(count)
+    }
+}
+
+impl Drop for WaitCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
 /// How many times a client's login retries after the Secret rotated under it.
 const MAX_ROTATION_RETRIES: usize = 3;
 
@@ -103,6 +126,9 @@ impl Pool {
             config,
             stats,
             paused: watch::channel(false).0,
+            paused_flag: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            retiring: AtomicBool::new(false),
             retire_before: Mutex::new(None),
             admin: std::sync::OnceLock::new(),
             welcome: Mutex::new(Vec::new()),
@@ -182,16 +208,18 @@ impl Pool {
 
     /// PAUSE: clients that need a server wait (up to their pool timeout) until RESUME.
     pub fn pause(&self) {
+        self.paused_flag.store(true, SeqCst);
         self.paused.send_replace(true);
     }
 
     /// RESUME: waiting clients proceed.
     pub fn resume(&self) {
+        self.paused_flag.store(false, SeqCst);
         self.paused.send_replace(false);
     }
 
     pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
+        self.paused_flag.load(SeqCst)
     }
 
     /// RECONNECT: every server connection that exists now is replaced at its next safe point;
@@ -200,15 +228,18 @@ impl Pool {
         if let Ok(mut r) = self.retire_before.lock() {
             *r = Some(Instant::now());
         }
+        self.retiring.store(true, SeqCst);
         self.sweep()
     }
 
     fn retired(&self, server: &ServerConnection) -> bool {
-        self.retire_before
-            .lock()
-            .ok()
-            .and_then(|r| *r)
-            .is_some_and(|t| server.created <= t)
+        self.retiring.load(SeqCst)
+            && self
+                .retire_before
+                .lock()
+                .ok()
+                .and_then(|r| *r)
+                .is_some_and(|t| server.created <= t)
     }
 
     /// Forgets a server in the registry as it closes.
@@ -340,12 +371,14 @@ impl Pool {
             tokio::pin!(notified);
             // Registered for wake-ups only once it looks like waiting, then decided again, so
             // a release in between is not missed and the common case takes no extra lock.
-            let mut registered = false;
+            // Counted as waiting before registering, so a release either sees the count
+            // and notifies, or happened before the decision below and is seen by it.
+            let mut counted = None;
             let decision = loop {
                 match self.decide(&generation, params, exceed) {
-                    Decision::Wait if !registered => {
+                    Decision::Wait if counted.is_none() => {
+                        counted = Some(WaitCount::new(&self.waiting));
                         notified.as_mut().enable();
-                        registered = true;
                     }
                     decision => break decision,
                 }
@@ -510,7 +543,14 @@ impl Pool {
                 self.stats.registry.clear_servers();
             }
         }
-        self.changed.notify_one();
+        self.notify_waiter();
+    }
+
+    /// Wakes one client waiting for a connection or a slot, if any waits.
+    fn notify_waiter(&self) {
+        if self.waiting.load(SeqCst) > 0 {
+            self.changed.notify_one();
+        }
     }
 
     /// Takes a connection back from a client. `clean` says the session ended at a safe point
@@ -540,7 +580,7 @@ impl Pool {
                     .set_server_state(server.registry, ServerState::Idle);
                 state.idle.push(server);
                 drop(state);
-                self.changed.notify_one();
+                self.notify_waiter();
                 return;
             }
         }

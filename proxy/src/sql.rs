@@ -239,30 +239,30 @@ pub fn may_touch_session_state(text: &str) -> bool {
 fn statement_touches_state(statement: &str) -> bool {
     let (first, rest) = next_keyword(statement);
     let is = |word: &str, w: &str| word.eq_ignore_ascii_case(w);
-    if is(first, "SET") {
-        let second = next_keyword(rest).0;
-        !["LOCAL", "TRANSACTION", "CONSTRAINTS"]
+    // Dispatched on the first letter: most statements (SELECT, INSERT, UPDATE, ...) are
+    // ruled out by one comparison.
+    match first.as_bytes().first().map(u8::to_ascii_uppercase) {
+        Some(b'S') if is(first, "SET") => {
+            let second = next_keyword(rest).0;
+            !["LOCAL", "TRANSACTION", "CONSTRAINTS"]
+                .iter()
+                .any(|w| is(second, w))
+        }
+        Some(b'C') if is(first, "CREATE") => {
+            let (second, rest) = next_keyword(rest);
+            let temp = |w: &str| is(w, "TEMP") || is(w, "TEMPORARY");
+            temp(second)
+                || ((is(second, "LOCAL") || is(second, "GLOBAL")) && temp(next_keyword(rest).0))
+        }
+        Some(b'C') => is(first, "CLOSE"),
+        Some(b'R') => is(first, "RESET"),
+        Some(b'D') => ["DISCARD", "DEALLOCATE", "DECLARE", "DROP"]
             .iter()
-            .any(|w| is(second, w))
-    } else if is(first, "CREATE") {
-        let (second, rest) = next_keyword(rest);
-        let temp = |w: &str| is(w, "TEMP") || is(w, "TEMPORARY");
-        temp(second)
-            || ((is(second, "LOCAL") || is(second, "GLOBAL")) && temp(next_keyword(rest).0))
-    } else {
-        [
-            "RESET",
-            "DISCARD",
-            "PREPARE",
-            "DEALLOCATE",
-            "LISTEN",
-            "UNLISTEN",
-            "CLOSE",
-            "DECLARE",
-            "DROP",
-        ]
-        .iter()
-        .any(|w| is(first, w))
+            .any(|w| is(first, w)),
+        Some(b'P') => is(first, "PREPARE"),
+        Some(b'L') => is(first, "LISTEN"),
+        Some(b'U') => is(first, "UNLISTEN"),
+        _ => false,
     }
 }
 
@@ -447,5 +447,38 @@ mod tests {
         assert!(may_touch_session_state("SELECT 1; /* x */ RESET ALL"));
         assert!(!may_touch_session_state(";;"));
         assert!(!may_touch_session_state(""));
+        // Every leading keyword that may change session state, any case; and look-alikes.
+        for text in [
+            "set a = 1",
+            "Set Session a = 1",
+            "RESET a",
+            "discard all",
+            "PREPARE p AS SELECT 1",
+            "deallocate p",
+            "LISTEN c",
+            "unlisten *",
+            "CLOSE cur",
+            "declare c cursor with hold for select 1",
+            "DROP TABLE t",
+            "create temporary table t (a int)",
+            "CREATE LOCAL TEMP TABLE t (a int)",
+            "create global temporary table t (a int)",
+        ] {
+            assert!(may_touch_session_state(text), "{text}");
+        }
+        for text in [
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "set constraints all deferred",
+            "SETTLE",
+            "CREATE INDEX i ON t (a)",
+            "CLOSED",
+            "DELETE FROM t",
+            "PREPARED",
+            "LISTENER",
+            "UPDATE t SET a = 1",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!may_touch_session_state(text), "{text}");
+        }
     }
 }
