@@ -2,8 +2,10 @@
 //! authentication, a server connection from the pool, the login replay, the session, and the
 //! release.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -56,8 +58,6 @@ pub struct ClientContext {
     pub max_prepared_statements: usize,
     /// Statements servers have accepted (transaction mode).
     pub known_statements: crate::txn::KnownStatements,
-    /// Shutdown as idle transaction-mode clients wait for it.
-    pub idle_stop: crate::shutdown::IdleStop,
 }
 
 /// What the startup phase produced.
@@ -126,7 +126,14 @@ pub async fn serve_client(mut conn: Box<ClientConn>) {
         Opened::Failed(e) => Err(*e),
         Opened::Session(st) => Box::pin(session(&mut c.socket, c.peer, ctx, st, &mut c.out)).await,
         Opened::Transaction(st) => {
-            Box::pin(transaction_session(&mut c.socket, ctx, st, &mut c.out)).await
+            Box::pin(transaction_session(
+                &mut c.socket,
+                ctx,
+                st,
+                &mut c.out,
+                &mut c.shutdown,
+            ))
+            .await
         }
     };
     if let Err(e) = served {
@@ -855,9 +862,10 @@ async fn transaction_session(
     ctx: &ClientContext,
     mut st: Box<TxClient<'_>>,
     out: &mut BytesMut,
+    shutdown: &mut Shutdown,
 ) -> Result<()> {
-    // Registered for shutdown once per session; an idle client then only looks at a flag.
-    let mut stop = ctx.idle_stop.register();
+    // One wait for the whole session: registered once, then a flag check per poll.
+    let mut stop = shutdown.recv();
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.tracked.clear_server();
@@ -871,7 +879,7 @@ async fn transaction_session(
                 if let Poll::Ready(read) = crate::txn::poll_read_appending(socket, cx, cbuf) {
                     return Poll::Ready(Some(read));
                 }
-                stop.poll(cx).map(|()| None)
+                Pin::new(&mut stop).poll(cx).map(|()| None)
             })
             .await;
             match read {
@@ -904,7 +912,7 @@ async fn transaction_step(
     ctx: &ClientContext,
     st: &mut TxClient<'_>,
     out: &mut BytesMut,
-    stop: &mut crate::shutdown::IdleStopWait<'_>,
+    stop: &mut crate::shutdown::Recv<'_>,
 ) -> Result<Step> {
     let TxClient {
         tracked,
@@ -940,10 +948,8 @@ async fn transaction_step(
                 tracked.set_waiting();
                 tokio::select! {
                     biased;
-                    s = ctx.pool.acquire(server_params, ctx.pool_timeout) => s?,
-                    () = std::future::poll_fn(|cx| stop.poll(cx)) => {
-                        return Err(ProxyError::ShuttingDown);
-                    }
+                    s = ctx.pool.acquire_waiting(server_params, ctx.pool_timeout, false) => s?,
+                    () = stop => return Err(ProxyError::ShuttingDown),
                 }
             }
         };

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use dbcred::tls::ServerTlsPolicy;
 use dbcred::{Dsn, FileWatcher, HostKind, ReloadHandle, SslMode, TimedEvent, WatchEvent};
-use slab::Slab;
 use tokio::sync::{Notify, watch};
 
 use crate::auth::scram_client::{SaltedPasswordCache, normalize};
@@ -17,6 +16,7 @@ use crate::pool::Pool;
 use crate::server::ServerConnection;
 use crate::shutdown::Shutdown;
 use crate::stats::{InfoLabels, Stats};
+use crate::wake::{WakerList, WakerSlot};
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -117,7 +117,7 @@ pub struct Credentials {
     /// Sessions that move on rotations, woken when a generation is published. One waker per
     /// session in a slab instead of a `watch::changed()` future per session (~200 bytes,
     /// and polled again at every wake of the session's task).
-    rotation_wakers: Mutex<Slab<Waker>>,
+    rotation_wakers: WakerList,
     /// The current generation's number, for the checks made once or twice per transaction
     /// (a load instead of the watch's lock).
     current_number: std::sync::atomic::AtomicU64,
@@ -126,36 +126,21 @@ pub struct Credentials {
 /// A session's place in the rotation wake list; leaves it when dropped.
 pub struct RotationWaiter {
     credentials: Arc<Credentials>,
-    /// Its slot in the list and the waker stored there (kept to skip the lock when the
-    /// task's waker is the same); none until first registered.
-    registered: Option<(usize, Waker)>,
+    slot: WakerSlot,
 }
 
 impl RotationWaiter {
     /// Makes sure `waker` is woken by the next publish.
     pub fn register(&mut self, waker: &Waker) {
-        if let Some((_, w)) = &self.registered
-            && w.will_wake(waker)
-        {
-            return;
-        }
-        let mut wakers = crate::lock(&self.credentials.rotation_wakers);
-        let slot = match &self.registered {
-            Some((i, _)) => {
-                wakers[*i] = waker.clone();
-                *i
-            }
-            None => wakers.insert(waker.clone()),
-        };
-        self.registered = Some((slot, waker.clone()));
+        self.credentials
+            .rotation_wakers
+            .register(&mut self.slot, waker);
     }
 }
 
 impl Drop for RotationWaiter {
     fn drop(&mut self) {
-        if let Some((i, _)) = self.registered {
-            crate::lock(&self.credentials.rotation_wakers).try_remove(i);
-        }
+        self.credentials.rotation_wakers.remove(&mut self.slot);
     }
 }
 
@@ -168,7 +153,7 @@ impl Credentials {
             auth_failed: Notify::new(),
             role_policy,
             validate_timeout,
-            rotation_wakers: Mutex::new(Slab::new()),
+            rotation_wakers: WakerList::default(),
             current_number: Default::default(),
         })
     }
@@ -177,7 +162,7 @@ impl Credentials {
     pub fn rotation_waiter(self: &Arc<Self>) -> RotationWaiter {
         RotationWaiter {
             credentials: self.clone(),
-            registered: None,
+            slot: WakerSlot::default(),
         }
     }
 
@@ -274,9 +259,7 @@ impl Credentials {
         self.current_number
             .store(generation.number, std::sync::atomic::Ordering::Release);
         // After the send: a session woken here sees the new generation.
-        for (_, waker) in crate::lock(&self.rotation_wakers).iter() {
-            waker.wake_by_ref();
-        }
+        self.rotation_wakers.wake_all();
         self.set_problem(None);
         generation
     }

@@ -44,6 +44,8 @@ pub mod stats;
 pub mod tls;
 /// Transaction pooling: the per-transaction forwarding loop and the session kept between.
 pub mod txn;
+/// Waker lists for events that wake many waiting tasks at once.
+pub mod wake;
 
 /// Locks `mutex`, recovering it if a panic poisoned it: dbproxy's critical sections are a
 /// few field updates, so a panic inside one cannot leave the data inconsistent.

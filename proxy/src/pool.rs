@@ -1,11 +1,11 @@
 //! Session pool: idle server connections, the pool-size limit, the bounded wait for a free
 //! connection, release with reset, and the janitor that enforces idle timeout and lifetime.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::credentials::Credentials;
 use crate::error::{ProxyError, Result};
@@ -39,15 +39,12 @@ pub struct Pool {
     config: PoolConfig,
     stats: Arc<Stats>,
     /// True while the admin console has paused new server assignments.
-    paused: watch::Sender<bool>,
-    /// `paused` as a flag, for the check on every assignment.
-    paused_flag: AtomicBool,
-    /// Clients waiting for `changed` (a release notifies only when there are some).
-    waiting: AtomicUsize,
-    /// Whether `retire_before` was ever set.
-    retiring: AtomicBool,
-    /// RECONNECT: connections created before this instant are retired at their next safe point.
-    retire_before: Mutex<Option<Instant>>,
+    paused: AtomicBool,
+    /// Signalled at RESUME.
+    resumed: Notify,
+    /// RECONNECT: connections created up to this instant (nanoseconds since the stats epoch,
+    /// plus one; 0: never) are retired at their next safe point.
+    retire_before: AtomicU64,
     /// Set once at startup; the admin console reads it.
     admin: std::sync::OnceLock<Arc<crate::admin::AdminSettings>>,
     /// The ParameterStatus a server sent at login, by generation and startup parameters:
@@ -95,20 +92,13 @@ enum Decision {
     Wait,
 }
 
-/// One client counted in [`Pool`]'s `waiting` while it lives.
-struct WaitCount<'a>(&'a AtomicUsize);
-
-impl<'a> WaitCount<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, SeqCst);
-        WaitCount(count)
-    }
-}
-
-impl Drop for WaitCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, SeqCst);
-    }
+/// Nanoseconds from the stats epoch to `t` (0 for earlier instants).
+fn since_epoch_ns(t: Instant) -> u64 {
+    u64::try_from(
+        t.saturating_duration_since(crate::stats::hot().epoch)
+            .as_nanos(),
+    )
+    .unwrap_or(u64::MAX - 1)
 }
 
 /// How many times a client's login retries after the Secret rotated under it.
@@ -125,11 +115,9 @@ impl Pool {
             credentials,
             config,
             stats,
-            paused: watch::channel(false).0,
-            paused_flag: AtomicBool::new(false),
-            waiting: AtomicUsize::new(0),
-            retiring: AtomicBool::new(false),
-            retire_before: Mutex::new(None),
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
+            retire_before: AtomicU64::new(0),
             admin: std::sync::OnceLock::new(),
             welcome: Mutex::new(Vec::new()),
             interned: Mutex::new(Vec::new()),
@@ -208,38 +196,30 @@ impl Pool {
 
     /// PAUSE: clients that need a server wait (up to their pool timeout) until RESUME.
     pub fn pause(&self) {
-        self.paused_flag.store(true, SeqCst);
-        self.paused.send_replace(true);
+        self.paused.store(true, SeqCst);
     }
 
     /// RESUME: waiting clients proceed.
     pub fn resume(&self) {
-        self.paused_flag.store(false, SeqCst);
-        self.paused.send_replace(false);
+        self.paused.store(false, SeqCst);
+        self.resumed.notify_waiters();
     }
 
     pub fn is_paused(&self) -> bool {
-        self.paused_flag.load(SeqCst)
+        self.paused.load(SeqCst)
     }
 
     /// RECONNECT: every server connection that exists now is replaced at its next safe point;
     /// idle ones close at once, busy ones when their client releases them.
     pub fn reconnect(&self) -> usize {
-        if let Ok(mut r) = self.retire_before.lock() {
-            *r = Some(Instant::now());
-        }
-        self.retiring.store(true, SeqCst);
+        self.retire_before
+            .store(since_epoch_ns(Instant::now()) + 1, SeqCst);
         self.sweep()
     }
 
     fn retired(&self, server: &ServerConnection) -> bool {
-        self.retiring.load(SeqCst)
-            && self
-                .retire_before
-                .lock()
-                .ok()
-                .and_then(|r| *r)
-                .is_some_and(|t| server.created <= t)
+        let before = self.retire_before.load(SeqCst);
+        before != 0 && since_epoch_ns(server.created) < before
     }
 
     /// Forgets a server in the registry as it closes.
@@ -249,8 +229,19 @@ impl Pool {
 
     /// Waits while the pool is paused; an error once `deadline` passes.
     async fn wait_unpaused(&self, deadline: Instant) -> Result<()> {
-        let mut rx = self.paused.subscribe();
-        match tokio::time::timeout_at(deadline.into(), rx.wait_for(|p| !*p)).await {
+        let resumed = async {
+            loop {
+                // Registered before the check, so a RESUME in between is not missed.
+                let resumed = self.resumed.notified();
+                tokio::pin!(resumed);
+                resumed.as_mut().enable();
+                if !self.is_paused() {
+                    return;
+                }
+                resumed.await;
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), resumed).await {
             Ok(_) => Ok(()),
             Err(_) => Err(ProxyError::Timeout(
                 "waiting for RESUME: the pool is paused by the admin console",
@@ -304,6 +295,17 @@ impl Pool {
         if let Some(server) = self.try_acquire(params) {
             return Ok(server);
         }
+        self.acquire_waiting(params, timeout, exceed).await
+    }
+
+    /// [`Pool::acquire`] after [`Pool::try_acquire`] found nothing: open a connection or wait
+    /// for one, up to `timeout`.
+    pub async fn acquire_waiting(
+        &self,
+        params: &ServerParams,
+        timeout: Duration,
+        exceed: bool,
+    ) -> Result<Box<ServerConnection>> {
         let started = Instant::now();
         self.stats.clients_waiting.increment();
         let got = self.acquire_inner(params, started + timeout, exceed).await;
@@ -371,14 +373,12 @@ impl Pool {
             tokio::pin!(notified);
             // Registered for wake-ups only once it looks like waiting, then decided again, so
             // a release in between is not missed and the common case takes no extra lock.
-            // Counted as waiting before registering, so a release either sees the count
-            // and notifies, or happened before the decision below and is seen by it.
-            let mut counted = None;
+            let mut registered = false;
             let decision = loop {
                 match self.decide(&generation, params, exceed) {
-                    Decision::Wait if counted.is_none() => {
-                        counted = Some(WaitCount::new(&self.waiting));
+                    Decision::Wait if !registered => {
                         notified.as_mut().enable();
+                        registered = true;
                     }
                     decision => break decision,
                 }
@@ -543,14 +543,7 @@ impl Pool {
                 self.stats.registry.clear_servers();
             }
         }
-        self.notify_waiter();
-    }
-
-    /// Wakes one client waiting for a connection or a slot, if any waits.
-    fn notify_waiter(&self) {
-        if self.waiting.load(SeqCst) > 0 {
-            self.changed.notify_one();
-        }
+        self.changed.notify_one();
     }
 
     /// Takes a connection back from a client. `clean` says the session ended at a safe point
@@ -580,7 +573,7 @@ impl Pool {
                     .set_server_state(server.registry, ServerState::Idle);
                 state.idle.push(server);
                 drop(state);
-                self.notify_waiter();
+                self.changed.notify_one();
                 return;
             }
         }

@@ -182,9 +182,7 @@ impl TransactionClock {
         let started = self.request_start.load(Relaxed);
         hot.queries.fetch_add(1, Relaxed);
         if started != 0 {
-            let ns = now.saturating_sub(started);
-            hot.query_us.fetch_add(ns / 1000, Relaxed);
-            hot.query_seconds.record_ns(ns);
+            hot.query_seconds.record_ns(now.saturating_sub(started));
         }
         // Pipelined requests: the next one is being answered from now on.
         self.request_start
@@ -192,10 +190,7 @@ impl TransactionClock {
         if status == b'I' {
             let tx = self.transaction_start.swap(0, Relaxed);
             if tx != 0 {
-                let ns = now.saturating_sub(tx);
-                hot.transactions.fetch_add(1, Relaxed);
-                hot.transaction_us.fetch_add(ns / 1000, Relaxed);
-                hot.transaction_seconds.record_ns(ns);
+                hot.transaction_seconds.record_ns(now.saturating_sub(tx));
             }
         }
     }
@@ -299,22 +294,34 @@ enum Failure {
     Invalid(String),
 }
 
+/// Writes `buf` to `dst` from `*written` on until all of it is written or the socket is
+/// full (`*written` keeps the progress across polls). No flush.
+pub(crate) fn poll_write_from<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *written < buf.len() {
+        match std::task::ready!(Pin::new(&mut *dst).poll_write(cx, &buf[*written..])) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => *written += n,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
 /// Writes `out` to `dst` until it is empty and flushed, or the socket is full.
 fn poll_deliver<W: AsyncWrite + Unpin>(
     dst: &mut W,
     out: &mut Outbox,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
-    while !out.bytes.is_empty() {
-        match Pin::new(&mut *dst).poll_write(cx, &out.bytes) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(n)) => {
-                out.bytes.drain(..n);
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        }
-    }
+    let mut written = 0;
+    let sent = poll_write_from(dst, cx, &out.bytes, &mut written);
+    out.bytes.drain(..written);
+    std::task::ready!(sent)?;
     // Delivered: the backlog's allocation goes too, so a session that once had a slow
     // reader does not keep it while idle (no allocation at all when none was needed).
     if out.bytes.capacity() > 0 {

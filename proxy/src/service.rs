@@ -147,7 +147,6 @@ pub async fn run(
         migration_timeout: Duration::from_secs(args.migration_timeout),
         max_prepared_statements: args.max_prepared_statements,
         known_statements: Default::default(),
-        idle_stop: Default::default(),
     });
     let counter = ClientCounter::new();
     for b in bound {
@@ -172,7 +171,6 @@ pub async fn run(
         "shutting down: no new clients; waiting for sessions to finish"
     );
     trigger.trigger();
-    ctx.idle_stop.fire();
     let deadline = Instant::now() + Duration::from_secs(args.shutdown_timeout);
     while counter.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

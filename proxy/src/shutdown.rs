@@ -1,43 +1,91 @@
 //! Shutdown signal handed to every task, so each one decides where it can stop cleanly, and
 //! the process signals that lead to it (SIGTERM/SIGINT, after a delay) or not (SIGHUP).
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use slab::Slab;
-
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+
+use crate::wake::{WakerList, WakerSlot};
 
 /// Fires once when the process starts shutting down (SIGTERM/SIGINT).
+///
+/// A flag and a list of waiting tasks: a wait ([`Shutdown::recv`]) registers its task once
+/// and is then a flag check per poll (an idle transaction-mode client polls it at every
+/// transaction), and is 32 bytes in the waiting future where a `watch` wait was 160.
 #[derive(Clone)]
 pub struct Shutdown {
-    rx: watch::Receiver<bool>,
+    state: Arc<State>,
 }
 
-/// The side that triggers shutdown; kept by `main`.
+#[derive(Default)]
+struct State {
+    fired: AtomicBool,
+    waiters: WakerList,
+}
+
+/// The side that triggers shutdown; kept by `main`. Dropping it triggers shutdown too.
 pub struct ShutdownTrigger {
-    tx: watch::Sender<bool>,
+    state: Arc<State>,
 }
 
 impl Shutdown {
     /// A pair: the trigger for `main`, the receiver to clone into tasks.
     pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger { tx }, Shutdown { rx })
+        let state = Arc::new(State::default());
+        (
+            ShutdownTrigger {
+                state: state.clone(),
+            },
+            Shutdown { state },
+        )
     }
 
     /// Whether shutdown has started.
     pub fn is_shutdown(&self) -> bool {
-        *self.rx.borrow()
+        self.state.fired.load(Ordering::Acquire)
     }
 
-    /// Completes when shutdown starts (at once if it already has).
-    pub async fn recv(&mut self) {
-        // An error means the trigger was dropped: treat it as shutdown too.
-        let _ = self.rx.wait_for(|v| *v).await;
+    /// Completes when shutdown starts (at once if it already has). The future may be polled
+    /// again after it completed (it stays ready), so one wait can serve a whole session.
+    pub fn recv(&mut self) -> Recv<'_> {
+        Recv {
+            state: &self.state,
+            slot: WakerSlot::default(),
+        }
+    }
+}
+
+/// See [`Shutdown::recv`].
+pub struct Recv<'a> {
+    state: &'a State,
+    slot: WakerSlot,
+}
+
+impl Future for Recv<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.state.fired.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        this.state.waiters.register(&mut this.slot, cx.waker());
+        // A trigger between the check above and the registration woke the list before it.
+        if this.state.fired.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Recv<'_> {
+    fn drop(&mut self) {
+        self.state.waiters.remove(&mut self.slot);
     }
 }
 
@@ -89,70 +137,14 @@ pub async fn wait_for_termination(delay: Duration, on_hangup: impl Fn()) {
 
 impl ShutdownTrigger {
     pub fn trigger(&self) {
-        let _ = self.tx.send(true);
+        self.state.fired.store(true, Ordering::Release);
+        self.state.waiters.wake_all();
     }
 }
 
-/// Shutdown as idle transaction-mode clients wait for it: a flag and a list of their tasks'
-/// wakers. A client registers once per session (24 bytes in the list, a key in its future);
-/// the shutdown wait of [`Shutdown::recv`] cost 160 bytes in every idle client's future and
-/// several hundred instructions each time it was polled again.
-#[derive(Default)]
-pub struct IdleStop {
-    fired: AtomicBool,
-    wakers: Mutex<Slab<Waker>>,
-}
-
-impl IdleStop {
-    /// Shutdown started: every registered client is woken, and every later poll is ready.
-    pub fn fire(&self) {
-        self.fired.store(true, Ordering::Release);
-        let wakers: Vec<Waker> = crate::lock(&self.wakers).drain().collect();
-        for w in wakers {
-            w.wake();
-        }
-    }
-
-    /// A client's registration, removed when dropped.
-    pub fn register(&self) -> IdleStopWait<'_> {
-        IdleStopWait {
-            stop: self,
-            key: None,
-        }
-    }
-}
-
-/// One client's wait for [`IdleStop::fire`].
-pub struct IdleStopWait<'a> {
-    stop: &'a IdleStop,
-    key: Option<usize>,
-}
-
-impl IdleStopWait<'_> {
-    /// Ready once shutdown started. The first poll registers the task's waker, which tokio
-    /// keeps for the life of the task, so later polls only look at the flag.
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.stop.fired.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        if self.key.is_none() {
-            self.key = Some(crate::lock(&self.stop.wakers).insert(cx.waker().clone()));
-            // A fire between the check above and the insert drained the list before it.
-            if self.stop.fired.load(Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for IdleStopWait<'_> {
+impl Drop for ShutdownTrigger {
     fn drop(&mut self) {
-        if let Some(key) = self.key
-            && !self.stop.fired.load(Ordering::Acquire)
-        {
-            crate::lock(&self.stop.wakers).try_remove(key);
-        }
+        self.trigger();
     }
 }
 
@@ -161,35 +153,56 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn idle_stop_wakes_registered_waiters_and_forgets_dropped_ones() {
-        let stop = std::sync::Arc::new(IdleStop::default());
+    async fn a_wait_registers_once_wakes_on_trigger_and_leaves_when_dropped() {
+        let (trigger, shutdown) = Shutdown::new();
         let waiter = {
-            let stop = stop.clone();
+            let mut shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let mut wait = stop.register();
-                // Polled several times before the fire: registered once.
+                let mut wait = shutdown.recv();
+                // Polled several times before the trigger: registered once.
                 for _ in 0..3 {
-                    let pending = std::future::poll_fn(|cx| Poll::Ready(wait.poll(cx))).await;
+                    let pending =
+                        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut wait).poll(cx))).await;
                     assert!(pending.is_pending());
                 }
-                assert_eq!(crate::lock(&stop.wakers).len(), 1);
-                std::future::poll_fn(|cx| wait.poll(cx)).await;
+                assert_eq!(wait.state.waiters.len(), 1);
+                (&mut wait).await;
+                // Ready again when polled again: one wait serves a whole session.
+                (&mut wait).await;
             })
         };
-        let gone = stop.register();
-        drop(gone);
-        while crate::lock(&stop.wakers).is_empty() {
+        let mut other = shutdown.clone();
+        let gone = std::future::poll_fn(|cx| {
+            let mut wait = other.recv();
+            let _ = Pin::new(&mut wait).poll(cx);
+            Poll::Ready(())
+        });
+        gone.await;
+        while shutdown.state.waiters.is_empty() {
             tokio::task::yield_now().await;
         }
-        stop.fire();
+        assert_eq!(
+            shutdown.state.waiters.len(),
+            1,
+            "a dropped wait stayed listed"
+        );
+        trigger.trigger();
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("the registered waiter was not woken")
             .unwrap();
-        assert!(crate::lock(&stop.wakers).is_empty());
-        // After the fire, a new wait is ready at once.
-        let mut late = stop.register();
-        std::future::poll_fn(|cx| late.poll(cx)).await;
+        assert!(shutdown.state.waiters.is_empty());
+        // After the trigger, a new wait is ready at once.
+        let mut late = shutdown.clone();
+        late.recv().await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_trigger_is_shutdown_too() {
+        let (trigger, mut shutdown) = Shutdown::new();
+        drop(trigger);
+        shutdown.recv().await;
+        assert!(shutdown.is_shutdown());
     }
 
     #[tokio::test]

@@ -93,7 +93,7 @@ impl Stats {
         copy("dbproxy_client_bytes_received_total", &h.bytes_from_clients);
         copy("dbproxy_client_bytes_sent_total", &h.bytes_to_clients);
         copy("dbproxy_queries_total", &h.queries);
-        copy("dbproxy_transactions_total", &h.transactions);
+        counter!("dbproxy_transactions_total").absolute(h.transaction_seconds.count());
         copy("dbproxy_server_assignments_total", &h.assignments);
         for (name, level) in [
             ("dbproxy_clients_active", &self.clients_active),
@@ -214,6 +214,16 @@ impl LatencyHistogram {
         self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Sum of the samples, in nanoseconds.
+    pub fn sum_ns(&self) -> u64 {
+        self.sum_ns.load(Relaxed)
+    }
+
     /// The histogram in Prometheus text format: cumulative buckets, `+Inf`, sum (seconds)
     /// and count. The count is the sum of the buckets read, so the two always agree.
     pub fn render(&self, name: &str, help: &str, out: &mut String) {
@@ -266,13 +276,11 @@ pub struct HotStats {
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
     pub queries: AtomicU64,
-    pub transactions: AtomicU64,
-    /// Sums of query and transaction time in microseconds (SHOW STATS totals).
-    pub query_us: AtomicU64,
-    pub transaction_us: AtomicU64,
     /// Server assignments and the time clients waited for them, in microseconds.
     pub assignments: AtomicU64,
     pub wait_us: AtomicU64,
+    /// Query and transaction latencies; their counts and sums are also SHOW STATS' totals
+    /// and `dbproxy_transactions_total`.
     pub query_seconds: LatencyHistogram,
     pub transaction_seconds: LatencyHistogram,
     /// Time clients waited for a server connection (0 when one was idle).
@@ -289,9 +297,6 @@ pub fn hot() -> &'static HotStats {
         bytes_from_clients: AtomicU64::new(0),
         bytes_to_clients: AtomicU64::new(0),
         queries: AtomicU64::new(0),
-        transactions: AtomicU64::new(0),
-        query_us: AtomicU64::new(0),
-        transaction_us: AtomicU64::new(0),
         assignments: AtomicU64::new(0),
         wait_us: AtomicU64::new(0),
         query_seconds: LatencyHistogram::new(),
@@ -592,6 +597,8 @@ mod tests {
         assert_eq!(value("x_seconds_count"), 4.0);
         assert!((value("x_seconds_sum") - 61.000200001).abs() < 1e-9);
         assert!(text.contains("# TYPE x_seconds histogram"));
+        assert_eq!(h.count(), 4);
+        assert_eq!(h.sum_ns(), 61_000_200_001);
     }
 
     #[test]

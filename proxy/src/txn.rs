@@ -634,13 +634,7 @@ fn poll_write_all<W: AsyncWrite + Unpin>(
     buf: &[u8],
     written: &mut usize,
 ) -> Poll<std::io::Result<()>> {
-    while *written < buf.len() {
-        match std::task::ready!(Pin::new(&mut *w).poll_write(cx, &buf[*written..])) {
-            Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => *written += n,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    std::task::ready!(crate::proxy::poll_write_from(w, cx, buf, written))?;
     Pin::new(w).poll_flush(cx)
 }
 

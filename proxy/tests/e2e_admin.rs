@@ -245,6 +245,11 @@ async fn pause_resume_reconnect_and_reload_act_on_real_sessions() -> anyhow::Res
         metric(t, "dbproxy_reloads_total", &[("source", "admin")]) == Some(1.0)
     })
     .await?;
+    // The log reaches the test through a reader thread: give it a moment.
+    let deadline = Instant::now() + WAIT;
+    while !proxy.log().contains("admin RELOAD") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(proxy.log().contains("admin RELOAD"));
     Ok(())
 }

@@ -234,12 +234,12 @@ fn stats(ctx: &ClientContext, out: &mut BytesMut) {
     let row = vec![
         database,
         h.assignments.load(Relaxed).to_string(),
-        h.transactions.load(Relaxed).to_string(),
+        h.transaction_seconds.count().to_string(),
         h.queries.load(Relaxed).to_string(),
         h.bytes_from_clients.load(Relaxed).to_string(),
         h.bytes_to_clients.load(Relaxed).to_string(),
-        h.transaction_us.load(Relaxed).to_string(),
-        h.query_us.load(Relaxed).to_string(),
+        (h.transaction_seconds.sum_ns() / 1000).to_string(),
+        (h.query_seconds.sum_ns() / 1000).to_string(),
         h.wait_us.load(Relaxed).to_string(),
     ];
     result_set(

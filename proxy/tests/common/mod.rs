@@ -285,6 +285,17 @@ impl ProxyProcess {
         );
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the process to exit: its status and how
+    /// long it took, or an error naming what was waited for.
+    pub fn sigterm_and_wait(&mut self, limit: Duration) -> anyhow::Result<(ExitStatus, Duration)> {
+        let t = Instant::now();
+        self.sigterm();
+        let status = self
+            .wait_exit(limit)
+            .ok_or_else(|| anyhow::anyhow!("dbproxy still running {limit:?} after SIGTERM"))?;
+        Ok((status, t.elapsed()))
+    }
+
     fn try_exit_status(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().ok().flatten();
