@@ -11,6 +11,7 @@
 # dumps the counters and divides. Client logins of the measured run are included (4 per run).
 # Needs valgrind, pgbench, PostgreSQL's server binaries and (optionally) pgbouncer;
 # DBPROXY_BIN overrides the dbproxy binary (default: target/release/dbproxy, built here);
+# DBPROXY_ARGS adds flags to its command line (e.g. "--client-park-after-ms 1000");
 # TARGETS picks some of "dbproxy-session dbproxy-transaction pgbouncer-session
 # pgbouncer-transaction"; KEEP=DIR keeps the callgrind dumps there (for callgrind_annotate).
 set -euo pipefail
@@ -92,7 +93,7 @@ wanted() { case " $TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for mode in session transaction; do
     wanted "dbproxy-$mode" || continue
     port=$(free_port)
-    as_user "exec valgrind --tool=callgrind --callgrind-out-file=$WORK/dbproxy-$mode.out $DBPROXY_BIN run --dbc $WORK/dsn --addr 127.0.0.1:$port --ops-addr 127.0.0.1:$(free_port) --pool-mode $mode --pool-size 8" >"$WORK/dbproxy-$mode.log" 2>&1 &
+    as_user "exec valgrind --tool=callgrind --callgrind-out-file=$WORK/dbproxy-$mode.out $DBPROXY_BIN run --dbc $WORK/dsn --addr 127.0.0.1:$port --ops-addr 127.0.0.1:$(free_port) --pool-mode $mode --pool-size 8 ${DBPROXY_ARGS:-}" >"$WORK/dbproxy-$mode.log" 2>&1 &
     PROXY_PID=$!
     measure "dbproxy ($mode)" "$port" "$WORK/dbproxy-$mode.out"
 done

@@ -58,6 +58,23 @@ pub struct ClientContext {
     pub max_prepared_statements: usize,
     /// Statements servers have accepted (transaction mode).
     pub known_statements: crate::txn::KnownStatements,
+    /// Where idle transaction-mode clients wait once silent for `park_after`
+    /// (`--client-park-after-ms`; none when 0 or in session mode).
+    pub parker: Option<Arc<crate::park::Parker<ParkedClient>>>,
+    pub park_after: Duration,
+}
+
+/// A transaction-mode client parked while idle: what its task resumes with.
+pub struct ParkedClient {
+    conn: Box<ClientConn>,
+    st: Box<TxClient>,
+}
+
+/// Resumes a parked client on a new task (the parker's [`crate::park::Resume`]).
+pub fn resume_parked(parked: ParkedClient, socket: TcpStream) {
+    let ParkedClient { mut conn, st } = parked;
+    conn.socket = ClientStream::Plain(socket);
+    tokio::spawn(serve_transaction(conn, st));
 }
 
 /// What the startup phase produced.
@@ -121,23 +138,65 @@ pub async fn serve_client(mut conn: Box<ClientConn>) {
         &mut c.shutdown,
     ))
     .await;
-    let served = match opened {
-        Opened::Done => return,
-        Opened::Failed(e) => Err(*e),
-        Opened::Session(st) => Box::pin(session(&mut c.socket, c.peer, ctx, st, &mut c.out)).await,
-        Opened::Transaction(st) => {
-            Box::pin(transaction_session(
-                &mut c.socket,
-                ctx,
-                st,
-                &mut c.out,
-                &mut c.shutdown,
-            ))
-            .await
+    // `opened` (which borrows `conn`) is gone at the end of this block, so a
+    // transaction-mode client's `conn` can move to its own task below.
+    let served = {
+        let opened = opened;
+        match opened {
+            Opened::Done => return,
+            Opened::Failed(e) => Err(*e),
+            Opened::Session(st) => Box::pin(session(&mut c.socket, c.peer, ctx, st, &mut c.out))
+                .await
+                .map(|()| None),
+            Opened::Transaction(st) => Ok(Some(st)),
         }
     };
-    if let Err(e) = served {
-        Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await;
+    match served {
+        Ok(None) => {}
+        // A task of its own, the login's ends: an idle client keeps one small future.
+        Ok(Some(st)) => drop(tokio::spawn(serve_transaction(conn, st))),
+        Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
+    }
+}
+
+/// Serves a transaction-mode client from its login (or from where it was parked) until it
+/// ends or is parked again.
+async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
+    let c = &mut *conn;
+    let served = Box::pin(transaction_session(
+        &mut c.socket,
+        &c.ctx,
+        st,
+        &mut c.out,
+        &mut c.shutdown,
+    ))
+    .await;
+    match served {
+        Ok(TxExit::Done) => {}
+        Ok(TxExit::Park(st)) => park(conn, st),
+        Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
+    }
+}
+
+/// Hands an idle transaction-mode client to the parker: its task ends here, and the socket
+/// leaves the runtime's reactor until the client speaks again.
+fn park(mut conn: Box<ClientConn>, st: Box<TxClient>) {
+    // transaction_session parks only with a parker and a plaintext socket.
+    let Some(parker) = conn.ctx.parker.clone() else {
+        return;
+    };
+    let ClientStream::Plain(socket) = std::mem::replace(&mut conn.socket, ClientStream::Closed)
+    else {
+        return;
+    };
+    // Nothing is written while parked: the reply buffer goes too.
+    conn.out = BytesMut::new();
+    match socket.into_std() {
+        Ok(socket) => parker.park(ParkedClient { conn, st }, socket),
+        // Only if the reactor cannot let go of the socket: it is closed by then.
+        Err(e) => {
+            tracing::warn!(peer = %conn.peer, error = %e, "cannot park an idle client; closing it")
+        }
     }
 }
 
@@ -159,7 +218,7 @@ enum Opened<'a> {
     /// The login could not get the client a server connection (answered by the caller).
     Failed(Box<ProxyError>),
     Session(Box<SessClient<'a>>),
-    Transaction(Box<TxClient<'a>>),
+    Transaction(Box<TxClient>),
 }
 
 /// The client's startup and login, up to its first ReadyForQuery.
@@ -455,7 +514,7 @@ async fn replay_login(
 /// What a session-mode client holds while it is served. One allocation: the task's future
 /// stays small while the client is idle.
 struct SessClient<'a> {
-    tracked: crate::stats::ClientGuard<'a>,
+    tracked: crate::stats::ClientGuard,
     slot: crate::pool::SlotGuard<'a>,
     cancel_key: CancelKey,
     server: ServerConnection,
@@ -679,7 +738,7 @@ fn cancel_running(server: &ServerConnection) {
 async fn adopt(
     ctx: &ClientContext,
     peer: SocketAddr,
-    tracked: &crate::stats::ClientGuard<'_>,
+    tracked: &crate::stats::ClientGuard,
     cancel_key: &CancelKey,
     server: &mut ServerConnection,
     new: Box<ServerConnection>,
@@ -790,8 +849,8 @@ const SYNC_ATTEMPTS: u32 = 3;
 
 /// What dbproxy keeps for a transaction-mode client between its transactions. One
 /// allocation: the task's future stays small while the client is idle.
-struct TxClient<'a> {
-    tracked: crate::stats::ClientGuard<'a>,
+struct TxClient {
+    tracked: crate::stats::ClientGuard,
     server_params: crate::server::ServerParams,
     cancel_key: CancelKey,
     client: ClientSession,
@@ -804,19 +863,26 @@ struct TxClient<'a> {
     /// Rotations, while state pins the client to its server (boxed: rarely there).
     signal: Option<Box<MoveSignal>>,
     sync_failures: u32,
+    /// Parking (plaintext clients only: a TLS session's socket stays inside its TLS stream):
+    /// one timer per task, armed for `--client-park-after-ms` and re-armed only when it
+    /// fires after some activity, so a busy client pays a flag store per transaction. A
+    /// client is parked after between one and two of those periods of silence.
+    park_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the client sent anything since the timer was armed.
+    active: bool,
 }
 
 /// Transaction pooling, login: greets the client with what a server with its parameters
 /// said at login (only the first client of a generation waits for a server to learn it).
-async fn transaction_login<'a>(
+async fn transaction_login(
     socket: &mut ClientStream,
     peer: SocketAddr,
     params: StartupParams,
     early: BytesMut,
-    ctx: &'a ClientContext,
+    ctx: &ClientContext,
     out: &mut BytesMut,
     shutdown: &mut Shutdown,
-) -> Result<Box<TxClient<'a>>> {
+) -> Result<Box<TxClient>> {
     let tracked = crate::admin::track_client(ctx, peer, &params);
     let server_params = ctx.pool.intern_params(params.forwarded);
     let cancel_key = ctx.cancels.register();
@@ -848,6 +914,8 @@ async fn transaction_login<'a>(
         assigned: false,
         signal: None,
         sync_failures: 0,
+        park_timer: None,
+        active: false,
     }))
 }
 
@@ -860,39 +928,87 @@ async fn transaction_login<'a>(
 async fn transaction_session(
     socket: &mut ClientStream,
     ctx: &ClientContext,
-    mut st: Box<TxClient<'_>>,
+    mut st: Box<TxClient>,
     out: &mut BytesMut,
     shutdown: &mut Shutdown,
-) -> Result<()> {
+) -> Result<TxExit> {
     // One wait for the whole session: registered once, then a flag check per poll.
     let mut stop = shutdown.recv();
+    // Parking: see TxClient::park_timer.
+    if let (Some(_), ClientStream::Plain(_)) = (&ctx.parker, &*socket) {
+        st.park_timer = Some(Box::pin(tokio::time::sleep(ctx.park_after)));
+    }
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.tracked.clear_server();
             // Nothing is kept for an idle client: its next bytes are read into a stack
             // buffer and copied into a fresh one.
             st.cbuf = BytesMut::new();
-            let cbuf = &mut st.cbuf;
-            let read = std::future::poll_fn(|cx| {
-                // The read first: the shutdown signal is only looked at while the client is
-                // idle (its next request not already here), which is when it applies.
-                if let Poll::Ready(read) = crate::txn::poll_read_appending(socket, cx, cbuf) {
-                    return Poll::Ready(Some(read));
+            let idle = std::future::poll_fn(|cx| st.poll_idle(socket, &mut stop, ctx, cx)).await;
+            match idle {
+                Idle::Read(Ok(0) | Err(_)) => return Ok(TxExit::Done),
+                Idle::Read(Ok(n)) => crate::proxy::count_client_bytes(n),
+                Idle::Stop => return Err(ProxyError::ShuttingDown),
+                Idle::Park => {
+                    st.park_timer = None;
+                    return Ok(TxExit::Park(st));
                 }
-                Pin::new(&mut stop).poll(cx).map(|()| None)
-            })
-            .await;
-            match read {
-                Some(Ok(0) | Err(_)) => return Ok(()),
-                Some(Ok(n)) => crate::proxy::count_client_bytes(n),
-                None => return Err(ProxyError::ShuttingDown),
             }
         }
+        st.active = true;
         let step = Box::pin(transaction_step(socket, ctx, &mut st, out, &mut stop)).await?;
         if step == Step::Done {
-            return Ok(());
+            return Ok(TxExit::Done);
         }
     }
+}
+
+impl TxClient {
+    /// The wait of an idle client: its next bytes, shutdown, or time to park.
+    fn poll_idle(
+        &mut self,
+        socket: &mut ClientStream,
+        stop: &mut crate::shutdown::Recv<'_>,
+        ctx: &ClientContext,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Idle> {
+        // The read first: the shutdown signal is only looked at while the client is idle (its
+        // next request not already here), which is when it applies.
+        if let Poll::Ready(read) = crate::txn::poll_read_appending(socket, cx, &mut self.cbuf) {
+            return Poll::Ready(Idle::Read(read));
+        }
+        if Pin::new(stop).poll(cx).is_ready() {
+            return Poll::Ready(Idle::Stop);
+        }
+        if let Some(timer) = self.park_timer.as_mut() {
+            while timer.as_mut().poll(cx).is_ready() {
+                if !self.active {
+                    return Poll::Ready(Idle::Park);
+                }
+                self.active = false;
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + ctx.park_after);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// What woke an idle transaction-mode client.
+enum Idle {
+    Read(std::io::Result<usize>),
+    Stop,
+    /// Silent for `--client-park-after-ms`.
+    Park,
+}
+
+/// How a transaction-mode session left its task.
+enum TxExit {
+    /// Over: the client is gone.
+    Done,
+    /// Idle: the client's state goes to the parker.
+    Park(Box<TxClient>),
 }
 
 /// Where a transaction-mode step left the client.
@@ -910,7 +1026,7 @@ enum Step {
 async fn transaction_step(
     socket: &mut ClientStream,
     ctx: &ClientContext,
-    st: &mut TxClient<'_>,
+    st: &mut TxClient,
     out: &mut BytesMut,
     stop: &mut crate::shutdown::Recv<'_>,
 ) -> Result<Step> {
@@ -924,6 +1040,7 @@ async fn transaction_step(
         assigned,
         signal,
         sync_failures,
+        ..
     } = st;
     let config = |pinned: bool| RoundConfig {
         known: &ctx.known_statements,
@@ -1160,6 +1277,10 @@ mod size_tests {
         size_of::<F>()
     }
 
+    fn future_size2<A, B, F: std::future::Future>(_: fn(A, B) -> F) -> usize {
+        size_of::<F>()
+    }
+
     /// What every idle session-mode client keeps besides its sockets and task: a guard
     /// against fields that quietly grow per-client memory (measured on 64-bit Linux; the
     /// limits leave some room for layout changes between compiler versions).
@@ -1183,6 +1304,11 @@ mod size_tests {
             // Every client's task: tokio allocates it in multiples of 128 bytes, and past
             // about 150 bytes of future it takes 384 instead of 256.
             ("serve_client future", future_size(super::serve_client), 144),
+            (
+                "serve_transaction future",
+                future_size2(super::serve_transaction),
+                144,
+            ),
         ];
         for (name, size, limit) in sizes {
             assert!(

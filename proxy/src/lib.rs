@@ -24,6 +24,8 @@ pub mod listener;
 pub mod migrate;
 /// /healthz, /readyz and /metrics.
 pub mod ops;
+/// Idle client connections parked out of the runtime until they speak again.
+pub mod park;
 /// Server connections kept for reuse, limits, waiting and the janitor.
 pub mod pool;
 /// Wire protocol: startup packets, message framing, messages we read and write.

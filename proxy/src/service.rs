@@ -147,6 +147,16 @@ pub async fn run(
         migration_timeout: Duration::from_secs(args.migration_timeout),
         max_prepared_statements: args.max_prepared_statements,
         known_statements: Default::default(),
+        parker: match (args.pool_mode, args.client_park_after_ms) {
+            (PoolMode::Transaction, 1..) => Some(
+                crate::park::Parker::start(crate::client::resume_parked, shutdown.clone())
+                    .map_err(|e| {
+                        ProxyError::Config(format!("cannot start the parker for idle clients: {e}"))
+                    })?,
+            ),
+            _ => None,
+        },
+        park_after: Duration::from_millis(args.client_park_after_ms),
     });
     let counter = ClientCounter::new();
     for b in bound {

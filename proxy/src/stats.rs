@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
@@ -479,16 +479,6 @@ impl Registry {
         v
     }
 
-    /// Registers a client; the entry disappears when the returned guard drops.
-    pub fn add_client(&self, entry: ClientEntry) -> ClientGuard<'_> {
-        let id = entry.id;
-        let index = crate::lock(&self.clients).insert(entry);
-        ClientGuard {
-            registry: self,
-            slot: Slot { index, id },
-        }
-    }
-
     /// Registers a server connection; the slot updates and removes it.
     pub fn add_server(&self, entry: ServerEntry) -> Slot {
         let id = entry.id;
@@ -522,13 +512,26 @@ impl Registry {
     }
 }
 
-/// Keeps a client listed while it is connected.
-pub struct ClientGuard<'a> {
-    registry: &'a Registry,
+/// Keeps a client listed while it is connected. Owns a handle on the stats, so a client's
+/// state can outlive its task (a parked idle client).
+pub struct ClientGuard {
+    stats: Arc<Stats>,
     slot: Slot,
 }
 
-impl ClientGuard<'_> {
+impl Stats {
+    /// Registers a client; the entry disappears when the returned guard drops.
+    pub fn add_client(self: &Arc<Self>, entry: ClientEntry) -> ClientGuard {
+        let id = entry.id;
+        let index = crate::lock(&self.registry.clients).insert(entry);
+        ClientGuard {
+            stats: self.clone(),
+            slot: Slot { index, id },
+        }
+    }
+}
+
+impl ClientGuard {
     pub fn id(&self) -> u64 {
         self.slot.id
     }
@@ -536,7 +539,7 @@ impl ClientGuard<'_> {
     /// The client got server `pid` (or lost it).
     pub fn set_server(&self, pid: Option<i32>) {
         match pid {
-            Some(pid) => self.registry.update_client(self.slot, |c| {
+            Some(pid) => self.stats.registry.update_client(self.slot, |c| {
                 c.server_pid = Some(pid);
                 c.state = ClientState::Active;
                 c.request_time = SystemTime::now();
@@ -548,7 +551,7 @@ impl ClientGuard<'_> {
     /// The client gave its server back and is idle (transaction pooling): active in
     /// pgbouncer's words, with no server linked.
     pub fn clear_server(&self) {
-        self.registry.update_client(self.slot, |c| {
+        self.stats.registry.update_client(self.slot, |c| {
             c.server_pid = None;
             c.state = ClientState::Active;
         });
@@ -556,7 +559,7 @@ impl ClientGuard<'_> {
 
     /// The client waits for a server from now on.
     pub fn set_waiting(&self) {
-        self.registry.update_client(self.slot, |c| {
+        self.stats.registry.update_client(self.slot, |c| {
             c.server_pid = None;
             c.state = ClientState::Waiting;
             c.request_time = SystemTime::now();
@@ -564,9 +567,9 @@ impl ClientGuard<'_> {
     }
 }
 
-impl Drop for ClientGuard<'_> {
+impl Drop for ClientGuard {
     fn drop(&mut self) {
-        remove_entry(&mut crate::lock(&self.registry.clients), self.slot);
+        remove_entry(&mut crate::lock(&self.stats.registry.clients), self.slot);
     }
 }
 
@@ -603,11 +606,12 @@ mod tests {
 
     #[test]
     fn registry_lists_and_forgets() {
-        let r = Registry::default();
+        let stats = Arc::new(Stats::new());
+        let r = &stats.registry;
         let addr: SocketAddr = "127.0.0.1:5432".parse().unwrap();
         let id = r.next_id();
         {
-            let g = r.add_client(ClientEntry {
+            let g = stats.add_client(ClientEntry {
                 id,
                 names: Names::new("u", "d", ""),
                 addr,

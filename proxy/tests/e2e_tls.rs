@@ -633,3 +633,48 @@ async fn read_byte(s: &mut tokio::net::TcpStream) -> Option<u8> {
         _ => None,
     }
 }
+
+/// `--client-park-after-ms` parks plaintext clients only: a TLS session's socket lives inside
+/// its TLS stream, so a TLS client stays in its task, idle or not, and keeps working beside a
+/// parked plaintext client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_are_not_parked() -> anyhow::Result<()> {
+    let c = tls_cluster("tls-park", ServerCert::Valid).await?;
+    let certs = SecretDir::new()?;
+    let (cert, key) = c.pki.server_pem(&["localhost", "127.0.0.1"])?;
+    certs.write(&[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())])?;
+    let (_s, builder) = proxy_for(
+        &c.app,
+        &dsn_with(&c.app, "sslmode=require"),
+        &[
+            "--pool-mode",
+            "transaction",
+            "--client-park-after-ms",
+            "20",
+            "--client-tls-cert",
+            &certs.file("tls.crt").display().to_string(),
+            "--client-tls-key",
+            &certs.file("tls.key").display().to_string(),
+        ],
+    )?;
+    let proxy = builder.start()?;
+    let tls = tls_client(proxy.port(), &c.pki.ca_cert).await?;
+    let plain = proxy.connect().await?;
+    plain.simple_query("SELECT 1").await?;
+    tls.simple_query("SELECT 1").await?;
+    let parked = |text: &str| metric_or_zero(text, "dbproxy_clients_parked", &[]);
+    wait_for_metrics(
+        &proxy,
+        "the plaintext client parked",
+        Duration::from_secs(10),
+        |t| parked(t) == 1.0,
+    )
+    .await?;
+    // Several park periods later, still only the plaintext client.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = scrape(&proxy)?;
+    assert_eq!(parked(&text), 1.0, "{text}");
+    assert_eq!(whoami(&tls).await?.0, "app_a");
+    assert_eq!(whoami(&plain).await?.0, "app_a");
+    Ok(())
+}

@@ -1943,3 +1943,84 @@ async fn set_role_follows_its_client_only() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// Waits until /metrics says exactly `n` clients are parked.
+async fn wait_parked(proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
+    wait_for_metrics(
+        proxy,
+        &format!("{n} parked clients"),
+        Duration::from_secs(10),
+        |text| metric_or_zero(text, "dbproxy_clients_parked", &[]) == n as f64,
+    )
+    .await?;
+    Ok(())
+}
+
+/// `--client-park-after-ms`: idle clients leave the runtime and come back when they speak,
+/// with their session intact (a setting, a protocol-level prepared statement); a parked
+/// client that hangs up is forgotten at once; SIGTERM ends parked clients without waiting
+/// for --shutdown-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_clients_park_and_resume_with_their_session() -> anyhow::Result<()> {
+    let (_db, _secret, mut proxy) = txn_proxy(&[
+        "--client-park-after-ms",
+        "50",
+        "--shutdown-delay",
+        "0",
+        "--shutdown-timeout",
+        "60",
+    ])
+    .await?;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let client = proxy.connect().await?;
+        client
+            .batch_execute(&format!("SET application_name = 'parked{i}'"))
+            .await?;
+        let statement = client.prepare("SELECT $1::int + 1").await?;
+        clients.push((client, statement));
+    }
+    wait_parked(&proxy, 5).await?;
+    for round in 0..2 {
+        for (i, (client, statement)) in clients.iter().enumerate() {
+            let v: i32 = tokio::time::timeout(
+                CLIENT_OP_TIMEOUT,
+                client.query_one(statement, &[&(i as i32)]),
+            )
+            .await
+            .context("a parked client's query did not come back")??
+            .get(0);
+            ensure!(v == i as i32 + 1, "round {round}: client {i} got {v}");
+            let name = simple_value(client, "SHOW application_name").await?;
+            ensure!(
+                name == format!("parked{i}"),
+                "round {round}: client {i} lost its setting across parking: {name}"
+            );
+        }
+        // Idle again: parked again.
+        wait_parked(&proxy, 5).await?;
+    }
+    let gone = clients.pop();
+    drop(gone);
+    wait_parked(&proxy, 4).await?;
+    let text = scrape(&proxy)?;
+    ensure!(
+        metric_or_zero(&text, "dbproxy_clients", &[]) == 4.0,
+        "a client that hung up while parked is still counted:\n{text}"
+    );
+
+    let (status, took) = proxy.sigterm_and_wait(Duration::from_secs(30))?;
+    println!("exited {took:?} after SIGTERM with 4 parked clients");
+    ensure!(status.success(), "dbproxy exited with {status}");
+    ensure!(
+        took < Duration::from_secs(10),
+        "parked clients kept dbproxy running for {took:?}"
+    );
+    for (client, _) in &clients {
+        ensure!(
+            client.simple_query("SELECT 1").await.is_err(),
+            "a parked client's session survived the proxy"
+        );
+    }
+    Ok(())
+}

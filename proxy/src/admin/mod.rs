@@ -74,14 +74,10 @@ pub fn refusal(peer: SocketAddr, user: Option<&str>, admin_user: Option<&str>) -
 }
 
 /// Lists a client in the registry (SHOW CLIENTS) until the guard drops; it starts waiting.
-pub fn track_client<'a>(
-    ctx: &'a ClientContext,
-    peer: SocketAddr,
-    params: &StartupParams,
-) -> ClientGuard<'a> {
-    let registry = &ctx.pool.stats().registry;
-    registry.add_client(client_entry(
-        registry.next_id(),
+pub fn track_client(ctx: &ClientContext, peer: SocketAddr, params: &StartupParams) -> ClientGuard {
+    let stats = ctx.pool.stats();
+    stats.add_client(client_entry(
+        stats.registry.next_id(),
         peer,
         params,
         ClientState::Waiting,
@@ -131,9 +127,9 @@ where
         let _ = socket.flush().await;
         return;
     }
-    let registry = &ctx.pool.stats().registry;
-    let entry = registry.add_client(client_entry(
-        registry.next_id(),
+    let stats = ctx.pool.stats();
+    let entry = stats.add_client(client_entry(
+        stats.registry.next_id(),
         peer,
         &params,
         ClientState::Admin,

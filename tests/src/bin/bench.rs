@@ -458,7 +458,7 @@ async fn run(args: &Args, redactor: &Redactor) -> anyhow::Result<()> {
     let conditions = conditions(&env, &plan, &pgbench).await;
     let mut running = Vec::new();
     for spec in &specs {
-        running.push(start_target(*spec, &env, "bench").await?);
+        running.push(start_target(*spec, &env, "bench", &[]).await?);
     }
 
     let mut workloads = Vec::new();
@@ -557,14 +557,20 @@ async fn run(args: &Args, redactor: &Redactor) -> anyhow::Result<()> {
     let mut memory = Vec::new();
     if plan.idle_clients > 0 {
         for spec in specs.iter().filter(|s| s.kind != TargetKind::Direct) {
-            wait_backends_gone(&env).await;
-            match measure_idle_memory(*spec, &env, plan.idle_clients).await {
-                Ok(m) => memory.push(m),
-                Err(e) => println!(
-                    "memory test {}: FAILED: {}",
-                    spec.label(),
-                    redactor.redact(&format!("{e:#}"))
-                ),
+            let mut variants: Vec<&[&str]> = vec![&[]];
+            if spec.kind == TargetKind::Dbproxy && spec.pool_mode == Some(PoolMode::Transaction) {
+                variants.push(&PARKING);
+            }
+            for extra in variants {
+                wait_backends_gone(&env).await;
+                match measure_idle_memory(*spec, &env, plan.idle_clients, extra).await {
+                    Ok(m) => memory.push(m),
+                    Err(e) => println!(
+                        "memory test {}: FAILED: {}",
+                        spec.label(),
+                        redactor.redact(&format!("{e:#}"))
+                    ),
+                }
             }
         }
     }
@@ -892,6 +898,7 @@ async fn start_target(
     spec: TargetSpec,
     env: &BenchEnv,
     tag: &str,
+    extra_args: &[&str],
 ) -> anyhow::Result<RunningTarget> {
     match spec.kind {
         TargetKind::Direct => Ok(RunningTarget {
@@ -926,6 +933,7 @@ async fn start_target(
             cfg.pool_size = Some(env.plan_pool_size);
             cfg.max_clients = Some(env.plan_max_clients);
             cfg.pool_mode = spec.pool_mode.map(|m| m.arg().to_owned());
+            cfg.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
             let process = load::start_dbproxy(&cfg, Duration::from_secs(60), &env.redactor)
                 .await
                 .with_context(|| format!("starting {}", spec.label()))?;
@@ -1084,9 +1092,15 @@ async fn wait_backends_gone(env: &BenchEnv) {
     }
 }
 
+/// The memory test runs dbproxy in transaction mode a second time with idle clients parked
+/// after this much silence (off by default).
+const PARKING: [&str; 2] = ["--client-park-after-ms", "20"];
+
 /// RSS of a fresh proxy with no clients and with `n` logged-in idle clients.
 struct MemoryResult {
     spec: TargetSpec,
+    /// Flags beyond the target's usual ones.
+    extra_args: Vec<String>,
     clients: u32,
     rss_empty: u64,
     rss_loaded: u64,
@@ -1096,9 +1110,14 @@ async fn measure_idle_memory(
     spec: TargetSpec,
     env: &BenchEnv,
     n: u32,
+    extra_args: &[&str],
 ) -> anyhow::Result<MemoryResult> {
-    println!("memory: {} with {n} idle clients...", spec.label());
-    let target = start_target(spec, env, "memory").await?;
+    println!(
+        "memory: {} {} with {n} idle clients...",
+        spec.label(),
+        extra_args.join(" ")
+    );
+    let target = start_target(spec, env, "memory", extra_args).await?;
     let pid = target.process.as_ref().context("no process")?.pid();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_empty = load::proc_rss_bytes(pid)?;
@@ -1138,6 +1157,7 @@ async fn measure_idle_memory(
     drop(clients);
     Ok(MemoryResult {
         spec,
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         clients: n,
         rss_empty,
         rss_loaded,
@@ -1312,7 +1332,11 @@ fn render_report(
                 s,
                 "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} kB |",
                 m.clients,
-                m.spec.label(),
+                if m.extra_args.is_empty() {
+                    m.spec.label()
+                } else {
+                    format!("{}, `{}`", m.spec.label(), m.extra_args.join(" "))
+                },
                 m.rss_empty as f64 / 1048576.0,
                 m.rss_loaded as f64 / 1048576.0,
                 per / 1024.0
@@ -1325,7 +1349,9 @@ fn render_report(
              idle after one `SELECT 1`. In session mode each idle client holds a server \
              connection (so the pool size and PostgreSQL's max_connections are raised to \
              fit); in transaction mode it holds none. The per-client figure is the \
-             difference divided by the number of clients."
+             difference divided by the number of clients. The row with \
+             `--client-park-after-ms` (off by default) parks idle transaction-mode clients: \
+             their sockets leave the runtime until they speak again."
         );
     }
     s
