@@ -58,10 +58,9 @@ pub struct ClientContext {
     pub max_prepared_statements: usize,
     /// Statements servers have accepted (transaction mode).
     pub known_statements: crate::txn::KnownStatements,
-    /// Where idle transaction-mode clients wait once silent for `park_after`
-    /// (`--client-park-after-ms`; none when 0 or in session mode).
+    /// Where idle transaction-mode clients wait once silent for `--client-park-after-ms`
+    /// (none when 0 or in session mode).
     pub parker: Option<Arc<crate::park::Parker<ParkedClient>>>,
-    pub park_after: Duration,
 }
 
 /// A transaction-mode client parked while idle: what its task resumes with.
@@ -863,13 +862,6 @@ struct TxClient {
     /// Rotations, while state pins the client to its server (boxed: rarely there).
     signal: Option<Box<MoveSignal>>,
     sync_failures: u32,
-    /// Parking (plaintext clients only: a TLS session's socket stays inside its TLS stream):
-    /// one timer per task, armed for `--client-park-after-ms` and re-armed only when it
-    /// fires after some activity, so a busy client pays a flag store per transaction. A
-    /// client is parked after between one and two of those periods of silence.
-    park_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether the client sent anything since the timer was armed.
-    active: bool,
 }
 
 /// Transaction pooling, login: greets the client with what a server with its parameters
@@ -914,8 +906,6 @@ async fn transaction_login(
         assigned: false,
         signal: None,
         sync_failures: 0,
-        park_timer: None,
-        active: false,
     }))
 }
 
@@ -934,28 +924,34 @@ async fn transaction_session(
 ) -> Result<TxExit> {
     // One wait for the whole session: registered once, then a flag check per poll.
     let mut stop = shutdown.recv();
-    // Parking: see TxClient::park_timer.
-    if let (Some(_), ClientStream::Plain(_)) = (&ctx.parker, &*socket) {
-        st.park_timer = Some(Box::pin(tokio::time::sleep(ctx.park_after)));
-    }
+    // Parking, plaintext clients only (a TLS session's socket lives inside its TLS stream).
+    let mut idle_wait = match (&ctx.parker, &*socket) {
+        (Some(parker), ClientStream::Plain(_)) => Some(parker.idle_wait()),
+        _ => None,
+    };
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.tracked.clear_server();
             // Nothing is kept for an idle client: its next bytes are read into a stack
             // buffer and copied into a fresh one.
             st.cbuf = BytesMut::new();
-            let idle = std::future::poll_fn(|cx| st.poll_idle(socket, &mut stop, ctx, cx)).await;
+            // Idle from now (a long transaction does not count as silence).
+            if let Some(wait) = idle_wait.as_mut() {
+                wait.active();
+            }
+            let idle =
+                std::future::poll_fn(|cx| st.poll_idle(socket, &mut stop, idle_wait.as_mut(), cx))
+                    .await;
             match idle {
                 Idle::Read(Ok(0) | Err(_)) => return Ok(TxExit::Done),
                 Idle::Read(Ok(n)) => crate::proxy::count_client_bytes(n),
                 Idle::Stop => return Err(ProxyError::ShuttingDown),
-                Idle::Park => {
-                    st.park_timer = None;
-                    return Ok(TxExit::Park(st));
-                }
+                Idle::Park => return Ok(TxExit::Park(st)),
+            }
+            if let Some(wait) = idle_wait.as_mut() {
+                wait.active();
             }
         }
-        st.active = true;
         let step = Box::pin(transaction_step(socket, ctx, &mut st, out, &mut stop)).await?;
         if step == Step::Done {
             return Ok(TxExit::Done);
@@ -969,7 +965,7 @@ impl TxClient {
         &mut self,
         socket: &mut ClientStream,
         stop: &mut crate::shutdown::Recv<'_>,
-        ctx: &ClientContext,
+        idle_wait: Option<&mut crate::park::IdleWait<'_>>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Idle> {
         // The read first: the shutdown signal is only looked at while the client is idle (its
@@ -980,16 +976,10 @@ impl TxClient {
         if Pin::new(stop).poll(cx).is_ready() {
             return Poll::Ready(Idle::Stop);
         }
-        if let Some(timer) = self.park_timer.as_mut() {
-            while timer.as_mut().poll(cx).is_ready() {
-                if !self.active {
-                    return Poll::Ready(Idle::Park);
-                }
-                self.active = false;
-                timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + ctx.park_after);
-            }
+        if let Some(wait) = idle_wait
+            && wait.poll_park(cx)
+        {
+            return Poll::Ready(Idle::Park);
         }
         Poll::Pending
     }

@@ -7,21 +7,30 @@
 //! registration (256 bytes) besides its own state: a third of what dbproxy kept per idle
 //! client. A parked one costs its state and a slab slot here; the kernel keeps the epoll
 //! entry. A round trip through the parker is four `epoll_ctl` calls and a task spawn, so
-//! clients are parked only after `--client-park-after-ms` of silence and a busy client never
-//! pays for it.
+//! clients are parked only after `--client-park-after-ms` of silence.
+//!
+//! Who is idle for how long is counted in ticks of one sweeper task rather than with a timer
+//! per client: a timer per client costs a runtime wake-up per parked client, the sweeper one
+//! per tick for all of them. A client registers its waker in the idle list when it starts
+//! waiting and leaves it when it speaks; each tick wakes the clients on the list, and one
+//! idle since the tick before the last parks.
 
 use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use crate::shutdown::Shutdown;
+use crate::wake::{WakerList, WakerSlot};
 
 /// What resumes a parked connection, back in the runtime's reactor: spawns its task. Called
 /// inside the runtime's context.
@@ -32,6 +41,49 @@ pub struct Parker<T> {
     registry: mio::Registry,
     parked: Mutex<Parked<T>>,
     resume: Resume<T>,
+    /// Sweeper ticks so far (one per `--client-park-after-ms`).
+    tick: AtomicU64,
+    /// The clients waiting idle, woken at each tick.
+    idle: WakerList,
+    /// A client joined an empty idle list: the sweeper, asleep while it is empty, ticks again.
+    first_idle: Notify,
+}
+
+/// A client's place among the idle ones while its task lives; leaves the list when dropped.
+pub struct IdleWait<'a> {
+    tick: &'a AtomicU64,
+    idle: &'a WakerList,
+    first_idle: &'a Notify,
+    slot: WakerSlot,
+    /// The tick at which the client last spoke.
+    seen: u64,
+}
+
+impl IdleWait<'_> {
+    /// Called while the client waits idle: whether it has been silent since before the last
+    /// tick (time to park); if not, it stays listed for the next tick.
+    pub fn poll_park(&mut self, cx: &Context<'_>) -> bool {
+        if self.tick.load(Ordering::Relaxed) >= self.seen + 2 {
+            return true;
+        }
+        if self.idle.register(&mut self.slot, cx.waker()) {
+            self.first_idle.notify_one();
+        }
+        false
+    }
+
+    /// The client spoke (or a transaction just ended): silent from now on, and off the list
+    /// until it waits again.
+    pub fn active(&mut self) {
+        self.idle.remove(&mut self.slot);
+        self.seen = self.tick.load(Ordering::Relaxed);
+    }
+}
+
+impl Drop for IdleWait<'_> {
+    fn drop(&mut self) {
+        self.idle.remove(&mut self.slot);
+    }
 }
 
 struct Parked<T> {
@@ -41,10 +93,10 @@ struct Parked<T> {
 }
 
 impl<T: Send + 'static> Parker<T> {
-    /// Starts a parker: its epoll set and the task that watches it, which resumes every
-    /// parked connection when shutdown starts (their tasks then see the shutdown). Must be
-    /// called inside the runtime.
-    pub fn start(resume: Resume<T>, shutdown: Shutdown) -> io::Result<Arc<Self>> {
+    /// Starts a parker: its epoll set, the task that watches it (which resumes every parked
+    /// connection when shutdown starts; their tasks then see the shutdown) and the sweeper
+    /// ticking every `period`. Must be called inside the runtime.
+    pub fn start(resume: Resume<T>, period: Duration, shutdown: Shutdown) -> io::Result<Arc<Self>> {
         let poll = Poll::new()?;
         let parker = Arc::new(Parker {
             registry: poll.registry().try_clone()?,
@@ -53,13 +105,48 @@ impl<T: Send + 'static> Parker<T> {
                 closed: false,
             }),
             resume,
+            tick: AtomicU64::new(0),
+            idle: WakerList::default(),
+            first_idle: Notify::new(),
         });
         // SAFETY: `poll` owns its epoll descriptor, which stays open and the same for as
         // long as `poll` lives, and `poll` lives inside the `AsyncFd` until it is dropped.
         let set = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
-        tokio::spawn(parker.clone().watch(set, shutdown));
+        tokio::spawn(parker.clone().watch(set, shutdown.clone()));
+        tokio::spawn(parker.clone().sweep(period, shutdown));
         Ok(parker)
+    }
+
+    /// A client's place among the idle ones, for the life of its task.
+    pub fn idle_wait(&self) -> IdleWait<'_> {
+        IdleWait {
+            tick: &self.tick,
+            idle: &self.idle,
+            first_idle: &self.first_idle,
+            slot: WakerSlot::default(),
+            seen: self.tick.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ticks every `period` until shutdown, waking the idle clients (each checks whether it
+    /// has been idle long enough to park). Asleep while no client waits idle.
+    async fn sweep(self: Arc<Self>, period: Duration, mut shutdown: Shutdown) {
+        let mut stop = shutdown.recv();
+        loop {
+            if self.idle.is_empty() {
+                tokio::select! {
+                    () = self.first_idle.notified() => {}
+                    () = &mut stop => return,
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = &mut stop => return,
+            }
+            self.tick.fetch_add(1, Ordering::Relaxed);
+            self.idle.wake_all();
+        }
     }
 
     /// Parks `socket` (taken out of the runtime's reactor already) with `state`. It comes
@@ -215,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn a_parked_connection_comes_back_when_readable_with_its_bytes() {
         let (_trigger, shutdown) = Shutdown::new();
-        let parker = Parker::<Tag>::start(report, shutdown).unwrap();
+        let parker = Parker::<Tag>::start(report, Duration::from_secs(3600), shutdown).unwrap();
         let (tx, mut rx) = unbounded_channel();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (mut quiet_client, quiet) = pair(&listener);
@@ -258,7 +345,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_resumes_every_parked_connection_and_parks_no_more() {
         let (trigger, shutdown) = Shutdown::new();
-        let parker = Parker::<Tag>::start(report, shutdown).unwrap();
+        let parker = Parker::<Tag>::start(report, Duration::from_secs(3600), shutdown).unwrap();
         let (tx, mut rx) = unbounded_channel();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut clients = Vec::new();
@@ -280,5 +367,39 @@ mod tests {
         parker.park((9, tx.clone()), server);
         assert_eq!(resumed(&mut rx).await.0, 9, "parked after shutdown");
         assert!(parker.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_idle_client_parks_after_two_ticks_and_the_sweeper_sleeps_without_one() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let period = Duration::from_millis(20);
+        let parker = Parker::<Tag>::start(report, period, shutdown).unwrap();
+        let mut wait = parker.idle_wait();
+        let started = std::time::Instant::now();
+        let park = std::future::poll_fn(|cx| {
+            if wait.poll_park(cx) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), park)
+            .await
+            .expect("an idle client was never told to park");
+        assert!(
+            started.elapsed() >= 2 * period,
+            "parked after {:?}, before two ticks",
+            started.elapsed()
+        );
+        // Speaking makes it silent from now on: no park at the next poll.
+        wait.active();
+        let waker = std::task::Waker::noop();
+        assert!(!wait.poll_park(&Context::from_waker(waker)));
+        drop(wait);
+        // Nobody idle: the sweeper stops ticking (after the tick it was waiting for).
+        tokio::time::sleep(10 * period).await;
+        let tick = parker.tick.load(Ordering::Relaxed);
+        tokio::time::sleep(5 * period).await;
+        assert_eq!(parker.tick.load(Ordering::Relaxed), tick);
     }
 }

@@ -149,14 +149,17 @@ pub async fn run(
         known_statements: Default::default(),
         parker: match (args.pool_mode, args.client_park_after_ms) {
             (PoolMode::Transaction, 1..) => Some(
-                crate::park::Parker::start(crate::client::resume_parked, shutdown.clone())
-                    .map_err(|e| {
-                        ProxyError::Config(format!("cannot start the parker for idle clients: {e}"))
-                    })?,
+                crate::park::Parker::start(
+                    crate::client::resume_parked,
+                    Duration::from_millis(args.client_park_after_ms),
+                    shutdown.clone(),
+                )
+                .map_err(|e| {
+                    ProxyError::Config(format!("cannot start the parker for idle clients: {e}"))
+                })?,
             ),
             _ => None,
         },
-        park_after: Duration::from_millis(args.client_park_after_ms),
     });
     let counter = ClientCounter::new();
     for b in bound {

@@ -21,14 +21,16 @@ pub struct WakerList {
 pub struct WakerSlot(Option<(usize, Waker)>);
 
 impl WakerList {
-    /// Makes sure `waker` is woken by the next [`WakerList::wake_all`].
-    pub fn register(&self, slot: &mut WakerSlot, waker: &Waker) {
+    /// Makes sure `waker` is woken by the next [`WakerList::wake_all`]. Returns whether the
+    /// list was empty before (the slot was new to it).
+    pub fn register(&self, slot: &mut WakerSlot, waker: &Waker) -> bool {
         if let Some((_, w)) = &slot.0
             && w.will_wake(waker)
         {
-            return;
+            return false;
         }
         let mut wakers = crate::lock(&self.wakers);
+        let first = slot.0.is_none() && wakers.is_empty();
         let index = match &slot.0 {
             Some((i, _)) => {
                 wakers[*i] = waker.clone();
@@ -37,6 +39,7 @@ impl WakerList {
             None => wakers.insert(waker.clone()),
         };
         slot.0 = Some((index, waker.clone()));
+        first
     }
 
     /// Leaves the list.
