@@ -385,6 +385,25 @@ async fn psql_over_tls_to_the_proxy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A certificate for the proxy's client side (`localhost`, `127.0.0.1`) signed by the test CA,
+/// in a Secret-like directory as `tls.crt` and `tls.key`; also the certificate and key PEM.
+fn client_side_cert(c: &TlsCluster) -> anyhow::Result<(SecretDir, String, String)> {
+    let certs = SecretDir::new()?;
+    let (cert, key) = c.pki.server_pem(&["localhost", "127.0.0.1"])?;
+    certs.write(&[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())])?;
+    Ok((certs, cert, key))
+}
+
+/// `--client-tls-cert` and `--client-tls-key` for the files of [`client_side_cert`].
+fn client_side_cert_flags(certs: &SecretDir) -> Vec<String> {
+    vec![
+        "--client-tls-cert".into(),
+        certs.file("tls.crt").display().to_string(),
+        "--client-tls-key".into(),
+        certs.file("tls.key").display().to_string(),
+    ]
+}
+
 /// A TLS session through the proxy with the DSN-driven connector (verify-full against `ca`).
 async fn tls_client(port: u16, ca: &Path) -> anyhow::Result<Client> {
     let dsn = Dsn::parse(&format!(
@@ -435,21 +454,11 @@ fn pem_hash(pem: &str) -> anyhow::Result<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificate_rotates_without_dropping_clients() -> anyhow::Result<()> {
     let c = tls_cluster("tls-rotate", ServerCert::Valid).await?;
-    let certs = SecretDir::new()?;
-    let (cert1, key1) = c.pki.server_pem(&["localhost", "127.0.0.1"])?;
-    certs.write(&[("tls.crt", cert1.as_bytes()), ("tls.key", key1.as_bytes())])?;
-    let (_s, builder) = proxy_for(
-        &c.app,
-        &dsn_with(&c.app, "sslmode=require"),
-        &[
-            "--client-tls-cert",
-            &certs.file("tls.crt").display().to_string(),
-            "--client-tls-key",
-            &certs.file("tls.key").display().to_string(),
-            "--poll-interval",
-            "1",
-        ],
-    )?;
+    let (certs, cert1, key1) = client_side_cert(&c)?;
+    let mut flags = client_side_cert_flags(&certs);
+    flags.extend(["--poll-interval".to_string(), "1".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (_s, builder) = proxy_for(&c.app, &dsn_with(&c.app, "sslmode=require"), &flags)?;
     let proxy = builder.start()?;
     let ca = c.pki.ca_cert.clone();
     let held = tls_client(proxy.port(), &ca).await?;
@@ -640,23 +649,11 @@ async fn read_byte(s: &mut tokio::net::TcpStream) -> Option<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_clients_are_not_parked() -> anyhow::Result<()> {
     let c = tls_cluster("tls-park", ServerCert::Valid).await?;
-    let certs = SecretDir::new()?;
-    let (cert, key) = c.pki.server_pem(&["localhost", "127.0.0.1"])?;
-    certs.write(&[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())])?;
-    let (_s, builder) = proxy_for(
-        &c.app,
-        &dsn_with(&c.app, "sslmode=require"),
-        &[
-            "--pool-mode",
-            "transaction",
-            "--client-park-after-ms",
-            "20",
-            "--client-tls-cert",
-            &certs.file("tls.crt").display().to_string(),
-            "--client-tls-key",
-            &certs.file("tls.key").display().to_string(),
-        ],
-    )?;
+    let (certs, _, _) = client_side_cert(&c)?;
+    let mut flags = client_side_cert_flags(&certs);
+    flags.extend(["--pool-mode", "transaction", "--client-park-after-ms", "20"].map(String::from));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (_s, builder) = proxy_for(&c.app, &dsn_with(&c.app, "sslmode=require"), &flags)?;
     let proxy = builder.start()?;
     let tls = tls_client(proxy.port(), &c.pki.ca_cert).await?;
     let plain = proxy.connect().await?;
