@@ -113,6 +113,7 @@ impl<T: Send + 'static> Parker<T> {
         // long as `poll` lives, and `poll` lives inside the `AsyncFd` until it is dropped.
         let set = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
+        metrics::gauge!("dbproxy_clients_parked").set(0.0);
         tokio::spawn(parker.clone().watch(set, shutdown.clone()));
         tokio::spawn(parker.clone().sweep(period, shutdown));
         Ok(parker)
