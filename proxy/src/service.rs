@@ -158,6 +158,12 @@ pub async fn run(
                     ProxyError::Config(format!("cannot start the parker for idle clients: {e}"))
                 })?,
             ),
+            (PoolMode::Session, 1..) => {
+                tracing::warn!(
+                    "--client-park-after-ms applies to --pool-mode transaction only; session-mode clients are not parked"
+                );
+                None
+            }
             _ => None,
         },
     });
