@@ -938,7 +938,7 @@ async fn transaction_session(
             st.cbuf = BytesMut::new();
             // Idle from now (a long transaction does not count as silence).
             if let Some(wait) = idle_wait.as_mut() {
-                wait.active();
+                wait.quiet_from_now();
             }
             let idle = std::future::poll_fn(|cx| {
                 st.poll_idle(socket, &mut stop, idle_wait.as_deref_mut(), cx)
@@ -951,7 +951,7 @@ async fn transaction_session(
                 Idle::Park => return Ok(TxExit::Park(st)),
             }
             if let Some(wait) = idle_wait.as_mut() {
-                wait.active();
+                wait.spoke();
             }
         }
         let step = Box::pin(transaction_step(socket, ctx, &mut st, out, &mut stop)).await?;

@@ -72,11 +72,14 @@ impl IdleWait<'_> {
         false
     }
 
-    /// The client spoke (or a transaction just ended): silent from now on, and off the list
-    /// until it waits again.
-    pub fn active(&mut self) {
-        self.idle.remove(&mut self.slot);
+    /// The client starts waiting idle (after its login or a transaction): silent from now.
+    pub fn quiet_from_now(&mut self) {
         self.seen = self.tick.load(Ordering::Relaxed);
+    }
+
+    /// The client spoke: off the idle list (no tick wakes it during its transaction).
+    pub fn spoke(&mut self) {
+        self.idle.remove(&mut self.slot);
     }
 }
 
@@ -113,7 +116,6 @@ impl<T: Send + 'static> Parker<T> {
         // long as `poll` lives, and `poll` lives inside the `AsyncFd` until it is dropped.
         let set = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
-        metrics::gauge!("dbproxy_clients_parked").set(0.0);
         tokio::spawn(parker.clone().watch(set, shutdown.clone()));
         tokio::spawn(parker.clone().sweep(period, shutdown));
         Ok(parker)
@@ -174,9 +176,7 @@ impl<T: Send + 'static> Parker<T> {
             let (state, socket) = parked.entries.remove(key);
             drop(parked);
             resume_std(self.resume, state, socket);
-            return;
         }
-        metrics::gauge!("dbproxy_clients_parked").set(parked.entries.len() as f64);
     }
 
     /// How many connections are parked now.
@@ -195,7 +195,6 @@ impl<T: Send + 'static> Parker<T> {
             return;
         };
         let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
-        metrics::gauge!("dbproxy_clients_parked").set(parked.entries.len() as f64);
         drop(parked);
         resume_std(self.resume, state, socket);
     }
@@ -207,7 +206,6 @@ impl<T: Send + 'static> Parker<T> {
             parked.closed = true;
             std::mem::take(&mut parked.entries)
         };
-        metrics::gauge!("dbproxy_clients_parked").set(0.0);
         for (_, (state, socket)) in entries {
             let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
             resume_std(self.resume, state, socket);
@@ -300,12 +298,34 @@ mod tests {
             .expect("channel closed")
     }
 
+    /// A parker that never ticks (the tests park by hand), where resumed connections are
+    /// reported, and a listener to make connections with.
+    struct Setup {
+        parker: Arc<Parker<Tag>>,
+        tx: UnboundedSender<(u32, tokio::net::TcpStream)>,
+        rx: UnboundedReceiver<(u32, tokio::net::TcpStream)>,
+        listener: std::net::TcpListener,
+    }
+
+    fn setup(shutdown: Shutdown) -> Setup {
+        let (tx, rx) = unbounded_channel();
+        Setup {
+            parker: Parker::start(report, Duration::from_secs(3600), shutdown).unwrap(),
+            tx,
+            rx,
+            listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        }
+    }
+
     #[tokio::test]
     async fn a_parked_connection_comes_back_when_readable_with_its_bytes() {
         let (_trigger, shutdown) = Shutdown::new();
-        let parker = Parker::<Tag>::start(report, Duration::from_secs(3600), shutdown).unwrap();
-        let (tx, mut rx) = unbounded_channel();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let Setup {
+            parker,
+            tx,
+            mut rx,
+            listener,
+        } = setup(shutdown);
         let (mut quiet_client, quiet) = pair(&listener);
         let (mut client, server) = pair(&listener);
         parker.park((1, tx.clone()), quiet);
@@ -346,9 +366,12 @@ mod tests {
     #[tokio::test]
     async fn shutdown_resumes_every_parked_connection_and_parks_no_more() {
         let (trigger, shutdown) = Shutdown::new();
-        let parker = Parker::<Tag>::start(report, Duration::from_secs(3600), shutdown).unwrap();
-        let (tx, mut rx) = unbounded_channel();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let Setup {
+            parker,
+            tx,
+            mut rx,
+            listener,
+        } = setup(shutdown);
         let mut clients = Vec::new();
         for id in 0..3 {
             let (client, server) = pair(&listener);
@@ -392,8 +415,9 @@ mod tests {
             "parked after {:?}, before two ticks",
             started.elapsed()
         );
-        // Speaking makes it silent from now on: no park at the next poll.
-        wait.active();
+        // Speaking, then waiting again, makes it silent from now: no park at the next poll.
+        wait.spoke();
+        wait.quiet_from_now();
         let waker = std::task::Waker::noop();
         assert!(!wait.poll_park(&Context::from_waker(waker)));
         drop(wait);

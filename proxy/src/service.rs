@@ -148,16 +148,23 @@ pub async fn run(
         max_prepared_statements: args.max_prepared_statements,
         known_statements: Default::default(),
         parker: match (args.pool_mode, args.client_park_after_ms) {
-            (PoolMode::Transaction, 1..) => Some(
-                crate::park::Parker::start(
+            (PoolMode::Transaction, 1..) => {
+                let parker = crate::park::Parker::start(
                     crate::client::resume_parked,
                     Duration::from_millis(args.client_park_after_ms),
                     shutdown.clone(),
                 )
                 .map_err(|e| {
-                    ProxyError::Config(format!("cannot start the parker for idle clients: {e}"))
-                })?,
-            ),
+                    ProxyError::Config(format!(
+                        "cannot start the parker for idle clients: {e}; start dbproxy without --client-park-after-ms to run without parking"
+                    ))
+                })?;
+                let counted = Arc::downgrade(&parker);
+                let _ = stats
+                    .parked_clients
+                    .set(Box::new(move || counted.upgrade().map_or(0, |p| p.len())));
+                Some(parker)
+            }
             (PoolMode::Session, 1..) => {
                 tracing::warn!(
                     "--client-park-after-ms applies to --pool-mode transaction only; session-mode clients are not parked"

@@ -41,6 +41,8 @@ pub struct Stats {
     pub rotation_seconds: Histogram,
     /// Live clients and server connections, for the admin console and labelled gauges.
     pub registry: Registry,
+    /// How many clients are parked now, read at each scrape (set when parking is on).
+    pub parked_clients: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Stats {
@@ -59,6 +61,7 @@ impl Stats {
             pool_timeouts: counter!("dbproxy_pool_timeouts_total"),
             rotation_seconds: histogram!(ROTATION_SECONDS),
             registry: Registry::default(),
+            parked_clients: OnceLock::new(),
         }
     }
 
@@ -101,6 +104,9 @@ impl Stats {
             ("dbproxy_server_connections", &self.server_connections),
         ] {
             gauge!(name).set(level.get() as f64);
+        }
+        if let Some(parked) = self.parked_clients.get() {
+            gauge!("dbproxy_clients_parked").set(parked() as f64);
         }
         let mut counts: HashMap<(&'static str, u64), f64> = HashMap::new();
         for s in self.registry.servers() {

@@ -296,6 +296,20 @@ impl ProxyProcess {
         Ok((status, t.elapsed()))
     }
 
+    /// SIGTERM with nothing that should hold dbproxy back: it must exit 0 within 10 s (not
+    /// wait for a long --shutdown-timeout). `what` names what was connected, for the
+    /// failure message. Returns how long it took.
+    pub fn sigterm_expect_prompt_exit(&mut self, what: &str) -> anyhow::Result<Duration> {
+        let (status, took) = self.sigterm_and_wait(Duration::from_secs(30))?;
+        println!("exited {took:?} after SIGTERM with {what}");
+        anyhow::ensure!(status.success(), "dbproxy exited with {status}");
+        anyhow::ensure!(
+            took < Duration::from_secs(10),
+            "{what} kept dbproxy running for {took:?}"
+        );
+        Ok(took)
+    }
+
     fn try_exit_status(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().ok().flatten();
