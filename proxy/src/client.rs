@@ -3,8 +3,9 @@
 //! release.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::ops::ControlFlow;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -63,17 +64,54 @@ pub struct ClientContext {
     pub parker: Option<Arc<crate::park::Parker<ParkedClient>>>,
 }
 
-/// A transaction-mode client parked while idle: what its task resumes with.
+/// A client parked while idle: what its task resumes with, and its sockets out of the
+/// runtime.
 pub struct ParkedClient {
     conn: Box<ClientConn>,
-    st: Box<TxClient>,
+    socket: StdTcpStream,
+    kind: ParkedKind,
 }
 
-/// Resumes a parked client on a new task (the parker's [`crate::park::Resume`]).
-pub fn resume_parked(parked: ParkedClient, socket: TcpStream) {
-    let ParkedClient { mut conn, st } = parked;
-    conn.socket = ClientStream::Plain(socket);
-    tokio::spawn(serve_transaction(conn, st));
+enum ParkedKind {
+    /// A transaction-mode client between transactions.
+    Transaction(Box<TxClient>),
+    /// A session-mode client and its server, both idle at a safe point, and the server's
+    /// socket.
+    Session(Box<SessClient>, StdTcpStream),
+}
+
+impl crate::park::Parkable for ParkedClient {
+    fn sockets(&self) -> [Option<RawFd>; 2] {
+        let server = match &self.kind {
+            ParkedKind::Transaction(_) => None,
+            ParkedKind::Session(_, server) => Some(server.as_raw_fd()),
+        };
+        [Some(self.socket.as_raw_fd()), server]
+    }
+
+    /// Resumes on a new task. Should the reactor refuse a socket, the client is closed (and
+    /// a session's server with it).
+    fn resume(self) {
+        let ParkedClient {
+            mut conn,
+            socket,
+            kind,
+        } = self;
+        let Some(socket) = crate::park::to_runtime(socket) else {
+            return;
+        };
+        conn.socket = ClientStream::Plain(socket);
+        match kind {
+            ParkedKind::Transaction(st) => drop(tokio::spawn(serve_transaction(conn, st))),
+            ParkedKind::Session(mut st, server) => {
+                let Some(server) = crate::park::to_runtime(server) else {
+                    return;
+                };
+                st.server.stream.attach(server);
+                drop(tokio::spawn(serve_session(conn, st)));
+            }
+        }
+    }
 }
 
 /// What the startup phase produced.
@@ -137,23 +175,23 @@ pub async fn serve_client(mut conn: Box<ClientConn>) {
         &mut c.shutdown,
     ))
     .await;
-    // `opened` (which borrows `conn`) is gone at the end of this block, so a
-    // transaction-mode client's `conn` can move to its own task below.
-    let served = {
-        let opened = opened;
-        match opened {
-            Opened::Done => return,
-            Opened::Failed(e) => Err(*e),
-            Opened::Session(st) => Box::pin(session(&mut c.socket, c.peer, ctx, st, &mut c.out))
-                .await
-                .map(|()| None),
-            Opened::Transaction(st) => Ok(Some(st)),
-        }
-    };
+    // A task of its own, the login's ends: an idle client keeps one small future.
+    match opened {
+        Opened::Done => {}
+        Opened::Failed(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, *e)).await,
+        Opened::Session(st) => drop(tokio::spawn(serve_session(conn, st))),
+        Opened::Transaction(st) => drop(tokio::spawn(serve_transaction(conn, st))),
+    }
+}
+
+/// Serves a session-mode client from its login (or from where it was parked) until it ends
+/// or is parked again.
+async fn serve_session(mut conn: Box<ClientConn>, st: Box<SessClient>) {
+    let c = &mut *conn;
+    let served = Box::pin(session(&mut c.socket, c.peer, &c.ctx, st, &mut c.out)).await;
     match served {
-        Ok(None) => {}
-        // A task of its own, the login's ends: an idle client keeps one small future.
-        Ok(Some(st)) => drop(tokio::spawn(serve_transaction(conn, st))),
+        Ok(SessExit::Done) => {}
+        Ok(SessExit::Park(st, epoch)) => park(conn, ToPark::Session(st, epoch)),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
     }
 }
@@ -172,15 +210,23 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     .await;
     match served {
         Ok(TxExit::Done) => {}
-        Ok(TxExit::Park(st)) => park(conn, st),
+        Ok(TxExit::Park(st)) => park(conn, ToPark::Transaction(st)),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
     }
 }
 
-/// Hands an idle transaction-mode client to the parker: its task ends here, and the socket
-/// leaves the runtime's reactor until the client speaks again.
-fn park(mut conn: Box<ClientConn>, st: Box<TxClient>) {
-    // transaction_session parks only with a parker and a plaintext socket.
+/// What goes to the parker, its sockets still in the runtime's reactor.
+enum ToPark {
+    Transaction(Box<TxClient>),
+    /// A session, with the parker's epoch as it last looked for a rotation.
+    Session(Box<SessClient>, u64),
+}
+
+/// Hands an idle client to the parker: its task ends here, and its sockets (a session's
+/// server socket too) leave the runtime's reactor until either side speaks again (or, for a
+/// session, a rotation resumes every parked one: see [`crate::park::Parker::park`]).
+fn park(mut conn: Box<ClientConn>, what: ToPark) {
+    // Clients are offered parking only with a parker and plaintext sockets.
     let Some(parker) = conn.ctx.parker.clone() else {
         return;
     };
@@ -190,12 +236,25 @@ fn park(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     };
     // Nothing is written while parked: the reply buffer goes too.
     conn.out = BytesMut::new();
-    match socket.into_std() {
-        Ok(socket) => parker.park(ParkedClient { conn, st }, socket),
-        // Only if the reactor cannot let go of the socket: it is closed by then.
-        Err(e) => {
-            tracing::warn!(peer = %conn.peer, error = %e, "cannot park an idle client; closing it")
-        }
+    let peer = conn.peer;
+    let out_of_reactor = || -> std::io::Result<(ParkedClient, u64)> {
+        let socket = socket.into_std()?;
+        let (kind, epoch) = match what {
+            ToPark::Transaction(st) => (ParkedKind::Transaction(st), parker.epoch()),
+            ToPark::Session(mut st, epoch) => {
+                let server = st.server.stream.detach().ok_or_else(|| {
+                    std::io::Error::other("the server connection is not plaintext")
+                })?;
+                (ParkedKind::Session(st, server.into_std()?), epoch)
+            }
+        };
+        Ok((ParkedClient { conn, socket, kind }, epoch))
+    };
+    match out_of_reactor() {
+        Ok((parked, epoch)) => parker.park(parked, epoch),
+        // Only if the reactor cannot let go of a socket: the client is closed by then (a
+        // session's server too, its pool slot given back).
+        Err(e) => tracing::warn!(%peer, error = %e, "cannot park an idle client; closing it"),
     }
 }
 
@@ -211,24 +270,24 @@ async fn end_with_error(
 }
 
 /// Where a client's login left it.
-enum Opened<'a> {
+enum Opened {
     /// Served already (cancel request, refused login, admin console).
     Done,
     /// The login could not get the client a server connection (answered by the caller).
     Failed(Box<ProxyError>),
-    Session(Box<SessClient<'a>>),
+    Session(Box<SessClient>),
     Transaction(Box<TxClient>),
 }
 
 /// The client's startup and login, up to its first ReadyForQuery.
-async fn open<'a>(
+async fn open(
     socket: &mut ClientStream,
     peer: SocketAddr,
     require_password: bool,
-    ctx: &'a ClientContext,
+    ctx: &ClientContext,
     out: &mut BytesMut,
     shutdown: &mut Shutdown,
-) -> Opened<'a> {
+) -> Opened {
     let login = tokio::time::timeout(
         ctx.login_timeout,
         Box::pin(login(socket, require_password, ctx, out)),
@@ -512,9 +571,9 @@ async fn replay_login(
 
 /// What a session-mode client holds while it is served. One allocation: the task's future
 /// stays small while the client is idle.
-struct SessClient<'a> {
+struct SessClient {
     tracked: crate::stats::ClientGuard,
-    slot: crate::pool::SlotGuard<'a>,
+    slot: crate::pool::SlotGuard,
     cancel_key: CancelKey,
     server: ServerConnection,
     /// Bytes the client sent right behind its startup packet.
@@ -522,15 +581,15 @@ struct SessClient<'a> {
 }
 
 /// Session mode, login: gets a server and replays the login to the client.
-async fn session_login<'a>(
+async fn session_login(
     socket: &mut ClientStream,
     peer: SocketAddr,
     params: StartupParams,
     early: BytesMut,
-    ctx: &'a ClientContext,
+    ctx: &ClientContext,
     out: &mut BytesMut,
     shutdown: &mut Shutdown,
-) -> Result<Box<SessClient<'a>>> {
+) -> Result<Box<SessClient>> {
     // Usually empty: release the login buffer (4 KiB) instead of carrying it through the
     // session. The explicit drop matters: a shadowed parameter lives to the end of the
     // function, and an empty `BytesMut` split from the buffer still owns it.
@@ -552,7 +611,7 @@ async fn session_login<'a>(
     drop(server_params);
     tracked.set_server(Some(server.backend_pid));
     // If this task panics or is dropped before the release below, the slot is given back.
-    let slot = ctx.pool.slot_guard();
+    let slot = ctx.pool.owned_slot_guard();
     let cancel_key = ctx.cancels.register();
     assign(&cancel_key, &server);
 
@@ -587,9 +646,9 @@ async fn session(
     socket: &mut ClientStream,
     peer: SocketAddr,
     ctx: &ClientContext,
-    mut st: Box<SessClient<'_>>,
+    mut st: Box<SessClient>,
     out: &mut BytesMut,
-) -> Result<()> {
+) -> Result<SessExit> {
     let mut moves = Moves {
         signal: (ctx.migrate != MigratePolicy::Never).then(|| {
             MoveSignal::new(
@@ -601,6 +660,9 @@ async fn session(
         }),
         pins: Vec::new(),
     };
+    // Parking, plaintext on both sides only (a TLS socket lives inside its TLS stream).
+    // Boxed: with parking off (the default) it is 8 bytes of every idle session's future.
+    let mut idle_wait = ctx.parker.as_ref().map(|p| Box::new(p.idle_wait()));
     let ended = loop {
         let SessClient {
             server, initial, ..
@@ -615,6 +677,7 @@ async fn session(
                     ctx.max_client_message,
                     initial,
                     moves.signal.as_mut(),
+                    idle_wait.as_deref_mut(),
                 )
                 .await
             }
@@ -625,11 +688,27 @@ async fn session(
                     ctx.max_client_message,
                     initial,
                     moves.signal.as_mut(),
+                    None,
                 )
                 .await
             }
         };
         *initial = BytesMut::new();
+        if outcome.end == SessionEnd::Park {
+            if let Some(parker) = &ctx.parker {
+                // Read before the session's last look for a rotation: one published after
+                // that look resumes the session as soon as it is parked.
+                let epoch = parker.epoch();
+                if !moves
+                    .signal
+                    .as_ref()
+                    .is_some_and(MoveSignal::rotated_unseen)
+                {
+                    return Ok(SessExit::Park(st, epoch));
+                }
+            }
+            continue;
+        }
         if let ControlFlow::Break(ended) = Box::pin(after_forwarding(
             socket, peer, ctx, &mut st, out, &mut moves, outcome,
         ))
@@ -638,7 +717,18 @@ async fn session(
             break ended;
         }
     };
-    Box::pin(finish_session(ctx, peer, st, ended)).await
+    Box::pin(finish_session(ctx, peer, st, ended))
+        .await
+        .map(|()| SessExit::Done)
+}
+
+/// How a session-mode session left its task.
+enum SessExit {
+    /// Over: the server went back to the pool.
+    Done,
+    /// Idle at a safe point on both sides: the client and its server go to the parker, with
+    /// the parker's epoch as the session last saw it.
+    Park(Box<SessClient>, u64),
 }
 
 /// A session's migration state: the rotation signal and what pinned it last time.
@@ -653,7 +743,7 @@ async fn after_forwarding(
     socket: &mut ClientStream,
     peer: SocketAddr,
     ctx: &ClientContext,
-    st: &mut SessClient<'_>,
+    st: &mut SessClient,
     out: &mut BytesMut,
     moves: &mut Moves,
     outcome: crate::proxy::SessionOutcome,
@@ -755,7 +845,7 @@ async fn adopt(
 async fn finish_session(
     ctx: &ClientContext,
     peer: SocketAddr,
-    st: Box<SessClient<'_>>,
+    st: Box<SessClient>,
     ended: Result<crate::proxy::SessionOutcome>,
 ) -> Result<()> {
     let SessClient {
@@ -967,7 +1057,7 @@ impl TxClient {
         &mut self,
         socket: &mut ClientStream,
         stop: &mut crate::shutdown::Recv<'_>,
-        idle_wait: Option<&mut crate::park::IdleWait<'_>>,
+        idle_wait: Option<&mut crate::park::IdleWait>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Idle> {
         // The read first: the shutdown signal is only looked at while the client is idle (its
@@ -1299,6 +1389,11 @@ mod size_tests {
             (
                 "serve_transaction future",
                 future_size2(super::serve_transaction),
+                144,
+            ),
+            (
+                "serve_session future",
+                future_size2(super::serve_session),
                 144,
             ),
         ];

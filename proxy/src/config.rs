@@ -165,11 +165,12 @@ pub struct RunArgs {
     #[arg(long = "client-login-timeout", default_value_t = 15)]
     pub client_login_timeout: u64,
 
-    /// Parks idle transaction-mode clients after N to 2N milliseconds of silence: the socket
-    /// leaves the runtime and waits with no task in one epoll set until the client speaks
-    /// again. About half of an idle client's memory goes (plaintext clients only; TLS
-    /// clients are never parked); a parked client's next transaction costs a few syscalls
-    /// and a task spawn more. 0 (the default) never parks.
+    /// Parks idle clients after N to 2N milliseconds of silence: the socket (in session
+    /// mode, the session's server socket too) leaves the runtime and waits with no task in
+    /// one epoll set until either side speaks again. About half of an idle client's memory
+    /// goes (plaintext only: a TLS client, or a session over TLS to the server, is never
+    /// parked); a parked client's next transaction costs a few syscalls and a task spawn
+    /// more. 0 (the default) never parks.
     #[arg(long = "client-park-after-ms", default_value_t = 0)]
     pub client_park_after_ms: u64,
 

@@ -150,6 +150,12 @@ impl MoveSignal {
         self.deadline.is_some()
     }
 
+    /// Whether a rotation was published since this signal last looked (one that may ask
+    /// for a move; never with `--migrate never`).
+    pub fn rotated_unseen(&self) -> bool {
+        self.policy != MigratePolicy::Never && self.rx.has_changed().unwrap_or(false)
+    }
+
     fn requires_move(&self, generation: &Option<Arc<Generation>>) -> bool {
         let Some(g) = generation else { return false };
         if g.number <= self.server_generation {

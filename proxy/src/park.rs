@@ -1,13 +1,15 @@
 //! Parking of idle client connections: a connection nobody has used for a while leaves the
 //! runtime (no task, no reactor registration of its own) and waits in one epoll set, which
-//! the runtime's reactor watches as a single descriptor, until its client sends something or
-//! hangs up.
+//! the runtime's reactor watches as a single descriptor, until one of its sockets is readable
+//! (its client, or a session-mode client's server, sent something or hung up).
 //!
 //! An idle transaction-mode client otherwise costs a tokio task (256 bytes) and a reactor
 //! registration (256 bytes) besides its own state: a third of what dbproxy kept per idle
-//! client. A parked one costs its state and a slab slot here; the kernel keeps the epoll
-//! entry. A round trip through the parker is four `epoll_ctl` calls and a task spawn, so
-//! clients are parked only after `--client-park-after-ms` of silence.
+//! client; an idle session costs the task, two registrations and its forwarding loop's state,
+//! more than half. A parked one costs its state and a slab slot here; the kernel keeps the
+//! epoll entries. A round trip through the parker is two `epoll_ctl` calls per socket, a
+//! reactor registration per socket and a task spawn, so clients are parked only after
+//! `--client-park-after-ms` of silence.
 //!
 //! Who is idle for how long is counted in ticks of one sweeper task rather than with a timer
 //! per client: a timer per client costs a runtime wake-up per parked client, the sweeper one
@@ -16,8 +18,7 @@
 //! idle since the tick before the last parks.
 
 use std::io;
-use std::net::TcpStream as StdTcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
@@ -32,150 +33,153 @@ use tokio::sync::Notify;
 use crate::shutdown::Shutdown;
 use crate::wake::{WakerList, WakerSlot};
 
-/// What resumes a parked connection, back in the runtime's reactor: spawns its task. Called
-/// inside the runtime's context.
-pub type Resume<T> = fn(T, tokio::net::TcpStream);
+/// A connection that can wait out of the runtime: the sockets it waits on (taken out of the
+/// runtime's reactor before it is parked) and how it goes back.
+pub trait Parkable: Send + 'static {
+    /// The sockets whose readiness (bytes, a FIN, a reset) resumes it: a client's, and a
+    /// session's server connection's when it has one.
+    fn sockets(&self) -> [Option<RawFd>; 2];
 
-/// Idle connections out of the runtime, each with the state `T` its task needs to resume.
+    /// Back in the runtime: puts its sockets back in the reactor and spawns its task.
+    /// Called inside the runtime's context.
+    fn resume(self);
+}
+
+/// Idle connections out of the runtime, each with the state its task needs to resume.
 pub struct Parker<T> {
     registry: mio::Registry,
     parked: Mutex<Parked<T>>,
-    resume: Resume<T>,
+    idle: Arc<IdleClock>,
+}
+
+/// Who is idle, and for how long: the sweeper's ticks and the idle list.
+#[derive(Default)]
+struct IdleClock {
     /// Sweeper ticks so far (one per `--client-park-after-ms`).
     tick: AtomicU64,
     /// The clients waiting idle, woken at each tick.
-    idle: WakerList,
+    list: WakerList,
     /// A client joined an empty idle list: the sweeper, asleep while it is empty, ticks again.
     first_idle: Notify,
 }
 
 /// A client's place among the idle ones while its task lives; leaves the list when dropped.
-pub struct IdleWait<'a> {
-    tick: &'a AtomicU64,
-    idle: &'a WakerList,
-    first_idle: &'a Notify,
+pub struct IdleWait {
+    clock: Arc<IdleClock>,
     slot: WakerSlot,
     /// The tick at which the client last spoke.
     seen: u64,
 }
 
-impl IdleWait<'_> {
+impl IdleWait {
     /// Called while the client waits idle: whether it has been silent since before the last
     /// tick (time to park); if not, it stays listed for the next tick.
     pub fn poll_park(&mut self, cx: &Context<'_>) -> bool {
-        if self.tick.load(Ordering::Relaxed) >= self.seen + 2 {
+        if self.clock.tick.load(Ordering::Relaxed) >= self.seen + 2 {
             return true;
         }
-        if self.idle.register(&mut self.slot, cx.waker()) {
-            self.first_idle.notify_one();
+        if self.clock.list.register(&mut self.slot, cx.waker()) {
+            self.clock.first_idle.notify_one();
         }
         false
     }
 
     /// The client starts waiting idle (after its login or a transaction): silent from now.
     pub fn quiet_from_now(&mut self) {
-        self.seen = self.tick.load(Ordering::Relaxed);
+        self.seen = self.clock.tick.load(Ordering::Relaxed);
     }
 
-    /// The client spoke: off the idle list (no tick wakes it during its transaction).
+    /// The client (or its server) spoke: off the idle list (no tick wakes it while it is
+    /// busy), and silent from now.
     pub fn spoke(&mut self) {
-        self.idle.remove(&mut self.slot);
+        self.clock.list.remove(&mut self.slot);
+        self.quiet_from_now();
     }
 }
 
-impl Drop for IdleWait<'_> {
+impl Drop for IdleWait {
     fn drop(&mut self) {
-        self.idle.remove(&mut self.slot);
+        self.clock.list.remove(&mut self.slot);
     }
 }
 
 struct Parked<T> {
-    entries: Slab<(T, StdTcpStream)>,
+    entries: Slab<T>,
     /// Shutdown started: nothing is parked any more, every connection goes back to its task.
     closed: bool,
+    /// How many times every parked connection was resumed at once ([`Parker::resume_all`]).
+    epoch: u64,
 }
 
-impl<T: Send + 'static> Parker<T> {
+impl<T: Parkable> Parker<T> {
     /// Starts a parker: its epoll set, the task that watches it (which resumes every parked
     /// connection when shutdown starts; their tasks then see the shutdown) and the sweeper
     /// ticking every `period`. Must be called inside the runtime.
-    pub fn start(resume: Resume<T>, period: Duration, shutdown: Shutdown) -> io::Result<Arc<Self>> {
+    pub fn start(period: Duration, shutdown: Shutdown) -> io::Result<Arc<Self>> {
         let poll = Poll::new()?;
         let parker = Arc::new(Parker {
             registry: poll.registry().try_clone()?,
             parked: Mutex::new(Parked {
                 entries: Slab::new(),
                 closed: false,
+                epoch: 0,
             }),
-            resume,
-            tick: AtomicU64::new(0),
-            idle: WakerList::default(),
-            first_idle: Notify::new(),
+            idle: Arc::default(),
         });
         // SAFETY: `poll` owns its epoll descriptor, which stays open and the same for as
         // long as `poll` lives, and `poll` lives inside the `AsyncFd` until it is dropped.
         let set = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
         tokio::spawn(parker.clone().watch(set, shutdown.clone()));
-        tokio::spawn(parker.clone().sweep(period, shutdown));
+        tokio::spawn(sweep(parker.idle.clone(), period, shutdown));
         Ok(parker)
     }
 
     /// A client's place among the idle ones, for the life of its task.
-    pub fn idle_wait(&self) -> IdleWait<'_> {
+    pub fn idle_wait(&self) -> IdleWait {
         IdleWait {
-            tick: &self.tick,
-            idle: &self.idle,
-            first_idle: &self.first_idle,
+            clock: self.idle.clone(),
             slot: WakerSlot::default(),
-            seen: self.tick.load(Ordering::Relaxed),
+            seen: self.idle.tick.load(Ordering::Relaxed),
         }
     }
 
-    /// Ticks every `period` until shutdown, waking the idle clients (each checks whether it
-    /// has been idle long enough to park). Asleep while no client waits idle.
-    async fn sweep(self: Arc<Self>, period: Duration, mut shutdown: Shutdown) {
-        let mut stop = shutdown.recv();
-        loop {
-            if self.idle.is_empty() {
-                tokio::select! {
-                    () = self.first_idle.notified() => {}
-                    () = &mut stop => return,
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(period) => {}
-                () = &mut stop => return,
-            }
-            self.tick.fetch_add(1, Ordering::Relaxed);
-            self.idle.wake_all();
-        }
+    /// The number of [`Parker::resume_all`] calls so far; see [`Parker::park`].
+    pub fn epoch(&self) -> u64 {
+        crate::lock(&self.parked).epoch
     }
 
-    /// Parks `socket` (taken out of the runtime's reactor already) with `state`. It comes
-    /// back through `resume` as soon as it is readable: bytes from the client, its FIN or a
-    /// reset. Once shutdown started, or if the kernel refuses the registration, it comes back
-    /// at once.
-    pub fn park(&self, state: T, socket: StdTcpStream) {
+    /// Parks `state`, whose sockets are out of the runtime's reactor already. It comes back
+    /// through [`Parkable::resume`] as soon as one of them is readable. It comes back at
+    /// once if shutdown started, if the kernel refuses the registration, or if
+    /// [`Parker::resume_all`] ran since `epoch` was read from [`Parker::epoch`] (a caller
+    /// that reads the epoch before it last looks for a reason to stay awake misses none).
+    pub fn park(&self, state: T, epoch: u64) {
         let mut parked = crate::lock(&self.parked);
-        if parked.closed {
+        if parked.closed || parked.epoch != epoch {
             drop(parked);
-            resume_std(self.resume, state, socket);
+            state.resume();
             return;
         }
-        let fd = socket.as_raw_fd();
-        let key = parked.entries.insert((state, socket));
+        let sockets = state.sockets();
+        let key = parked.entries.insert(state);
         // Registering a socket that is readable already reports it at once (epoll checks
         // readiness when an entry is added), so bytes that arrived while the connection
         // left the reactor are not missed.
-        if let Err(e) = self
-            .registry
-            .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
-        {
-            tracing::warn!(error = %e, "cannot park an idle client; it keeps its task");
-            let (state, socket) = parked.entries.remove(key);
-            drop(parked);
-            resume_std(self.resume, state, socket);
+        for (registered, fd) in sockets.iter().flatten().enumerate() {
+            if let Err(e) =
+                self.registry
+                    .register(&mut SourceFd(fd), Token(key), Interest::READABLE)
+            {
+                tracing::warn!(error = %e, "cannot park an idle client; it keeps its task");
+                for fd in sockets.iter().flatten().take(registered) {
+                    let _ = self.registry.deregister(&mut SourceFd(fd));
+                }
+                let state = parked.entries.remove(key);
+                drop(parked);
+                state.resume();
+                return;
+            }
         }
     }
 
@@ -191,25 +195,39 @@ impl<T: Send + 'static> Parker<T> {
     /// Takes the connection of `key` out of the set and resumes it.
     fn unpark(&self, key: usize) {
         let mut parked = crate::lock(&self.parked);
-        let Some((state, socket)) = parked.entries.try_remove(key) else {
+        // Both sockets of a session may report: the first report resumes it.
+        let Some(state) = parked.entries.try_remove(key) else {
             return;
         };
-        let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
+        self.deregister(&state);
         drop(parked);
-        resume_std(self.resume, state, socket);
+        state.resume();
+    }
+
+    fn deregister(&self, state: &T) {
+        for fd in state.sockets().iter().flatten() {
+            let _ = self.registry.deregister(&mut SourceFd(fd));
+        }
+    }
+
+    /// Resumes every parked connection now (a rotation that may move parked sessions), and
+    /// every one parked with an older epoch when it tries.
+    pub fn resume_all(&self) {
+        let entries = {
+            let mut parked = crate::lock(&self.parked);
+            parked.epoch += 1;
+            std::mem::take(&mut parked.entries)
+        };
+        for (_, state) in entries {
+            self.deregister(&state);
+            state.resume();
+        }
     }
 
     /// Resumes every parked connection and parks no more (shutdown).
     fn close(&self) {
-        let entries = {
-            let mut parked = crate::lock(&self.parked);
-            parked.closed = true;
-            std::mem::take(&mut parked.entries)
-        };
-        for (_, (state, socket)) in entries {
-            let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
-            resume_std(self.resume, state, socket);
-        }
+        crate::lock(&self.parked).closed = true;
+        self.resume_all();
     }
 
     /// Resumes each connection that becomes readable, until shutdown; then resumes them
@@ -256,13 +274,36 @@ impl<T: Send + 'static> Parker<T> {
     }
 }
 
-/// Puts `socket` back in the runtime's reactor and resumes its task; a socket the reactor
-/// refuses is closed (its client sees the connection end, as when a proxy runs out of file
-/// descriptors).
-fn resume_std<T>(resume: Resume<T>, state: T, socket: StdTcpStream) {
+/// Ticks every `period` until shutdown, waking the idle clients (each checks whether it has
+/// been idle long enough to park). Asleep while no client waits idle.
+async fn sweep(clock: Arc<IdleClock>, period: Duration, mut shutdown: Shutdown) {
+    let mut stop = shutdown.recv();
+    loop {
+        if clock.list.is_empty() {
+            tokio::select! {
+                () = clock.first_idle.notified() => {}
+                () = &mut stop => return,
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = &mut stop => return,
+        }
+        clock.tick.fetch_add(1, Ordering::Relaxed);
+        clock.list.wake_all();
+    }
+}
+
+/// Puts a parked socket back in the runtime's reactor; a socket the reactor refuses is
+/// closed by the caller dropping it (its client sees the connection end, as when a proxy runs
+/// out of file descriptors).
+pub fn to_runtime(socket: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
     match tokio::net::TcpStream::from_std(socket) {
-        Ok(socket) => resume(state, socket),
-        Err(e) => tracing::warn!(error = %e, "cannot resume a parked client; closing it"),
+        Ok(socket) => Some(socket),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot resume a parked client; closing it");
+            None
+        }
     }
 }
 
@@ -270,14 +311,27 @@ fn resume_std<T>(resume: Resume<T>, state: T, socket: StdTcpStream) {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::net::TcpStream as StdTcpStream;
+    use std::os::fd::AsRawFd;
     use tokio::io::AsyncReadExt;
     use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-    /// A parked test connection: its number and where to report its resumption.
-    type Tag = (u32, UnboundedSender<(u32, tokio::net::TcpStream)>);
+    /// A parked test connection: its number, its socket and where to report its resumption.
+    struct Tag(
+        u32,
+        UnboundedSender<(u32, tokio::net::TcpStream)>,
+        StdTcpStream,
+    );
 
-    fn report(tag: Tag, socket: tokio::net::TcpStream) {
-        let _ = tag.1.send((tag.0, socket));
+    impl Parkable for Tag {
+        fn sockets(&self) -> [Option<RawFd>; 2] {
+            [Some(self.2.as_raw_fd()), None]
+        }
+
+        fn resume(self) {
+            let socket = to_runtime(self.2).unwrap();
+            let _ = self.1.send((self.0, socket));
+        }
     }
 
     /// A connected pair: the client end (blocking) and the proxy end, non-blocking as the
@@ -310,7 +364,7 @@ mod tests {
     fn setup(shutdown: Shutdown) -> Setup {
         let (tx, rx) = unbounded_channel();
         Setup {
-            parker: Parker::start(report, Duration::from_secs(3600), shutdown).unwrap(),
+            parker: Parker::start(Duration::from_secs(3600), shutdown).unwrap(),
             tx,
             rx,
             listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
@@ -328,8 +382,8 @@ mod tests {
         } = setup(shutdown);
         let (mut quiet_client, quiet) = pair(&listener);
         let (mut client, server) = pair(&listener);
-        parker.park((1, tx.clone()), quiet);
-        parker.park((2, tx.clone()), server);
+        parker.park(Tag(1, tx.clone(), quiet), parker.epoch());
+        parker.park(Tag(2, tx.clone(), server), parker.epoch());
         assert_eq!(parker.len(), 2);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(rx.try_recv().is_err(), "resumed with nothing to read");
@@ -345,14 +399,20 @@ mod tests {
         // Parked again with bytes already waiting: back at once.
         client.write_all(b"again").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        parker.park((3, tx.clone()), socket.into_std().unwrap());
+        parker.park(
+            Tag(3, tx.clone(), socket.into_std().unwrap()),
+            parker.epoch(),
+        );
         let (id, mut socket) = resumed(&mut rx).await;
         assert_eq!(id, 3);
         socket.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"again");
 
         // A hang-up is readable too: the task resumes and reads the end.
-        parker.park((4, tx.clone()), socket.into_std().unwrap());
+        parker.park(
+            Tag(4, tx.clone(), socket.into_std().unwrap()),
+            parker.epoch(),
+        );
         drop(client);
         let (id, mut socket) = resumed(&mut rx).await;
         assert_eq!(id, 4);
@@ -376,7 +436,7 @@ mod tests {
         for id in 0..3 {
             let (client, server) = pair(&listener);
             clients.push(client);
-            parker.park((id, tx.clone()), server);
+            parker.park(Tag(id, tx.clone(), server), parker.epoch());
         }
         assert_eq!(parker.len(), 3);
         trigger.trigger();
@@ -388,16 +448,94 @@ mod tests {
         assert_eq!(ids, [0, 1, 2]);
         assert!(parker.is_empty());
         let (_client, server) = pair(&listener);
-        parker.park((9, tx.clone()), server);
+        parker.park(Tag(9, tx.clone(), server), parker.epoch());
         assert_eq!(resumed(&mut rx).await.0, 9, "parked after shutdown");
         assert!(parker.is_empty());
+    }
+
+    /// A parked pair (a session's client and server sockets) under one entry.
+    struct Pair(u32, UnboundedSender<u32>, StdTcpStream, StdTcpStream);
+
+    impl Parkable for Pair {
+        fn sockets(&self) -> [Option<RawFd>; 2] {
+            [Some(self.2.as_raw_fd()), Some(self.3.as_raw_fd())]
+        }
+
+        fn resume(self) {
+            let _ = self.1.send(self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn either_socket_of_a_pair_resumes_it_once() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let parker = Parker::<Pair>::start(Duration::from_secs(3600), shutdown).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, mut rx) = unbounded_channel();
+        let (_client_a, proxy_a) = pair(&listener);
+        let (mut server_a, proxy_sa) = pair(&listener);
+        let (mut client_b, proxy_b) = pair(&listener);
+        let (mut server_b, proxy_sb) = pair(&listener);
+        parker.park(Pair(1, tx.clone(), proxy_a, proxy_sa), parker.epoch());
+        parker.park(Pair(2, tx.clone(), proxy_b, proxy_sb), parker.epoch());
+        // The server side speaks first (a notification): the pair comes back.
+        server_a.write_all(b"A").unwrap();
+        let id = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(id.unwrap(), Some(1));
+        // Both sides of the other pair at once: resumed once.
+        client_b.write_all(b"q").unwrap();
+        server_b.write_all(b"n").unwrap();
+        let id = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(id.unwrap(), Some(2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_err(), "a pair was resumed twice");
+        assert!(parker.is_empty());
+    }
+
+    #[tokio::test]
+    async fn resume_all_resumes_everyone_and_a_park_from_before_it_comes_back_at_once() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let Setup {
+            parker,
+            tx,
+            mut rx,
+            listener,
+        } = setup(shutdown);
+        let mut clients = Vec::new();
+        for id in 0..3 {
+            let (client, server) = pair(&listener);
+            clients.push(client);
+            parker.park(Tag(id, tx.clone(), server), parker.epoch());
+        }
+        // Read before a rotation that a session has not seen yet.
+        let stale = parker.epoch();
+        parker.resume_all();
+        let mut ids: Vec<u32> = Vec::new();
+        for _ in 0..3 {
+            ids.push(resumed(&mut rx).await.0);
+        }
+        ids.sort();
+        assert_eq!(ids, [0, 1, 2]);
+        let (_client, server) = pair(&listener);
+        parker.park(Tag(7, tx.clone(), server), stale);
+        assert_eq!(
+            resumed(&mut rx).await.0,
+            7,
+            "parked with an epoch from before resume_all"
+        );
+        // With the current epoch it stays, and parking goes on as before.
+        let (_client, server) = pair(&listener);
+        parker.park(Tag(8, tx.clone(), server), parker.epoch());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_err());
+        assert_eq!(parker.len(), 1);
     }
 
     #[tokio::test]
     async fn an_idle_client_parks_after_two_ticks_and_the_sweeper_sleeps_without_one() {
         let (_trigger, shutdown) = Shutdown::new();
         let period = Duration::from_millis(20);
-        let parker = Parker::<Tag>::start(report, period, shutdown).unwrap();
+        let parker = Parker::<Tag>::start(period, shutdown).unwrap();
         let mut wait = parker.idle_wait();
         let started = std::time::Instant::now();
         let park = std::future::poll_fn(|cx| {
@@ -423,8 +561,8 @@ mod tests {
         drop(wait);
         // Nobody idle: the sweeper stops ticking (after the tick it was waiting for).
         tokio::time::sleep(10 * period).await;
-        let tick = parker.tick.load(Ordering::Relaxed);
+        let tick = parker.idle.tick.load(Ordering::Relaxed);
         tokio::time::sleep(5 * period).await;
-        assert_eq!(parker.tick.load(Ordering::Relaxed), tick);
+        assert_eq!(parker.idle.tick.load(Ordering::Relaxed), tick);
     }
 }

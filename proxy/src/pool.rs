@@ -65,20 +65,21 @@ const WELCOME_CACHE: usize = 16;
 /// shared; a set no client uses any more is forgotten when room is needed).
 const INTERNED_PARAMS: usize = 64;
 
-/// See [`Pool::slot_guard`].
-pub struct SlotGuard<'a> {
-    pool: &'a Pool,
+/// See [`Pool::slot_guard`]: borrows its pool, or owns a reference to it (a session's, which
+/// may outlive its task while parked).
+pub struct SlotGuard<P: std::ops::Deref<Target = Pool> = Arc<Pool>> {
+    pool: P,
     armed: bool,
 }
 
-impl SlotGuard<'_> {
+impl<P: std::ops::Deref<Target = Pool>> SlotGuard<P> {
     /// The slot is accounted for elsewhere now (returned by `release`).
     pub fn disarm(mut self) {
         self.armed = false;
     }
 }
 
-impl Drop for SlotGuard<'_> {
+impl<P: std::ops::Deref<Target = Pool>> Drop for SlotGuard<P> {
     fn drop(&mut self) {
         if self.armed {
             self.pool.slot_freed();
@@ -526,9 +527,17 @@ impl Pool {
 
     /// A guard that gives one slot back when dropped, unless disarmed: a session that
     /// panics or is cancelled must not leak its place in the pool.
-    pub fn slot_guard(&self) -> SlotGuard<'_> {
+    pub fn slot_guard(&self) -> SlotGuard<&Pool> {
         SlotGuard {
             pool: self,
+            armed: true,
+        }
+    }
+
+    /// [`Pool::slot_guard`] owning a reference to the pool.
+    pub fn owned_slot_guard(self: &Arc<Self>) -> SlotGuard {
+        SlotGuard {
+            pool: self.clone(),
             armed: true,
         }
     }

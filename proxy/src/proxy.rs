@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::migrate::MoveSignal;
+use crate::park::IdleWait;
 use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
 use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
 use crate::stats::{HotStats, hot};
@@ -41,6 +42,9 @@ pub enum SessionEnd {
     SafePoint,
     /// The migration deadline passed; the server-to-client stream is between messages.
     Deadline,
+    /// Silent on both sides for `--client-park-after-ms` at a safe point (and no move
+    /// wanted): the session may wait out of the runtime.
+    Park,
 }
 
 /// What both directions of one session know about the server's state. Only the session's
@@ -120,7 +124,7 @@ impl SessionState {
         client_walker: &MessageWalker,
         server_walker: &MessageWalker,
     ) -> bool {
-        if *end == SessionEnd::SafePoint {
+        if matches!(end, SessionEnd::SafePoint | SessionEnd::Park) {
             return true;
         }
         if *end == SessionEnd::Deadline {
@@ -213,6 +217,7 @@ pub fn run_session<'a, C, S>(
     max_client_message: usize,
     initial: &[u8],
     signal: Option<&'a mut MoveSignal>,
+    idle: Option<&'a mut IdleWait>,
 ) -> Pump<'a, C, S>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
@@ -231,6 +236,7 @@ where
         client_done: false,
         early_end: None,
         stop: signal,
+        idle,
         drain: None,
     };
     if !initial.is_empty() {
@@ -283,6 +289,8 @@ pub struct Pump<'a, C, S> {
     /// The bytes behind the startup packet were not a valid message stream.
     early_end: Option<SessionEnd>,
     stop: Option<&'a mut MoveSignal>,
+    /// The session's place among the idle ones, when it may be parked.
+    idle: Option<&'a mut IdleWait>,
     /// After Terminate, replies still owed are delivered until this fires.
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -380,6 +388,29 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Bytes came from either side: the session is not idle.
+    fn spoke(&mut self) {
+        if let Some(idle) = self.idle.as_deref_mut() {
+            idle.spoke();
+        }
+    }
+
+    /// Both sides wait: whether the session has been silent long enough to park. Only at a
+    /// safe point (the server idle outside a transaction, nothing in flight or unwritten),
+    /// and not while a rotation wants the session moved (the move signal's state would not
+    /// survive the parking).
+    fn poll_park(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(idle) = self.idle.as_deref_mut() else {
+            return false;
+        };
+        !self.client_done
+            && self.to_server.bytes.is_empty()
+            && self.to_client.bytes.is_empty()
+            && self.state.at_safe_point()
+            && self.stop.as_ref().is_none_or(|s| !s.wanted())
+            && idle.poll_park(cx)
+    }
+
     fn client_end(&self) -> SessionEnd {
         match self.verdict {
             ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
@@ -422,6 +453,7 @@ where
                         .client_partial
                         .store(!self.client_walker.at_boundary(), Relaxed);
                     self.client_done = stop;
+                    self.spoke();
                 }
                 Poll::Ready(Ok(None) | Err(Failure::Read)) => {
                     return Poll::Ready(SessionEnd::ClientGone);
@@ -471,10 +503,12 @@ where
             );
             match read {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Some(_))) => self
-                    .state
-                    .server_partial
-                    .store(!self.server_walker.at_boundary(), Relaxed),
+                Poll::Ready(Ok(Some(_))) => {
+                    self.state
+                        .server_partial
+                        .store(!self.server_walker.at_boundary(), Relaxed);
+                    self.spoke();
+                }
                 Poll::Ready(Ok(None) | Err(Failure::Read | Failure::Invalid(_))) => {
                     return Poll::Ready(SessionEnd::ServerGone);
                 }
@@ -525,7 +559,13 @@ where
         if let Poll::Ready(end) = self.poll_server(cx) {
             return Poll::Ready(end);
         }
-        self.poll_stop(cx)
+        if let Poll::Ready(end) = self.poll_stop(cx) {
+            return Poll::Ready(end);
+        }
+        if self.poll_park(cx) {
+            return Poll::Ready(SessionEnd::Park);
+        }
+        Poll::Pending
     }
 }
 

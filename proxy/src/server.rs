@@ -671,12 +671,13 @@ impl ServerConnection {
                 let mut probe = [0u8; 1];
                 matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
-            PgStream::Tls(_) => {
+            PgStream::Tls(tls) => {
                 let mut probe = [0u8; 1];
                 let mut buf = tokio::io::ReadBuf::new(&mut probe);
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                self.stream.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+                tls.get_ref().0.poll_peek(&mut cx, &mut buf).is_pending()
             }
+            PgStream::Detached => false,
         }
     }
 
@@ -698,6 +699,7 @@ impl ServerConnection {
                     });
                 }
             }
+            PgStream::Detached => {}
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::config::{PoolMode, RunArgs};
 use crate::credentials::{Credentials, run_watcher};
 use crate::error::{ProxyError, Result};
 use crate::listener::{ClientCounter, accept_loop, bind_all, resolve};
+use crate::migrate::MigratePolicy;
 use crate::ops::{Readiness, serve as serve_ops};
 use crate::pool::{Pool, PoolConfig};
 use crate::shutdown::Shutdown;
@@ -147,31 +148,28 @@ pub async fn run(
         migration_timeout: Duration::from_secs(args.migration_timeout),
         max_prepared_statements: args.max_prepared_statements,
         known_statements: Default::default(),
-        parker: match (args.pool_mode, args.client_park_after_ms) {
-            (PoolMode::Transaction, 1..) => {
-                let parker = crate::park::Parker::start(
-                    crate::client::resume_parked,
-                    Duration::from_millis(args.client_park_after_ms),
-                    shutdown.clone(),
-                )
-                .map_err(|e| {
-                    ProxyError::Config(format!(
-                        "cannot start the parker for idle clients: {e}; start dbproxy without --client-park-after-ms to run without parking"
-                    ))
-                })?;
+        parker: match args.client_park_after_ms {
+            0 => None,
+            ms => {
+                let parker = crate::park::Parker::start(Duration::from_millis(ms), shutdown.clone())
+                    .map_err(|e| {
+                        ProxyError::Config(format!(
+                            "cannot start the parker for idle clients: {e}; start dbproxy without --client-park-after-ms to run without parking"
+                        ))
+                    })?;
                 let counted = Arc::downgrade(&parker);
                 let _ = stats
                     .parked_clients
                     .set(Box::new(move || counted.upgrade().map_or(0, |p| p.len())));
+                if args.pool_mode == PoolMode::Session && args.migrate != MigratePolicy::Never {
+                    tokio::spawn(resume_parked_on_rotation(
+                        credentials.clone(),
+                        parker.clone(),
+                        shutdown.clone(),
+                    ));
+                }
                 Some(parker)
             }
-            (PoolMode::Session, 1..) => {
-                tracing::warn!(
-                    "--client-park-after-ms applies to --pool-mode transaction only; session-mode clients are not parked"
-                );
-                None
-            }
-            _ => None,
         },
     });
     let counter = ClientCounter::new();
@@ -211,4 +209,26 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), ops).await;
     tracing::info!("dbproxy stopped");
     Ok(())
+}
+
+/// Session mode with `--migrate`: a parked session has no task to notice a rotation, so each
+/// rotation resumes them all; those the rotation moves, move, and the others park again
+/// after `--client-park-after-ms`.
+async fn resume_parked_on_rotation(
+    credentials: Arc<Credentials>,
+    parker: Arc<crate::park::Parker<crate::client::ParkedClient>>,
+    mut shutdown: Shutdown,
+) {
+    let mut rotations = credentials.subscribe();
+    loop {
+        tokio::select! {
+            changed = rotations.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                parker.resume_all();
+            }
+            () = shutdown.recv() => return,
+        }
+    }
 }

@@ -675,3 +675,26 @@ async fn tls_clients_are_not_parked() -> anyhow::Result<()> {
     assert_eq!(whoami(&plain).await?.0, "app_a");
     Ok(())
 }
+
+/// A session-mode session parks only with plaintext on both sides: over TLS to the server
+/// (`sslmode=require`) the server's socket lives inside its TLS stream, so even a plaintext
+/// client's session stays in its task, idle or not. (Sessions that do park: e2e_park.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_tls_to_the_server_are_not_parked() -> anyhow::Result<()> {
+    let c = tls_cluster("tls-park-session", ServerCert::Valid).await?;
+    let flags = ["--client-park-after-ms", "20"];
+    let (_s, builder) = proxy_for(&c.app, &dsn_with(&c.app, "sslmode=require"), &flags)?;
+    let proxy = builder.start()?;
+    let plain = proxy.connect().await?;
+    plain.simple_query("SELECT 1").await?;
+    // Many park periods later, nothing is parked, and the session works.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = scrape(&proxy)?;
+    assert_eq!(
+        metric(&text, "dbproxy_clients_parked", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(whoami(&plain).await?.0, "app_a");
+    Ok(())
+}

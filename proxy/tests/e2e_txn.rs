@@ -1944,18 +1944,6 @@ async fn set_role_follows_its_client_only() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until /metrics says exactly `n` clients are parked.
-async fn wait_parked(proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
-    wait_for_metrics(
-        proxy,
-        &format!("{n} parked clients"),
-        Duration::from_secs(10),
-        |text| metric_or_zero(text, "dbproxy_clients_parked", &[]) == n as f64,
-    )
-    .await?;
-    Ok(())
-}
-
 /// `--client-park-after-ms`: idle clients leave the runtime and come back when they speak,
 /// with their session intact (a setting, a protocol-level prepared statement); a parked
 /// client that hangs up is forgotten at once; SIGTERM ends parked clients without waiting

@@ -23,6 +23,9 @@ pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 pub enum PgStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// The plaintext socket was taken out ([`PgStream::detach`]) to wait outside the
+    /// runtime; every read and write fails with `NotConnected` until it is put back.
+    Detached,
 }
 
 impl PgStream {
@@ -36,7 +39,7 @@ impl PgStream {
     /// has no defined hash (EdDSA, RSASSA-PSS; PostgreSQL cannot bind those either).
     pub fn tls_server_end_point(&self) -> Option<Vec<u8>> {
         match self {
-            PgStream::Plain(_) => None,
+            PgStream::Plain(_) | PgStream::Detached => None,
             PgStream::Tls(tls) => {
                 let leaf = tls.get_ref().1.peer_certificates()?.first()?;
                 tls_server_end_point(leaf)
@@ -44,13 +47,39 @@ impl PgStream {
         }
     }
 
-    /// The underlying TCP connection (for socket options and addresses).
-    pub fn tcp(&self) -> &TcpStream {
+    /// The underlying TCP connection (for socket options and addresses); none while
+    /// detached.
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            PgStream::Plain(tcp) => tcp,
-            PgStream::Tls(tls) => tls.get_ref().0,
+            PgStream::Plain(tcp) => Some(tcp),
+            PgStream::Tls(tls) => Some(tls.get_ref().0),
+            PgStream::Detached => None,
         }
     }
+
+    /// Takes a plaintext connection's socket out, leaving [`PgStream::Detached`]; a TLS
+    /// stream (whose socket lives inside its TLS state) is left as it is.
+    pub fn detach(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, PgStream::Detached) {
+            PgStream::Plain(tcp) => Some(tcp),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// Puts back a socket taken out by [`PgStream::detach`].
+    pub fn attach(&mut self, tcp: TcpStream) {
+        *self = PgStream::Plain(tcp);
+    }
+}
+
+fn detached() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the connection's socket is detached",
+    )
 }
 
 impl AsyncRead for PgStream {
@@ -62,6 +91,7 @@ impl AsyncRead for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            PgStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }
@@ -75,6 +105,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            PgStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
@@ -86,6 +117,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            PgStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
@@ -93,6 +125,7 @@ impl AsyncWrite for PgStream {
         match self {
             PgStream::Plain(s) => s.is_write_vectored(),
             PgStream::Tls(s) => s.is_write_vectored(),
+            PgStream::Detached => false,
         }
     }
 
@@ -100,6 +133,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_flush(cx),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            PgStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
@@ -107,6 +141,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            PgStream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }

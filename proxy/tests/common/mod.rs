@@ -923,6 +923,18 @@ pub async fn wait_for_metrics(
     }
 }
 
+/// Waits until `dbproxy_clients_parked` is `n` (`--client-park-after-ms`).
+pub async fn wait_parked(proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
+    wait_for_metrics(
+        proxy,
+        &format!("{n} parked clients"),
+        Duration::from_secs(10),
+        |text| metric_or_zero(text, "dbproxy_clients_parked", &[]) == n as f64,
+    )
+    .await?;
+    Ok(())
+}
+
 /// An admin console session (database `pgbouncer` or `dbproxy`) through the first listener.
 pub async fn admin_connect(port: u16, dbname: &str) -> Result<Client, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();

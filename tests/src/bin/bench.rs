@@ -558,7 +558,7 @@ async fn run(args: &Args, redactor: &Redactor) -> anyhow::Result<()> {
     if plan.idle_clients > 0 {
         for spec in specs.iter().filter(|s| s.kind != TargetKind::Direct) {
             let mut variants: Vec<&[&str]> = vec![&[]];
-            if spec.kind == TargetKind::Dbproxy && spec.pool_mode == Some(PoolMode::Transaction) {
+            if spec.kind == TargetKind::Dbproxy {
                 variants.push(&PARKING);
             }
             for extra in variants {
@@ -1092,8 +1092,8 @@ async fn wait_backends_gone(env: &BenchEnv) {
     }
 }
 
-/// The memory test runs dbproxy in transaction mode a second time with idle clients parked
-/// after this much silence (off by default).
+/// The memory test runs dbproxy (plaintext to the server, each pool mode) a second time with
+/// idle clients parked after this much silence (off by default).
 const PARKING: [&str; 2] = ["--client-park-after-ms", "20"];
 
 /// RSS of a fresh proxy with no clients and with `n` logged-in idle clients.
@@ -1349,9 +1349,9 @@ fn render_report(
              idle after one `SELECT 1`. In session mode each idle client holds a server \
              connection (so the pool size and PostgreSQL's max_connections are raised to \
              fit); in transaction mode it holds none. The per-client figure is the \
-             difference divided by the number of clients. The row with \
-             `--client-park-after-ms` (off by default) parks idle transaction-mode clients: \
-             their sockets leave the runtime until they speak again."
+             difference divided by the number of clients. The rows with \
+             `--client-park-after-ms` (off by default) park idle clients: their sockets (a \
+             session's server socket too) leave the runtime until either side speaks again."
         );
     }
     s

@@ -1,0 +1,236 @@
+//! End-to-end: parking idle session-mode clients (`--client-park-after-ms`, default pool
+//! mode) through the real `dbproxy` binary and a real PostgreSQL. A parked session's client
+//! and server sockets both wait outside the runtime; either side speaking resumes it on the
+//! same backend. (Transaction-mode parking is tested in e2e_txn.rs, TLS clients in
+//! e2e_tls.rs.)
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use common::*;
+use tokio_postgres::Client;
+
+/// The parking delay the tests run with.
+const PARK_MS: &str = "50";
+
+async fn backend_pid(client: &Client) -> anyhow::Result<i32> {
+    let row = tokio::time::timeout(
+        CLIENT_OP_TIMEOUT,
+        client.query_one("SELECT pg_backend_pid()", &[]),
+    )
+    .await
+    .context("a parked session's query did not come back")??;
+    Ok(row.get(0))
+}
+
+/// Sessions park once idle and come back on the same backend with everything a backend
+/// keeps (a setting, a temporary table, a protocol prepared statement); a NOTIFY reaches a
+/// parked LISTEN session without it sending anything; a parked client that hangs up gives its
+/// server back to the pool; a backend terminated while its session is parked ends that
+/// client's connection with the server's error at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--client-park-after-ms", PARK_MS])
+        .start()?;
+    let mut clients = Vec::new();
+    for k in 0..3 {
+        let client =
+            connect_observed(&proxy_config(proxy.port(), "any", &format!("park{k}"))).await?;
+        let c = &client.client;
+        c.batch_execute(&format!(
+            "SET work_mem = '{}MB'; CREATE TEMP TABLE mine AS SELECT {k} AS k",
+            10 + k
+        ))
+        .await?;
+        let statement = c.prepare("SELECT k + $1::int FROM mine").await?;
+        let pid = backend_pid(c).await?;
+        clients.push((client, statement, pid));
+    }
+    clients[0]
+        .0
+        .client
+        .batch_execute("LISTEN parked_channel")
+        .await?;
+    wait_parked(&proxy, 3).await?;
+
+    for round in 0..2 {
+        for (k, (client, statement, pid)) in clients.iter().enumerate() {
+            let c = &client.client;
+            let v: i32 = tokio::time::timeout(CLIENT_OP_TIMEOUT, c.query_one(statement, &[&100]))
+                .await
+                .context("a parked session's query did not come back")??
+                .get(0);
+            ensure!(v == 100 + k as i32, "round {round}: session {k} got {v}");
+            ensure!(
+                backend_pid(c).await? == *pid,
+                "round {round}: session {k} came back on another backend"
+            );
+            let work_mem = c.query_one("SHOW work_mem", &[]).await?.get::<_, String>(0);
+            ensure!(
+                work_mem == format!("{}MB", 10 + k),
+                "round {round}: session {k}: {work_mem}"
+            );
+        }
+        wait_parked(&proxy, 3).await?;
+    }
+
+    // The server speaks first: a notification wakes the parked LISTEN session.
+    let direct = db.admin().await?;
+    direct
+        .batch_execute("NOTIFY parked_channel, 'while parked'")
+        .await?;
+    let listener = &mut clients[0].0;
+    let payload = listener
+        .next_notification("parked_channel", Duration::from_secs(10))
+        .await;
+    ensure!(
+        payload.as_deref() == Some("while parked"),
+        "a parked LISTEN session did not get its notification: {payload:?}"
+    );
+    wait_parked(&proxy, 3).await?;
+
+    // A parked client hangs up: its session ends and its server goes back to the pool.
+    let idle_servers = |text: &str| {
+        metric_or_zero(
+            text,
+            "dbproxy_server_connections_by_state",
+            &[("state", "idle")],
+        )
+    };
+    let before = idle_servers(&scrape(&proxy)?);
+    let (gone, _, _) = clients.pop().context("three clients")?;
+    drop(gone);
+    wait_parked(&proxy, 2).await?;
+    wait_for_metrics(
+        &proxy,
+        "the hung-up session's server back in the pool",
+        Duration::from_secs(10),
+        |text| {
+            idle_servers(text) == before + 1.0
+                && metric_or_zero(text, "dbproxy_clients", &[]) == 2.0
+        },
+    )
+    .await?;
+
+    // The backend of a parked session is terminated: the client hears it at once.
+    let (victim, _, victim_pid) = &clients[1];
+    let since = Instant::now();
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[victim_pid])
+        .await?;
+    let end = victim
+        .wait_ended(Duration::from_secs(10))
+        .await
+        .context("the client of a terminated parked session never saw its connection end")?;
+    ensure!(
+        end.code.as_deref() == Some("57P01"),
+        "a terminated parked session should end with the server's 57P01, got {end:?}"
+    );
+    println!(
+        "terminated parked session ended {:?} after the kill",
+        end.at - since
+    );
+    wait_parked(&proxy, 1).await?;
+    // The one left is untouched.
+    let (survivor, statement, _) = &clients[0];
+    let v: i32 = survivor.client.query_one(statement, &[&1]).await?.get(0);
+    ensure!(v == 1, "the surviving session got {v}");
+    Ok(())
+}
+
+/// A rotation to another host moves parked sessions too (with `--migrate changed`, the
+/// default): the parker resumes them, they move at once, then park again on the new cluster.
+/// Watched from the clusters' pg_stat_activity; no client sends anything until they moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parked_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
+    const CLIENTS: usize = 3;
+    const COUNT: &str =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'parkmove%'";
+    let a = AppCluster::start("one").await?;
+    let b = AppCluster::start("two").await?;
+    let b_port = i32::from(b.cluster.port());
+    let secret = uri_secret(&a.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--client-park-after-ms", PARK_MS])
+        .start()?;
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let client =
+            connect_with(&proxy_config(proxy.port(), "any", &format!("parkmove{k}"))).await?;
+        client
+            .batch_execute(&format!("SET work_mem = '{}MB'", 20 + k))
+            .await?;
+        clients.push(client);
+    }
+    wait_parked(&proxy, CLIENTS).await?;
+    let (admin_a, admin_b) = (a.admin().await?, b.admin().await?);
+    let since = write_uri(&secret, &b.uri("app_a"))?;
+    let moved = loop {
+        let on_a: i64 = admin_a.query_one(COUNT, &[]).await?.get(0);
+        let on_b: i64 = admin_b.query_one(COUNT, &[]).await?.get(0);
+        if on_a == 0 && on_b == CLIENTS as i64 {
+            break since.elapsed();
+        }
+        ensure!(
+            since.elapsed() < Duration::from_secs(30),
+            "parked sessions did not move: {on_a} backend(s) on the old cluster, {on_b} on the \
+             new one {:?} after the rotation",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("{CLIENTS} parked sessions moved {moved:?} after the Secret write");
+    wait_parked(&proxy, CLIENTS).await?;
+    for (k, client) in clients.iter().enumerate() {
+        ensure!(
+            server_port(client).await? == b_port,
+            "session {k} is not on the new cluster"
+        );
+        let work_mem = client
+            .query_one("SHOW work_mem", &[])
+            .await?
+            .get::<_, String>(0);
+        ensure!(
+            work_mem == format!("{}MB", 20 + k),
+            "session {k} lost its setting: {work_mem}"
+        );
+    }
+    Ok(())
+}
+
+/// SIGTERM with parked sessions: they are resumed and treated like any open session (the
+/// proxy exits 0 once `--shutdown-timeout` is over), and their connections end with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_resumes_parked_sessions_and_exits() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let mut proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--client-park-after-ms", PARK_MS])
+        .args(["--shutdown-delay", "0", "--shutdown-timeout", "2"])
+        .start()?;
+    let mut clients = Vec::new();
+    for k in 0..2 {
+        clients.push(
+            connect_observed(&proxy_config(proxy.port(), "any", &format!("parkterm{k}"))).await?,
+        );
+    }
+    wait_parked(&proxy, 2).await?;
+    let (status, took) = proxy.sigterm_and_wait(Duration::from_secs(20))?;
+    ensure!(
+        status.success(),
+        "dbproxy exited with {status} after SIGTERM"
+    );
+    println!("dbproxy with 2 parked sessions exited {took:?} after SIGTERM");
+    for (k, client) in clients.iter().enumerate() {
+        ensure!(
+            client.wait_ended(Duration::from_secs(10)).await.is_some(),
+            "parked session {k} outlived the proxy"
+        );
+    }
+    Ok(())
+}
