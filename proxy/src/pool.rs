@@ -102,6 +102,10 @@ fn since_epoch_ns(t: Instant) -> u64 {
     .unwrap_or(u64::MAX - 1)
 }
 
+/// How long a server connection sits idle in the pool before the janitor drops its
+/// transaction-mode round buffers.
+const BUFFERS_IDLE: Duration = Duration::from_secs(1);
+
 /// How many times a client's login retries after the Secret rotated under it.
 const MAX_ROTATION_RETRIES: usize = 3;
 
@@ -608,9 +612,17 @@ impl Pool {
                     || !s.is_alive();
                 if stale {
                     closed.push(state.idle.swap_remove(i));
-                } else {
-                    i += 1;
+                    continue;
                 }
+                // Transaction mode: a connection idle for a while gives back its round
+                // buffers (a pool that was busy once keeps no 9 kB per connection).
+                let s = &mut state.idle[i];
+                if s.idle_since.elapsed() >= BUFFERS_IDLE
+                    && let Some(txn) = s.txn.as_mut()
+                {
+                    txn.drop_idle_buffers();
+                }
+                i += 1;
             }
             state.open = state.open.saturating_sub(closed.len());
             self.stats.server_connections.set(state.open);

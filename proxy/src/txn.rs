@@ -45,9 +45,23 @@ pub struct ServerSession {
     /// SQL prepared statements: name and PREPARE statement.
     pub sql_prepared: Vec<(String, String)>,
     tick: u64,
-    /// The rounds' buffers, kept with the connection: there are only pool-size many, and
-    /// allocating them per transaction was a measurable part of its cost.
+    /// The rounds' buffers, kept with the connection while it is in use: allocating them per
+    /// transaction was a measurable part of its cost. The pool's janitor drops them once the
+    /// connection has been idle for a while ([`ServerSession::drop_idle_buffers`]).
     bufs: RoundBuffers,
+}
+
+impl ServerSession {
+    /// Drops the round buffers (about 9 kB once a round has read a reply) of a connection
+    /// idle in the pool; the next round allocates them again. Returns whether there were any.
+    pub fn drop_idle_buffers(&mut self) -> bool {
+        let held = self.bufs.from_server.capacity()
+            + self.bufs.to_client.capacity()
+            + self.bufs.to_server.capacity()
+            + self.bufs.queue.capacity();
+        self.bufs = RoundBuffers::default();
+        held > 0
+    }
 }
 
 /// Buffers a round works in; empty between rounds (a round that leaves bytes in them ends
@@ -1249,6 +1263,27 @@ fn deallocate_target(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_connection_gives_back_its_round_buffers() {
+        let mut session = ServerSession::default();
+        assert!(
+            !session.drop_idle_buffers(),
+            "nothing held before any round"
+        );
+        // What a round leaves: a read buffer sized for replies, small write buffers.
+        session.bufs.from_server.reserve(8 * 1024);
+        session.bufs.to_client.extend_from_slice(b"reply");
+        session.bufs.recycle();
+        assert!(
+            session.bufs.from_server.capacity() >= 8 * 1024,
+            "kept between rounds"
+        );
+        assert!(session.drop_idle_buffers());
+        assert_eq!(session.bufs.from_server.capacity(), 0);
+        assert_eq!(session.bufs.to_client.capacity(), 0);
+        assert!(!session.drop_idle_buffers());
+    }
 
     #[test]
     fn deallocate_targets() {
