@@ -80,6 +80,17 @@ enum ParkedKind {
     Session(Box<SessClient>, StdTcpStream),
 }
 
+impl ParkedClient {
+    /// Whether generation `g` moves this client's session under `policy` (a parked
+    /// transaction-mode client holds no server: never).
+    pub fn moved_by(&self, policy: MigratePolicy, g: &crate::credentials::Generation) -> bool {
+        match &self.kind {
+            ParkedKind::Transaction(_) => false,
+            ParkedKind::Session(st, _) => policy.moves(st.server.generation, &st.server.target, g),
+        }
+    }
+}
+
 impl crate::park::Parkable for ParkedClient {
     fn sockets(&self) -> [Option<RawFd>; 2] {
         let server = match &self.kind {

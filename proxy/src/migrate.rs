@@ -38,6 +38,21 @@ pub enum MigratePolicy {
     Never,
 }
 
+impl MigratePolicy {
+    /// Whether generation `g` moves a session on a server of generation `server_generation`
+    /// opened for `server_target` (`user@hosts/db`).
+    pub fn moves(self, server_generation: u64, server_target: &str, g: &Generation) -> bool {
+        if g.number <= server_generation {
+            return false;
+        }
+        match self {
+            MigratePolicy::Never => false,
+            MigratePolicy::Always => true,
+            MigratePolicy::Changed => crate::credentials::describe_dsn(&g.dsn) != server_target,
+        }
+    }
+}
+
 /// How often a pinned session is asked again whether it still holds unmovable state.
 const RECHECK: Duration = Duration::from_secs(1);
 
@@ -157,17 +172,10 @@ impl MoveSignal {
     }
 
     fn requires_move(&self, generation: &Option<Arc<Generation>>) -> bool {
-        let Some(g) = generation else { return false };
-        if g.number <= self.server_generation {
-            return false;
-        }
-        match self.policy {
-            MigratePolicy::Never => false,
-            MigratePolicy::Always => true,
-            MigratePolicy::Changed => {
-                *crate::credentials::describe_dsn(&g.dsn) != *self.server_target
-            }
-        }
+        generation.as_ref().is_some_and(|g| {
+            self.policy
+                .moves(self.server_generation, &self.server_target, g)
+        })
     }
 
     /// Ready when the loop should stop: first at the rotation that asks for a move
@@ -528,6 +536,31 @@ mod tests {
         assert!(deadline_reached(force, true, false), "past the grace");
         assert!(!deadline_reached(force, true, true), "mid-message");
         assert!(!deadline_reached(StopKind::SafePoint.level(), false, false));
+    }
+
+    #[test]
+    fn which_rotations_move_a_session() {
+        let generation = |number, dsn: &str| {
+            let dsn = dbcred::Dsn::parse(dsn).unwrap();
+            Generation::new(number, dsn, &crate::config::RolePolicy::None).unwrap()
+        };
+        let server_target = "app_a@db1:5432/app";
+        let new_password = generation(2, "postgresql://app_a:new@db1:5432/app");
+        let other_user = generation(2, "postgresql://app_b:pw@db1:5432/app");
+        let other_host = generation(2, "postgresql://app_a:pw@db2:5432/app");
+        assert_eq!(
+            crate::credentials::describe_dsn(&new_password.dsn),
+            server_target,
+            "the test's target must be what a server of that DSN records"
+        );
+        let changed = MigratePolicy::Changed;
+        assert!(!changed.moves(1, server_target, &new_password));
+        assert!(changed.moves(1, server_target, &other_user));
+        assert!(changed.moves(1, server_target, &other_host));
+        assert!(MigratePolicy::Always.moves(1, server_target, &new_password));
+        assert!(!MigratePolicy::Never.moves(1, server_target, &other_host));
+        // A server already of that generation (or a newer one) stays.
+        assert!(!MigratePolicy::Always.moves(2, server_target, &other_host));
     }
 
     fn kv(a: &str, b: &str) -> (String, String) {

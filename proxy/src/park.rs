@@ -210,15 +210,29 @@ impl<T: Parkable> Parker<T> {
         }
     }
 
-    /// Resumes every parked connection now (a rotation that may move parked sessions), and
-    /// every one parked with an older epoch when it tries.
+    /// Resumes every parked connection now, and every one parked with an older epoch when it
+    /// tries.
     pub fn resume_all(&self) {
-        let entries = {
+        self.resume_if(|_| true);
+    }
+
+    /// Resumes the parked connections `wanted` picks (those a rotation moves), and every one
+    /// parked with an older epoch when it tries (it may not have seen the rotation).
+    pub fn resume_if(&self, wanted: impl Fn(&T) -> bool) {
+        let resumed: Vec<T> = {
             let mut parked = crate::lock(&self.parked);
             parked.epoch += 1;
-            std::mem::take(&mut parked.entries)
+            let keys: Vec<usize> = parked
+                .entries
+                .iter()
+                .filter(|(_, state)| wanted(state))
+                .map(|(key, _)| key)
+                .collect();
+            keys.into_iter()
+                .map(|key| parked.entries.remove(key))
+                .collect()
         };
-        for (_, state) in entries {
+        for state in resumed {
             self.deregister(&state);
             state.resume();
         }
@@ -493,7 +507,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn resume_all_resumes_everyone_and_a_park_from_before_it_comes_back_at_once() {
+    async fn a_rotation_resumes_whom_it_moves_and_a_park_from_before_it_comes_back_at_once() {
         let (_trigger, shutdown) = Shutdown::new();
         let Setup {
             parker,
@@ -507,6 +521,18 @@ mod tests {
             clients.push(client);
             parker.park(Tag(id, tx.clone(), server), parker.epoch());
         }
+        // A rotation that moves only some: the others stay parked.
+        parker.resume_if(|tag| tag.0 == 1);
+        assert_eq!(resumed(&mut rx).await.0, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "resumed one the rotation does not move"
+        );
+        assert_eq!(parker.len(), 2);
+        let (client, server) = pair(&listener);
+        clients.push(client);
+        parker.park(Tag(1, tx.clone(), server), parker.epoch());
         // Read before a rotation that a session has not seen yet.
         let stale = parker.epoch();
         parker.resume_all();

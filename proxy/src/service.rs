@@ -165,6 +165,7 @@ pub async fn run(
                     tokio::spawn(resume_parked_on_rotation(
                         credentials.clone(),
                         parker.clone(),
+                        args.migrate,
                         shutdown.clone(),
                     ));
                 }
@@ -211,24 +212,29 @@ pub async fn run(
     Ok(())
 }
 
-/// Session mode with `--migrate`: a parked session has no task to notice a rotation, so each
-/// rotation resumes them all; those the rotation moves, move, and the others park again
-/// after `--client-park-after-ms`.
+/// Session mode with `--migrate`: a parked session has no task to notice a rotation, so a
+/// rotation resumes those it moves (they move at once, then park again after
+/// `--client-park-after-ms`); the others stay parked.
 async fn resume_parked_on_rotation(
     credentials: Arc<Credentials>,
     parker: Arc<crate::park::Parker<crate::client::ParkedClient>>,
+    policy: MigratePolicy,
     mut shutdown: Shutdown,
 ) {
     let mut rotations = credentials.subscribe();
+    let mut stop = shutdown.recv();
     loop {
         tokio::select! {
             changed = rotations.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                parker.resume_all();
+                let current = rotations.borrow_and_update().clone();
+                if let Some(g) = current {
+                    parker.resume_if(|client| client.moved_by(policy, &g));
+                }
             }
-            () = shutdown.recv() => return,
+            () = &mut stop => return,
         }
     }
 }
