@@ -998,8 +998,19 @@ impl Shared<'_> {
         }
     }
 
-    /// Emits the synthetic replies now at the head of the queue.
+    /// Emits the synthetic replies now at the head of the queue (checked after every server
+    /// message: the usual case, none, stays inline).
+    #[inline]
     fn emit_synthetics(&mut self, out: &mut BytesMut) -> bool {
+        if !matches!(self.queue.front(), Some(Expect::Synthetic(_))) {
+            self.synthetic_ready = false;
+            return false;
+        }
+        self.emit_synthetics_now(out)
+    }
+
+    #[cold]
+    fn emit_synthetics_now(&mut self, out: &mut BytesMut) -> bool {
         let mut any = false;
         while let Some(Expect::Synthetic(_)) = self.queue.front() {
             let Some(Expect::Synthetic(s)) = self.queue.pop_front() else {
@@ -1227,7 +1238,7 @@ impl Shared<'_> {
 
 /// The bytes of a NUL-terminated string at the start of `b` (without the NUL).
 fn cstr_bytes(b: &[u8]) -> Option<&[u8]> {
-    b.iter().position(|&c| c == 0).map(|p| &b[..p])
+    memchr::memchr(0, b).map(|p| &b[..p])
 }
 
 fn cstr(b: &[u8]) -> Option<&str> {
