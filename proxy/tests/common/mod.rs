@@ -143,6 +143,17 @@ impl ProxyBuilder {
         }
         cmd.arg("--ops-addr").arg(format!("127.0.0.1:{ops_port}"));
         cmd.args(&self.args);
+        // DBPROXY_TEST_PARK_MS=N runs every proxy of the suite with parking after N ms (unless
+        // the test sets it itself): `DBPROXY_TEST_PARK_MS=1 cargo test -p dbproxy` puts every
+        // end-to-end scenario through parking between its messages.
+        if let Ok(ms) = std::env::var("DBPROXY_TEST_PARK_MS")
+            && !self
+                .args
+                .iter()
+                .any(|a| a == "--client-park-after-ms" || a == "wait")
+        {
+            cmd.arg("--client-park-after-ms").arg(ms);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
