@@ -385,6 +385,34 @@ mod tests {
         }
     }
 
+    /// The numbers of the next `n` connections resumed, in order.
+    async fn resumed_ids(
+        rx: &mut UnboundedReceiver<(u32, tokio::net::TcpStream)>,
+        n: usize,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(resumed(rx).await.0);
+        }
+        ids.sort();
+        ids
+    }
+
+    /// Parks connections 0, 1 and 2; returns their client ends (dropping one hangs it up).
+    fn park_three(
+        parker: &Parker<Tag>,
+        tx: &UnboundedSender<(u32, tokio::net::TcpStream)>,
+        listener: &std::net::TcpListener,
+    ) -> Vec<std::net::TcpStream> {
+        (0..3)
+            .map(|id| {
+                let (client, server) = pair(listener);
+                parker.park(Tag(id, tx.clone(), server), parker.epoch());
+                client
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_parked_connection_comes_back_when_readable_with_its_bytes() {
         let (_trigger, shutdown) = Shutdown::new();
@@ -446,20 +474,10 @@ mod tests {
             mut rx,
             listener,
         } = setup(shutdown);
-        let mut clients = Vec::new();
-        for id in 0..3 {
-            let (client, server) = pair(&listener);
-            clients.push(client);
-            parker.park(Tag(id, tx.clone(), server), parker.epoch());
-        }
+        let _clients = park_three(&parker, &tx, &listener);
         assert_eq!(parker.len(), 3);
         trigger.trigger();
-        let mut ids: Vec<u32> = Vec::new();
-        for _ in 0..3 {
-            ids.push(resumed(&mut rx).await.0);
-        }
-        ids.sort();
-        assert_eq!(ids, [0, 1, 2]);
+        assert_eq!(resumed_ids(&mut rx, 3).await, [0, 1, 2]);
         assert!(parker.is_empty());
         let (_client, server) = pair(&listener);
         parker.park(Tag(9, tx.clone(), server), parker.epoch());
@@ -515,12 +533,7 @@ mod tests {
             mut rx,
             listener,
         } = setup(shutdown);
-        let mut clients = Vec::new();
-        for id in 0..3 {
-            let (client, server) = pair(&listener);
-            clients.push(client);
-            parker.park(Tag(id, tx.clone(), server), parker.epoch());
-        }
+        let mut clients = park_three(&parker, &tx, &listener);
         // A rotation that moves only some: the others stay parked.
         parker.resume_if(|tag| tag.0 == 1);
         assert_eq!(resumed(&mut rx).await.0, 1);
@@ -536,12 +549,7 @@ mod tests {
         // Read before a rotation that a session has not seen yet.
         let stale = parker.epoch();
         parker.resume_all();
-        let mut ids: Vec<u32> = Vec::new();
-        for _ in 0..3 {
-            ids.push(resumed(&mut rx).await.0);
-        }
-        ids.sort();
-        assert_eq!(ids, [0, 1, 2]);
+        assert_eq!(resumed_ids(&mut rx, 3).await, [0, 1, 2]);
         let (_client, server) = pair(&listener);
         parker.park(Tag(7, tx.clone(), server), stale);
         assert_eq!(

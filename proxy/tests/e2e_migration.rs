@@ -737,17 +737,31 @@ async fn in_flight_at_deadline(pool_mode: &str) -> anyhow::Result<()> {
 /// first query after the move runs on the new cluster with its setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_sessions_move_without_client_traffic() -> anyhow::Result<()> {
+    idle_sessions_move("idlemove", &[]).await
+}
+
+/// The same with the sessions parked (`--client-park-after-ms`): the parker resumes those the
+/// rotation moves, they move at once, then park again on the new cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parked_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
+    idle_sessions_move("parkmove", &["--client-park-after-ms", "50"]).await
+}
+
+async fn idle_sessions_move(app: &str, flags: &[&str]) -> anyhow::Result<()> {
     const CLIENTS: usize = 3;
-    const COUNT: &str =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'idlemove%'";
+    let parking = !flags.is_empty();
+    let count =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{app}%'");
     let a = AppCluster::start("one").await?;
     let b = AppCluster::start("two").await?;
     let (a_port, b_port) = (port_of(&a), port_of(&b));
     let secret = uri_secret(&a.uri("app_a"))?;
-    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(flags.iter().copied())
+        .start()?;
     let mut clients = Vec::new();
     for k in 0..CLIENTS {
-        let (client, conn) = proxy_config(proxy.port(), "idle", &format!("idlemove{k}"))
+        let (client, conn) = proxy_config(proxy.port(), "idle", &format!("{app}{k}"))
             .connect(tokio_postgres::NoTls)
             .await?;
         tokio::spawn(conn);
@@ -757,11 +771,14 @@ async fn idle_sessions_move_without_client_traffic() -> anyhow::Result<()> {
         assert_eq!(server_port(&client).await?, a_port);
         clients.push(client);
     }
+    if parking {
+        wait_parked(&proxy, CLIENTS).await?;
+    }
     let (admin_a, admin_b) = (a.admin().await?, b.admin().await?);
     let since = write_uri(&secret, &b.uri("app_a"))?;
     let moved = loop {
-        let on_a: i64 = admin_a.query_one(COUNT, &[]).await?.get(0);
-        let on_b: i64 = admin_b.query_one(COUNT, &[]).await?.get(0);
+        let on_a: i64 = admin_a.query_one(&count, &[]).await?.get(0);
+        let on_b: i64 = admin_b.query_one(&count, &[]).await?.get(0);
         if on_a == 0 && on_b == CLIENTS as i64 {
             break since.elapsed();
         }
@@ -774,6 +791,9 @@ async fn idle_sessions_move_without_client_traffic() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("{CLIENTS} idle sessions moved {moved:?} after the Secret write, without a query");
+    if parking {
+        wait_parked(&proxy, CLIENTS).await?;
+    }
     for (k, client) in clients.iter().enumerate() {
         assert_eq!(server_port(client).await?, b_port);
         assert_eq!(

@@ -1,8 +1,8 @@
 //! End-to-end: parking idle session-mode clients (`--client-park-after-ms`, default pool
 //! mode) through the real `dbproxy` binary and a real PostgreSQL. A parked session's client
 //! and server sockets both wait outside the runtime; either side speaking resumes it on the
-//! same backend. (Transaction-mode parking is tested in e2e_txn.rs, TLS clients in
-//! e2e_tls.rs.)
+//! same backend. (Transaction-mode parking is tested in e2e_txn.rs, TLS in e2e_tls.rs, a
+//! host move of parked sessions in e2e_migration.rs.)
 
 mod common;
 
@@ -140,66 +140,6 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
     let (survivor, statement, _) = &clients[0];
     let v: i32 = survivor.client.query_one(statement, &[&1]).await?.get(0);
     ensure!(v == 1, "the surviving session got {v}");
-    Ok(())
-}
-
-/// A rotation to another host moves parked sessions too (with `--migrate changed`, the
-/// default): the parker resumes them, they move at once, then park again on the new cluster.
-/// Watched from the clusters' pg_stat_activity; no client sends anything until they moved.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn parked_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
-    const CLIENTS: usize = 3;
-    const COUNT: &str =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'parkmove%'";
-    let a = AppCluster::start("one").await?;
-    let b = AppCluster::start("two").await?;
-    let b_port = i32::from(b.cluster.port());
-    let secret = uri_secret(&a.uri("app_a"))?;
-    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--client-park-after-ms", PARK_MS])
-        .start()?;
-    let mut clients = Vec::new();
-    for k in 0..CLIENTS {
-        let client =
-            connect_with(&proxy_config(proxy.port(), "any", &format!("parkmove{k}"))).await?;
-        client
-            .batch_execute(&format!("SET work_mem = '{}MB'", 20 + k))
-            .await?;
-        clients.push(client);
-    }
-    wait_parked(&proxy, CLIENTS).await?;
-    let (admin_a, admin_b) = (a.admin().await?, b.admin().await?);
-    let since = write_uri(&secret, &b.uri("app_a"))?;
-    let moved = loop {
-        let on_a: i64 = admin_a.query_one(COUNT, &[]).await?.get(0);
-        let on_b: i64 = admin_b.query_one(COUNT, &[]).await?.get(0);
-        if on_a == 0 && on_b == CLIENTS as i64 {
-            break since.elapsed();
-        }
-        ensure!(
-            since.elapsed() < Duration::from_secs(30),
-            "parked sessions did not move: {on_a} backend(s) on the old cluster, {on_b} on the \
-             new one {:?} after the rotation",
-            since.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    println!("{CLIENTS} parked sessions moved {moved:?} after the Secret write");
-    wait_parked(&proxy, CLIENTS).await?;
-    for (k, client) in clients.iter().enumerate() {
-        ensure!(
-            server_port(client).await? == b_port,
-            "session {k} is not on the new cluster"
-        );
-        let work_mem = client
-            .query_one("SHOW work_mem", &[])
-            .await?
-            .get::<_, String>(0);
-        ensure!(
-            work_mem == format!("{}MB", 20 + k),
-            "session {k} lost its setting: {work_mem}"
-        );
-    }
     Ok(())
 }
 
