@@ -59,8 +59,8 @@ pub struct ClientContext {
     pub max_prepared_statements: usize,
     /// Statements servers have accepted (transaction mode).
     pub known_statements: crate::txn::KnownStatements,
-    /// Where idle transaction-mode clients wait once silent for `--client-park-after-ms`
-    /// (none when 0 or in session mode).
+    /// Where idle clients (a session-mode client with its server) wait once silent for
+    /// `--client-park-after-ms` (none when 0).
     pub parker: Option<Arc<crate::park::Parker<ParkedClient>>>,
 }
 
@@ -226,6 +226,16 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     }
 }
 
+/// A client's idle accounting when it may be parked: parking is on and its socket is
+/// plaintext (a TLS client's socket lives inside its TLS stream). Boxed: with parking off (the
+/// default) it is 8 bytes of every idle client's future.
+fn idle_wait(ctx: &ClientContext, socket: &ClientStream) -> Option<Box<crate::park::IdleWait>> {
+    match (&ctx.parker, socket) {
+        (Some(parker), ClientStream::Plain(_)) => Some(Box::new(parker.idle_wait())),
+        _ => None,
+    }
+}
+
 /// What goes to the parker, its sockets still in the runtime's reactor.
 enum ToPark {
     Transaction(Box<TxClient>),
@@ -265,7 +275,11 @@ fn park(mut conn: Box<ClientConn>, what: ToPark) {
         Ok((parked, epoch)) => parker.park(parked, epoch),
         // Only if the reactor cannot let go of a socket: the client is closed by then (a
         // session's server too, its pool slot given back).
-        Err(e) => tracing::warn!(%peer, error = %e, "cannot park an idle client; closing it"),
+        Err(e) => tracing::warn!(
+            %peer,
+            error = %e,
+            "cannot take an idle client's socket out of the runtime to park it; closing it (if this repeats, run without --client-park-after-ms)"
+        ),
     }
 }
 
@@ -671,9 +685,9 @@ async fn session(
         }),
         pins: Vec::new(),
     };
-    // Parking, plaintext on both sides only (a TLS socket lives inside its TLS stream).
-    // Boxed: with parking off (the default) it is 8 bytes of every idle session's future.
-    let mut idle_wait = ctx.parker.as_ref().map(|p| Box::new(p.idle_wait()));
+    // Only plaintext on both sides parks: the server's stream is checked at each turn (a
+    // move may change it), the client's here.
+    let mut idle_wait = idle_wait(ctx, socket);
     let ended = loop {
         let SessClient {
             server, initial, ..
@@ -1025,12 +1039,7 @@ async fn transaction_session(
 ) -> Result<TxExit> {
     // One wait for the whole session: registered once, then a flag check per poll.
     let mut stop = shutdown.recv();
-    // Parking, plaintext clients only (a TLS session's socket lives inside its TLS stream).
-    // Boxed: with parking off (the default) it is 8 bytes of every idle client's future.
-    let mut idle_wait = match (&ctx.parker, &*socket) {
-        (Some(parker), ClientStream::Plain(_)) => Some(Box::new(parker.idle_wait())),
-        _ => None,
-    };
+    let mut idle_wait = idle_wait(ctx, socket);
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.tracked.clear_server();

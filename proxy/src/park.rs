@@ -171,7 +171,10 @@ impl<T: Parkable> Parker<T> {
                 self.registry
                     .register(&mut SourceFd(fd), Token(key), Interest::READABLE)
             {
-                tracing::warn!(error = %e, "cannot park an idle client; it keeps its task");
+                tracing::warn!(
+                    error = %e,
+                    "cannot park an idle client; it keeps its task (the kernel refused the registration: check fs.epoll.max_user_watches and the open-files limit)"
+                );
                 for fd in sockets.iter().flatten().take(registered) {
                     let _ = self.registry.deregister(&mut SourceFd(fd));
                 }
@@ -315,7 +318,10 @@ pub fn to_runtime(socket: std::net::TcpStream) -> Option<tokio::net::TcpStream> 
     match tokio::net::TcpStream::from_std(socket) {
         Ok(socket) => Some(socket),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot resume a parked client; closing it");
+            tracing::warn!(
+                error = %e,
+                "cannot put a parked client's socket back in the runtime; closing it (the kernel refused the registration: check fs.epoll.max_user_watches and the open-files limit)"
+            );
             None
         }
     }

@@ -567,7 +567,7 @@ async fn run(args: &Args, redactor: &Redactor) -> anyhow::Result<()> {
                     Ok(m) => memory.push(m),
                     Err(e) => println!(
                         "memory test {}: FAILED: {}",
-                        spec.label(),
+                        variant_label(*spec, extra),
                         redactor.redact(&format!("{e:#}"))
                     ),
                 }
@@ -1096,11 +1096,19 @@ async fn wait_backends_gone(env: &BenchEnv) {
 /// idle clients parked after this much silence (off by default).
 const PARKING: [&str; 2] = ["--client-park-after-ms", "20"];
 
+/// A target's name, with the flags a memory-test variant adds.
+fn variant_label(spec: TargetSpec, extra_args: &[&str]) -> String {
+    if extra_args.is_empty() {
+        spec.label()
+    } else {
+        format!("{}, `{}`", spec.label(), extra_args.join(" "))
+    }
+}
+
 /// RSS of a fresh proxy with no clients and with `n` logged-in idle clients.
 struct MemoryResult {
-    spec: TargetSpec,
-    /// Flags beyond the target's usual ones.
-    extra_args: Vec<String>,
+    /// The target, and the flags beyond its usual ones.
+    label: String,
     clients: u32,
     rss_empty: u64,
     rss_loaded: u64,
@@ -1113,9 +1121,8 @@ async fn measure_idle_memory(
     extra_args: &[&str],
 ) -> anyhow::Result<MemoryResult> {
     println!(
-        "memory: {} {} with {n} idle clients...",
-        spec.label(),
-        extra_args.join(" ")
+        "memory: {} with {n} idle clients...",
+        variant_label(spec, extra_args)
     );
     let target = start_target(spec, env, "memory", extra_args).await?;
     let pid = target.process.as_ref().context("no process")?.pid();
@@ -1156,8 +1163,7 @@ async fn measure_idle_memory(
     let rss_loaded = load::proc_rss_bytes(pid)?;
     drop(clients);
     Ok(MemoryResult {
-        spec,
-        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        label: variant_label(spec, extra_args),
         clients: n,
         rss_empty,
         rss_loaded,
@@ -1332,11 +1338,7 @@ fn render_report(
                 s,
                 "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} kB |",
                 m.clients,
-                if m.extra_args.is_empty() {
-                    m.spec.label()
-                } else {
-                    format!("{}, `{}`", m.spec.label(), m.extra_args.join(" "))
-                },
+                m.label,
                 m.rss_empty as f64 / 1048576.0,
                 m.rss_loaded as f64 / 1048576.0,
                 per / 1024.0
