@@ -928,7 +928,7 @@ async fn try_move(
     out: &mut BytesMut,
 ) -> Result<Moved> {
     let params = server.params.clone();
-    let snap = crate::migrate::snapshot(server, true).await?;
+    let snap = crate::migrate::snapshot(server, true, &[]).await?;
     if !snap.pins.is_empty() {
         return Ok(Moved::Pinned(snap.pins));
     }
@@ -1225,8 +1225,8 @@ async fn transaction_step(
     )
     .await;
     if outcome.end == RoundEnd::SafePoint && outcome.recheck {
-        match Box::pin(crate::migrate::snapshot(server, false)).await {
-            Ok(snap) => learn(server, client, snap),
+        match Box::pin(relearn(server, client)).await {
+            Ok(()) => {}
             Err(e) => {
                 if let Some(server) = held.take() {
                     give_back(ctx, cancel_key, server, false, false).await;
@@ -1253,18 +1253,16 @@ async fn transaction_step(
         RoundEnd::Deadline => {
             // Idle at the deadline: ask once more whether the state is gone.
             if outcome.clean
-                && let Ok(snap) = Box::pin(crate::migrate::snapshot(server, false)).await
+                && Box::pin(relearn(server, client)).await.is_ok()
+                && client.pins.is_empty()
             {
-                learn(server, client, snap);
-                if client.pins.is_empty() {
-                    *signal = None;
-                    if let Some(server) = held.take() {
-                        give_back(ctx, cancel_key, server, true, false).await;
-                    }
-                    *assigned = false;
-
-                    return Ok(Step::Again);
+                *signal = None;
+                if let Some(server) = held.take() {
+                    give_back(ctx, cancel_key, server, true, false).await;
                 }
+                *assigned = false;
+
+                return Ok(Step::Again);
             }
             metrics::counter!("dbproxy_migrations_total", "result" => "closed").increment(1);
             if let Some(server) = held.take() {
@@ -1329,6 +1327,7 @@ async fn sync_session(
         &server.txn().sql_prepared,
         &client.sql_prepared,
         server.policy_role(),
+        server.txn().opaque_settings,
     );
     if !queries.is_empty() {
         Box::pin(server.replay(&queries, &[], &[])).await.map_err(|e| match e {
@@ -1340,6 +1339,7 @@ async fn sync_session(
         let txn = server.txn_mut();
         txn.settings = client.settings.clone();
         txn.sql_prepared = client.sql_prepared.clone();
+        txn.opaque_settings = false;
     }
     let changes = crate::migrate::reported_changes(&client.seen, &server.parameter_status);
     if !changes.is_empty() {
@@ -1352,6 +1352,21 @@ async fn sync_session(
         socket.flush().await?;
         out.clear();
     }
+    Ok(())
+}
+
+/// Asks the server what the client's session holds now and records it ([`learn`]). Custom
+/// settings are asked for by name: those the session holds and those its rounds on `server`
+/// may have set since the last time.
+async fn relearn(server: &mut ServerConnection, client: &mut ClientSession) -> Result<()> {
+    let mut custom = std::mem::take(&mut server.txn_mut().custom_names);
+    for (name, _) in &client.settings {
+        if name.contains('.') && !custom.contains(name) {
+            custom.push(name.clone());
+        }
+    }
+    let snap = crate::migrate::snapshot(server, false, &custom).await?;
+    learn(server, client, snap);
     Ok(())
 }
 

@@ -254,16 +254,24 @@ const SNAPSHOT_ATTEMPTS: u32 = 5;
 
 /// Asks a backend at a safe point what its session holds. `reported` names the parameters
 /// whose current values are wanted too.
-pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Result<Snapshot> {
-    // The client's own timeouts must not cancel dbproxy's question, so they are turned off
-    // for it (SET LOCAL, in the implicit transaction of this one query string); their session
-    // values are read first (cheap) and compared with their values at session start (SET
-    // LOCAL ... TO DEFAULT) to know whether the client changed them.
+///
+/// `custom` names custom settings (`app.tenant_id`) to ask for: PostgreSQL lists them nowhere,
+/// so only transaction mode, which reads them from the client's statements, knows any.
+pub async fn snapshot(
+    server: &mut ServerConnection,
+    with_reported: bool,
+    custom: &[String],
+) -> Result<Snapshot> {
+    // The client's own timeouts must not cancel dbproxy's question, and the answer must come
+    // in UTF-8 whatever the client's encoding, so those settings are overridden for it (SET
+    // LOCAL, in the implicit transaction of this one query string, see `OVERRIDDEN`); their
+    // session values are read first (cheap, ASCII) and compared with their values at session
+    // start (SET LOCAL ... TO DEFAULT) to know whether the client changed them.
     let mut sql = String::from(
-        "SELECT 'cur', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'); \
-         SET LOCAL statement_timeout TO DEFAULT; SET LOCAL lock_timeout TO DEFAULT; \
-         SELECT 'def', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'); \
-         SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+        "SELECT 'cur', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'), pg_catalog.current_setting('client_encoding'); \
+         SET LOCAL statement_timeout TO DEFAULT; SET LOCAL lock_timeout TO DEFAULT; SET LOCAL client_encoding TO DEFAULT; \
+         SELECT 'def', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'), pg_catalog.current_setting('client_encoding'); \
+         SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; SET LOCAL client_encoding = 'UTF8'; \
          SELECT 'pin', 'listen', NULL, NULL, NULL FROM pg_catalog.pg_listening_channels() HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'temp', NULL, NULL, NULL FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema() HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'cursor', NULL, NULL, NULL FROM pg_catalog.pg_cursors HAVING count(*) > 0 \
@@ -283,6 +291,15 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
             names.join(",")
         ));
     }
+    if !custom.is_empty() {
+        let names: Vec<String> = custom.iter().map(|n| quote_literal(n)).collect();
+        // Settings pg_settings lists come with the 'set' rows (and some may not be read).
+        sql.push_str(&format!(
+            " UNION ALL SELECT 'cus', n, pg_catalog.current_setting(n, true), NULL, NULL FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) n \
+             WHERE n NOT IN (SELECT name FROM pg_catalog.pg_settings)",
+            names.join(",")
+        ));
+    }
     // One simple query is one implicit transaction: a canceled attempt (the session's own
     // statement_timeout still applies to its first statement) changed nothing; ask again.
     let mut attempt = 0;
@@ -298,7 +315,9 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
     };
     let policy_role = server.policy_role().map(str::to_owned);
     let mut snap = Snapshot::default();
-    let mut timeouts: [(Option<String>, Option<String>); 2] = Default::default();
+    // (session value, value at session start) of each overridden setting.
+    let mut overridden: [(Option<String>, Option<String>); OVERRIDDEN.len()] = Default::default();
+    let mut customs = Vec::new();
     for row in rows {
         let col = |i: usize| row.get(i).cloned().flatten();
         let (Some(kind), Some(name)) = (col(0), col(1)) else {
@@ -306,15 +325,17 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
         };
         match kind.as_str() {
             "cur" => {
-                timeouts[0].0 = Some(name);
-                timeouts[1].0 = col(2);
+                for (i, o) in overridden.iter_mut().enumerate() {
+                    o.0 = col(i + 1);
+                }
             }
             "def" => {
-                timeouts[0].1 = Some(name);
-                timeouts[1].1 = col(2);
+                for (i, o) in overridden.iter_mut().enumerate() {
+                    o.1 = col(i + 1);
+                }
             }
             // Read under dbproxy's SET LOCAL: the values above are the session's.
-            "set" if TIMEOUTS.contains(&name.as_str()) => {}
+            "set" if overridden_index(&name).is_some() => {}
             "pin" => snap.pins.push(match name.as_str() {
                 "listen" => PIN_LISTEN,
                 "temp" => PIN_TEMP,
@@ -340,26 +361,67 @@ pub async fn snapshot(server: &mut ServerConnection, with_reported: bool) -> Res
                     snap.parses.push((name, text, types));
                 }
             }
+            // A custom setting never set, or RESET ('' then), is not the session's.
+            "cus" => {
+                if let Some(v) = col(2).filter(|v| !v.is_empty()) {
+                    customs.push((name, v));
+                }
+            }
             "ps" => {
-                if let Some(v) = col(2) {
+                let value = match overridden_index(&name) {
+                    Some(i) => overridden[i].0.clone(),
+                    None => col(2),
+                };
+                if let Some(v) = value {
                     snap.reported.push((name, v));
                 }
             }
             _ => {}
         }
     }
-    for (name, (current, default)) in TIMEOUTS.iter().zip(timeouts) {
+    for ((name, _), (current, default)) in OVERRIDDEN.iter().zip(overridden) {
         if let Some(current) = current
             && Some(&current) != default.as_ref()
         {
             snap.settings.push(((*name).to_owned(), current));
         }
     }
+    for (name, value) in customs {
+        if !snap
+            .settings
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(&name))
+        {
+            snap.settings.push((name, value));
+        }
+    }
     Ok(snap)
 }
 
-/// Settings dbproxy turns off for its own statements.
-const TIMEOUTS: [&str; 2] = ["statement_timeout", "lock_timeout"];
+/// Settings dbproxy overrides (SET LOCAL) for its own statements, and their values there: the
+/// client's timeouts must not cancel them, and they are read and written in UTF-8 whatever
+/// encoding the client chose (a session in LATIN1 must not get its `SET search_path =
+/// "schéma"` back as other bytes). The snapshot's first row reads them in this order.
+const OVERRIDDEN: [(&str, &str); 3] = [
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("client_encoding", "'UTF8'"),
+];
+
+fn overridden_index(name: &str) -> Option<usize> {
+    OVERRIDDEN
+        .iter()
+        .position(|(n, _)| n.eq_ignore_ascii_case(name))
+}
+
+/// `SET LOCAL` of every overridden setting.
+fn push_overrides(out: &mut Vec<String>) {
+    out.extend(
+        OVERRIDDEN
+            .iter()
+            .map(|(name, value)| format!("SET LOCAL {name} = {value}")),
+    );
+}
 
 /// `{23,25}` -> [23, 25].
 fn parse_oid_array(s: &str) -> Vec<u32> {
@@ -369,33 +431,49 @@ fn parse_oid_array(s: &str) -> Vec<u32> {
         .collect()
 }
 
-/// The statements that turn a connection's settings from `have` into `want`: set_config for
-/// every value that differs (it takes the value as current_setting printed it, lists and
-/// units included), RESET for settings only `have` holds. `policy_role` is restored instead of
-/// resetting `role`.
+/// The statements that turn a connection's settings from `have` into `want`, for the
+/// transaction of [`in_transaction`]: set_config for every value that differs (it takes the
+/// value as current_setting printed it, lists and units included), RESET for settings only
+/// `have` holds. `policy_role` is restored instead of resetting `role`. The settings dbproxy
+/// overrides come last and are overridden again behind them: a restored `client_encoding`
+/// must not change how the values after it are read, nor a restored `statement_timeout`
+/// cancel them.
 pub fn settings_delta(
     have: &[(String, String)],
     want: &[(String, String)],
     policy_role: Option<&str>,
 ) -> Vec<String> {
-    let mut out = Vec::new();
+    let (mut out, mut last) = (Vec::new(), Vec::new());
+    let mut place = |name: &str, statement: String| {
+        if overridden_index(name).is_some() {
+            last.push(statement);
+        } else {
+            out.push(statement);
+        }
+    };
     for (name, _) in have {
         if !want.iter().any(|(n, _)| n == name) {
-            out.push(match (name.as_str(), policy_role) {
+            let statement = match (name.as_str(), policy_role) {
                 ("role", Some(role)) => format!("SET ROLE {}", quote_ident(role)),
                 _ => format!("RESET {}", quote_ident(name)),
-            });
+            };
+            place(name, statement);
         }
     }
     for (name, value) in want {
         if have.iter().any(|(n, v)| n == name && v == value) {
             continue;
         }
-        out.push(format!(
+        let statement = format!(
             "SELECT pg_catalog.set_config({}, {}, false)",
             quote_literal(name),
             quote_literal(value)
-        ));
+        );
+        place(name, statement);
+    }
+    if !last.is_empty() {
+        out.append(&mut last);
+        push_overrides(&mut out);
     }
     out
 }
@@ -433,15 +511,15 @@ pub fn reported_changes(
 
 /// Wraps state-restoring statements in one transaction (each still its own Query message, so a
 /// restored standard_conforming_strings applies to the statements after it), with the client's
-/// own statement and lock timeouts off for its duration. All or nothing.
+/// own statement and lock timeouts off and the client encoding UTF-8 for its duration
+/// (`OVERRIDDEN`). All or nothing.
 pub fn in_transaction(statements: Vec<String>) -> Vec<String> {
     if statements.is_empty() {
         return statements;
     }
-    let mut out = Vec::with_capacity(statements.len() + 4);
+    let mut out = Vec::with_capacity(statements.len() + 2 + OVERRIDDEN.len());
     out.push("BEGIN".to_owned());
-    out.push("SET LOCAL statement_timeout = 0".to_owned());
-    out.push("SET LOCAL lock_timeout = 0".to_owned());
+    push_overrides(&mut out);
     out.extend(statements);
     out.push("COMMIT".to_owned());
     out
@@ -458,16 +536,33 @@ pub fn restore_statements(
     have_prepared: &[(String, String)],
     want_prepared: &[(String, String)],
     policy_role: Option<&str>,
+    reset_all: bool,
 ) -> Vec<String> {
     // The common case in transaction mode (once per transaction): nothing set anywhere.
     if have_settings.is_empty()
         && want_settings.is_empty()
         && have_prepared.is_empty()
         && want_prepared.is_empty()
+        && !reset_all
     {
         return Vec::new();
     }
-    let mut statements = settings_delta(have_settings, want_settings, policy_role);
+    let mut statements = Vec::new();
+    let mut have_settings = have_settings;
+    let role_only: Vec<(String, String)>;
+    if reset_all {
+        // Every setting back to its default but the role (RESET ALL leaves it), dbproxy's
+        // overrides included.
+        statements.push("RESET ALL".to_owned());
+        push_overrides(&mut statements);
+        role_only = have_settings
+            .iter()
+            .filter(|(n, _)| n == "role")
+            .cloned()
+            .collect();
+        have_settings = &role_only;
+    }
+    statements.extend(settings_delta(have_settings, want_settings, policy_role));
     let prepared = sql_prepared_delta(have_prepared, want_prepared);
     if !prepared.is_empty() {
         statements.push("SET LOCAL standard_conforming_strings = on".to_owned());
@@ -486,6 +581,7 @@ pub async fn restore(server: &mut ServerConnection, snap: &Snapshot) -> Result<(
         &[],
         &snap.sql_prepared,
         server.policy_role(),
+        false,
     );
     let mut after = Vec::new();
     if queries.is_empty() && !snap.parses.is_empty() {
@@ -602,6 +698,37 @@ mod tests {
             ],
         );
         assert_eq!(d, vec!["DEALLOCATE \"b\"", "PREPARE b AS SELECT 3"]);
+        // A restored client_encoding or statement_timeout comes after the other settings and
+        // is overridden again for the rest of dbproxy's transaction.
+        let have = vec![kv("client_encoding", "LATIN1"), kv("work_mem", "4MB")];
+        let want = vec![
+            kv("client_encoding", "LATIN9"),
+            kv("search_path", "\"sch\u{e9}ma\""),
+            kv("statement_timeout", "1ms"),
+        ];
+        assert_eq!(
+            settings_delta(&have, &want, None),
+            vec![
+                "RESET \"work_mem\"",
+                "SELECT pg_catalog.set_config('search_path', '\"sch\u{e9}ma\"', false)",
+                "SELECT pg_catalog.set_config('client_encoding', 'LATIN9', false)",
+                "SELECT pg_catalog.set_config('statement_timeout', '1ms', false)",
+                "SET LOCAL statement_timeout = 0",
+                "SET LOCAL lock_timeout = 0",
+                "SET LOCAL client_encoding = 'UTF8'",
+            ]
+        );
+        assert_eq!(
+            in_transaction(vec!["SELECT 1".to_owned()]),
+            vec![
+                "BEGIN",
+                "SET LOCAL statement_timeout = 0",
+                "SET LOCAL lock_timeout = 0",
+                "SET LOCAL client_encoding = 'UTF8'",
+                "SELECT 1",
+                "COMMIT",
+            ]
+        );
         assert_eq!(parse_oid_array("{23,25}"), vec![23, 25]);
         assert!(parse_oid_array("{}").is_empty());
         assert_eq!(

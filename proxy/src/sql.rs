@@ -294,6 +294,87 @@ fn mentions_state_function(text: &str) -> bool {
     })
 }
 
+/// Custom setting names (`app.tenant_id`: with a dot, no extension defines them) that a query
+/// string may set or reset: `SET [SESSION] name`, `RESET name` and `set_config('name', ...)`.
+/// PostgreSQL lists such settings nowhere (`pg_settings` and `SHOW ALL` leave them out), so
+/// dbproxy learns their names from the text and then asks the server for their values. Calls
+/// `found` with each name, lowercased (setting names are case-insensitive); returns false when
+/// a `set_config` takes its name from a parameter or an expression, which no text tells.
+pub fn custom_setting_names(text: &str, mut found: impl FnMut(String)) -> bool {
+    for statement in split_statements(text) {
+        let (first, rest) = next_keyword(statement);
+        let rest = if first.eq_ignore_ascii_case("SET") {
+            let (second, after) = next_keyword(rest);
+            if second.eq_ignore_ascii_case("LOCAL") {
+                continue;
+            }
+            if second.eq_ignore_ascii_case("SESSION") {
+                after
+            } else {
+                rest
+            }
+        } else if first.eq_ignore_ascii_case("RESET") {
+            rest
+        } else {
+            continue;
+        };
+        if let Some(name) = dotted_name(rest) {
+            found(name);
+        }
+    }
+    let b = text.as_bytes();
+    let mut literal_names = true;
+    for at in memchr::memmem::find_iter(&b.to_ascii_lowercase(), b"set_config") {
+        let after = text[at + "set_config".len()..].trim_ascii_start();
+        let Some(args) = after.strip_prefix('(') else {
+            continue;
+        };
+        let args = args.trim_ascii_start().as_bytes();
+        if args.first() != Some(&b'\'') {
+            literal_names = false;
+            continue;
+        }
+        let end = skip_quoted(args, 1, b'\'', false);
+        let inner = &args[1..end.saturating_sub(1).max(1)];
+        let name = String::from_utf8_lossy(inner).replace("''", "'");
+        if name.contains('.') {
+            found(name.to_ascii_lowercase());
+        }
+    }
+    literal_names
+}
+
+/// A dotted setting name at the start of `s` (`app.x`, `"App".x`), lowercased; None without a
+/// dot.
+fn dotted_name(s: &str) -> Option<String> {
+    let b = strip_comments_prefix(s).as_bytes();
+    let mut name = String::new();
+    let mut i = 0;
+    loop {
+        if b.get(i) == Some(&b'"') {
+            let end = skip_quoted(b, i + 1, b'"', false);
+            let inner = &b[i + 1..end.saturating_sub(1).max(i + 1)];
+            name.push_str(&String::from_utf8_lossy(inner).to_ascii_lowercase());
+            i = end;
+        } else {
+            let start = i;
+            while b.get(i).is_some_and(|&c| is_ident_byte(c) || c == b'$') {
+                i += 1;
+            }
+            if i == start {
+                return None;
+            }
+            name.push_str(&String::from_utf8_lossy(&b[start..i]).to_ascii_lowercase());
+        }
+        if b.get(i) != Some(&b'.') {
+            break;
+        }
+        name.push('.');
+        i += 1;
+    }
+    name.contains('.').then_some(name)
+}
+
 /// A SQL string literal for `value` (standard_conforming_strings on or off).
 pub fn quote_literal(value: &str) -> String {
     let escaped = value.replace('\'', "''");
@@ -343,6 +424,40 @@ fn prepared_name(statement: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn custom(text: &str) -> (Vec<String>, bool) {
+        let mut names = Vec::new();
+        let literal = custom_setting_names(text, |n| names.push(n));
+        (names, literal)
+    }
+
+    #[test]
+    fn custom_setting_names_come_from_set_reset_and_set_config() {
+        assert_eq!(
+            custom("SET app.tenant_id = '42'; SET SESSION My.Flag TO on; RESET \"App\".\"X\""),
+            (
+                vec!["app.tenant_id".into(), "my.flag".into(), "app.x".into()],
+                true
+            )
+        );
+        assert_eq!(
+            custom(
+                "SELECT pg_catalog.set_config( 'app.user''s', $1, false), set_config('work_mem', '1MB', false)"
+            ),
+            (vec!["app.user's".into()], true)
+        );
+        assert_eq!(
+            custom("SET LOCAL app.x = 1; SET work_mem = '1MB'; RESET ALL; SELECT 1"),
+            (vec![], true),
+            "SET LOCAL is not carried, and settings without a dot are in pg_settings"
+        );
+        assert_eq!(
+            custom("SELECT set_config($1, $2, false)"),
+            (vec![], false),
+            "a name dbproxy cannot read"
+        );
+        assert_eq!(custom("SET app. = 1; SET = 2; RESET"), (vec![], true));
+    }
 
     #[test]
     fn splits_on_semicolons_outside_quotes_and_comments() {

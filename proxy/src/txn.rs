@@ -45,6 +45,12 @@ pub struct ServerSession {
     /// SQL prepared statements: name and PREPARE statement.
     pub sql_prepared: Vec<(String, String)>,
     tick: u64,
+    /// Custom settings (`app.tenant_id`) the statements of this connection's last rounds may
+    /// have set or reset, by name, for the next snapshot (PostgreSQL lists them nowhere).
+    pub custom_names: Vec<String>,
+    /// A `set_config` whose name dbproxy cannot read (`set_config($1, ...)`) ran here: the
+    /// next client gets the connection after a `RESET ALL`.
+    pub opaque_settings: bool,
     /// The rounds' buffers, kept with the connection while it is in use: allocating them per
     /// transaction was a measurable part of its cost. The pool's janitor drops them once the
     /// connection has been idle for a while ([`ServerSession::drop_idle_buffers`]).
@@ -763,14 +769,15 @@ fn client_messages(
             b'X' => return ClientVerdict::Terminate,
             b'Q' => {
                 sh.clock.request_sent(hot);
-                let text = cstr(body).unwrap_or("");
+                let text = sql_text(body).unwrap_or_default();
                 // (DEALLOCATE is one of the statements that may touch session state.)
-                let touches = may_touch_session_state(text);
+                let touches = may_touch_session_state(&text);
                 if touches {
                     sh.recheck = true;
+                    sh.note_custom_settings(&text);
                 }
                 if touches
-                    && let Some(name) = deallocate_target(text)
+                    && let Some(name) = deallocate_target(&text)
                     && sh.client.statements.remove(name.as_bytes()).is_some()
                 {
                     // A protocol statement: the server knows it under another name and keeps
@@ -792,8 +799,11 @@ fn client_messages(
                     return ClientVerdict::Invalid("Parse without a statement name".into());
                 };
                 let rest = &body[name.len() + 1..];
-                if cstr(rest).is_some_and(may_touch_session_state) {
+                if let Some(text) = sql_text(rest)
+                    && may_touch_session_state(&text)
+                {
                     sh.recheck = true;
+                    sh.note_custom_settings(&text);
                 }
                 if name.is_empty() {
                     sh.queue.push_back(Expect::Parse {
@@ -842,6 +852,7 @@ fn client_messages(
                     (Some(statement), Some(name)) => {
                         if tag == b'B' && statement.touches_state {
                             sh.recheck = true;
+                            sh.note_custom_settings(&sql_text(&statement.rest).unwrap_or_default());
                         }
                         // The queue entry for this message must come after the injected Parse.
                         let expect = sh.queue.pop_back();
@@ -926,7 +937,7 @@ impl Statement {
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         let server_name = server_name(&key);
-        let touches_state = cstr(&rest).is_some_and(may_touch_session_state);
+        let touches_state = sql_text(&rest).is_some_and(|t| may_touch_session_state(&t));
         Statement {
             key,
             server_name,
@@ -936,7 +947,30 @@ impl Statement {
     }
 }
 
+/// Custom setting names a connection remembers for its next snapshot, at most.
+const MAX_CUSTOM_NAMES: usize = 64;
+
 impl Shared<'_> {
+    /// Notes the custom settings a statement that may touch session state may set.
+    fn note_custom_settings(&mut self, text: &str) {
+        let names = &mut self.server.custom_names;
+        let mut all_kept = true;
+        let literal = crate::sql::custom_setting_names(text, |name| {
+            if names.contains(&name) {
+                return;
+            }
+            if names.len() < MAX_CUSTOM_NAMES {
+                names.push(name);
+            } else {
+                all_kept = false;
+            }
+        });
+        // A setting that cannot be followed must not stay for the next client either.
+        if !literal || !all_kept {
+            self.server.opaque_settings = true;
+        }
+    }
+
     /// Marks a statement used on this server; false when the server does not have it.
     fn touch(&mut self, key: &[u8; 16]) -> bool {
         self.server.tick += 1;
@@ -1241,8 +1275,12 @@ fn cstr_bytes(b: &[u8]) -> Option<&[u8]> {
     memchr::memchr(0, b).map(|p| &b[..p])
 }
 
-fn cstr(b: &[u8]) -> Option<&str> {
-    cstr_bytes(b).and_then(|s| std::str::from_utf8(s).ok())
+/// The SQL text of a NUL-terminated string at the start of `b`, for the keyword checks. In a
+/// client encoding other than UTF-8 (LATIN1, ...) the bytes need not be UTF-8: the invalid
+/// ones read as replacement characters, which leaves keywords, quotes and semicolons (all
+/// ASCII) where they were.
+fn sql_text(b: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    cstr_bytes(b).map(String::from_utf8_lossy)
 }
 
 /// The statement name of a query that is exactly `DEALLOCATE [PREPARE] name`.
@@ -1274,6 +1312,21 @@ fn deallocate_target(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_in_other_client_encodings_are_judged_too() {
+        // LATIN1 bytes (0xe9 is not UTF-8 on its own).
+        let judged = |sql: &[u8]| sql_text(sql).is_some_and(|t| may_touch_session_state(&t));
+        assert!(judged(b"SET search_path = \"sch\xe9ma\"\0"));
+        assert!(judged(b"SELECT 'caf\xe9'; SET application_name = 'x'\0"));
+        assert!(judged(b"PREPARE p AS SELECT 'n\xe9'\0"));
+        assert!(!judged(b"SELECT 'caf\xe9; SET a = 1'\0"));
+        assert!(!judged(b"SET a = 1"), "no terminator");
+        assert!(matches!(
+            sql_text(b"SELECT 1\0"),
+            Some(std::borrow::Cow::Borrowed(_))
+        ));
+    }
 
     #[test]
     fn an_idle_connection_gives_back_its_round_buffers() {

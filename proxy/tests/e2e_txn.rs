@@ -54,7 +54,8 @@ async fn release(client: &Client) -> anyhow::Result<()> {
 async fn settings_and_pid(client: &Client, names: &[&str]) -> anyhow::Result<(Vec<String>, i32)> {
     let mut sql = String::from("SELECT pg_backend_pid()");
     for n in names {
-        sql.push_str(&format!(", current_setting('{n}')"));
+        // (A custom setting no one set here is unknown to the server: '' then.)
+        sql.push_str(&format!(", coalesce(current_setting('{n}', true), '')"));
     }
     let row = tokio::time::timeout(CLIENT_OP_TIMEOUT, client.query_one(sql.as_str(), &[]))
         .await
@@ -1828,6 +1829,173 @@ async fn awkward_setting_values_follow_their_client() -> anyhow::Result<()> {
         "awkward values",
     )
     .await?;
+    Ok(())
+}
+
+/// Custom settings (`app.tenant_id`, which PostgreSQL's pg_settings does not list) follow
+/// their client to every backend, set with SET or with set_config in the extended protocol,
+/// and never reach another client: the row-level-security pattern of a tenant id per session.
+/// A set_config whose name is a parameter cannot be followed, but does not leak either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_settings_follow_their_client_only() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let (a, b, opaque) = (
+        connect(port, "a").await?,
+        connect(port, "b").await?,
+        connect(port, "opaque").await?,
+    );
+    let clean = connect(port, "clean").await?;
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    let names = ["app.tenant_id", "app.secret"];
+    a.batch_execute("SET app.tenant_id = '42'").await?;
+    b.query_one("SELECT set_config('app.tenant_id', $1, false)", &[&"7"])
+        .await?;
+    opaque
+        .query_one("SELECT set_config($1, $2, false)", &[&"app.secret", &"s3"])
+        .await?;
+    // Whichever backend ran the opaque set_config, no other client finds its value there.
+    let (p1, p2) = (hold(&h1).await?, hold(&h2).await?);
+    for (h, pid) in [(&h1, p1), (&h2, p2)] {
+        let (values, _) = settings_and_pid(h, &names).await?;
+        ensure!(
+            values == ["", ""],
+            "another client on backend {pid} sees {values:?}"
+        );
+    }
+    release(&h1).await?;
+    release(&h2).await?;
+    let want = |tenant: &str| vec![tenant.to_owned(), String::new()];
+    let mut clients = [
+        SettingsClient {
+            name: "a",
+            client: &a,
+            want: want("42"),
+            pids: HashSet::new(),
+            last: 0,
+        },
+        SettingsClient {
+            name: "b",
+            client: &b,
+            want: want("7"),
+            pids: HashSet::new(),
+            last: 0,
+        },
+    ];
+    let defaults = want("");
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "custom settings",
+    )
+    .await?;
+    // RESET takes a custom setting back: it no longer follows its client.
+    a.batch_execute("RESET app.tenant_id").await?;
+    clients[0].want = defaults.clone();
+    settings_rounds(
+        &mut clients,
+        &clean,
+        (&h1, &h2),
+        &names,
+        &defaults,
+        "after RESET",
+    )
+    .await?;
+    Ok(())
+}
+
+/// The raw session's backend pid, client encoding, search_path and `dbproxy.note` (as UTF-8
+/// hex) from one statement, and what its prepared statement `p` returns.
+async fn latin1_view(raw: &mut RawSession) -> anyhow::Result<(i32, Vec<String>)> {
+    let check = "SELECT pg_catalog.pg_backend_pid(), pg_catalog.current_setting('client_encoding'), \
+         pg_catalog.encode(pg_catalog.convert_to(pg_catalog.current_setting('search_path'), 'UTF8'), 'hex'), \
+         pg_catalog.encode(pg_catalog.convert_to(pg_catalog.current_setting('dbproxy.note'), 'UTF8'), 'hex')";
+    raw.send(&[msg::query(check), msg::query("EXECUTE p")])
+        .await?;
+    let mut replies = raw.until_ready().await?;
+    replies.extend(raw.until_ready().await?);
+    let row: Vec<String> = replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::DataRow(cols) => Some(cols.iter().map(|c| c.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    ensure!(row.len() == 5, "replies: {replies:?}");
+    Ok((row[0].parse()?, row[1..].to_vec()))
+}
+
+/// A session in LATIN1 (`SET client_encoding`) whose settings and SQL prepared statement hold
+/// non-ASCII text: dbproxy sees those statements as touching session state, and re-creates
+/// them on other backends with the same characters (it reads and writes them in UTF-8 whatever
+/// the client's encoding). The client's encoding follows it too; other clients keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settings_of_a_latin1_session_follow_their_client() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
+    let mut raw = RawSession::connect(port, "latin1").await?;
+    let setup: [&[u8]; 4] = [
+        b"SET client_encoding = 'LATIN1'",
+        b"SET search_path = \"sch\xe9ma\", public",
+        b"SET dbproxy.note = 'caf\xe9 cr\xe8me'",
+        b"PREPARE p AS SELECT pg_catalog.encode(pg_catalog.convert_to('n\xe9', 'UTF8'), 'hex')",
+    ];
+    for sql in setup {
+        raw.send(&[msg::query_bytes(sql)]).await?;
+        let replies = raw.until_ready().await?;
+        ensure!(
+            error_codes(&replies).is_empty(),
+            "{}: {replies:?}",
+            String::from_utf8_lossy(sql)
+        );
+    }
+    // What the session should hold, as UTF-8 hex (ASCII, so the same in any encoding), from
+    // the same statements run directly in UTF-8.
+    let admin = db.admin().await?;
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    admin
+        .batch_execute("SET search_path = \"sch\u{e9}ma\", public")
+        .await?;
+    let want_path: String = admin
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await?
+        .get(0);
+    let want = vec![
+        "LATIN1".to_owned(),
+        hex(&want_path),
+        hex("caf\u{e9} cr\u{e8}me"),
+        hex("n\u{e9}"),
+    ];
+    let (mut last, values) = latin1_view(&mut raw).await?;
+    ensure!(
+        values == want,
+        "on backend {last}: {values:?}, want {want:?}"
+    );
+    let defaults = server_defaults(&db, &["client_encoding", "search_path"]).await?;
+    let mut pids = HashSet::from([last]);
+    for round in 0..4 {
+        let (holder, hpid) = keep_only(&h1, &h2, last).await?;
+        let (values, _) = settings_and_pid(holder, &["client_encoding", "search_path"]).await?;
+        ensure!(
+            values == defaults,
+            "round {round}: another client on backend {hpid}, where the LATIN1 session ran, sees {values:?}"
+        );
+        let (pid, values) = latin1_view(&mut raw).await?;
+        ensure!(pid != last, "round {round}: the session was not moved");
+        ensure!(
+            values == want,
+            "round {round}: moved from backend {last} to {pid}, the session sees {values:?}, want {want:?}"
+        );
+        release(holder).await?;
+        last = pid;
+        pids.insert(pid);
+    }
+    ensure!(pids.len() >= 2, "stayed on {pids:?}");
     Ok(())
 }
 

@@ -1196,8 +1196,12 @@ pub mod msg {
     use super::{frame, put_cstr};
 
     pub fn query(sql: &str) -> Vec<u8> {
-        let mut b = Vec::new();
-        put_cstr(&mut b, sql);
+        query_bytes(sql.as_bytes())
+    }
+    /// A Query in the session's client encoding, whatever that is (LATIN1 bytes, say).
+    pub fn query_bytes(sql: &[u8]) -> Vec<u8> {
+        let mut b = sql.to_vec();
+        b.push(0);
         frame(b'Q', &b)
     }
     pub fn parse(name: &str, sql: &str) -> Vec<u8> {
