@@ -603,6 +603,8 @@ struct SessClient {
     server: ServerConnection,
     /// Bytes the client sent right behind its startup packet.
     initial: BytesMut,
+    /// Custom settings the client's statements mentioned, which a move asks the server for.
+    custom: Option<Box<crate::custom::SessionCustom>>,
 }
 
 /// Session mode, login: gets a server and replays the login to the client.
@@ -661,6 +663,7 @@ async fn session_login(
         cancel_key,
         server: *server,
         initial: early,
+        custom: None,
     }))
 }
 
@@ -690,7 +693,10 @@ async fn session(
     let mut idle_wait = idle_wait(ctx, socket);
     let ended = loop {
         let SessClient {
-            server, initial, ..
+            server,
+            initial,
+            custom,
+            ..
         } = &mut *st;
         // Plaintext on both sides keeps the TcpStream fast path; TLS on either side goes
         // through the stream enums. Both loops are the same code and the same size.
@@ -703,6 +709,7 @@ async fn session(
                     initial,
                     moves.signal.as_mut(),
                     idle_wait.as_deref_mut(),
+                    custom,
                 )
                 .await
             }
@@ -714,6 +721,7 @@ async fn session(
                     initial,
                     moves.signal.as_mut(),
                     None,
+                    custom,
                 )
                 .await
             }
@@ -777,15 +785,17 @@ async fn after_forwarding(
         tracked,
         cancel_key,
         server,
+        custom,
         ..
     } = st;
+    let custom = crate::custom::SessionCustom::names(custom);
     let Moves { signal, pins } = moves;
     match outcome.end {
         SessionEnd::SafePoint => {
             let Some(sig) = signal.as_mut() else {
                 return ControlFlow::Break(Ok(outcome));
             };
-            match Box::pin(try_move(ctx, server, socket, out)).await {
+            match Box::pin(try_move(ctx, server, custom, socket, out)).await {
                 Ok(Moved::To(new)) => {
                     Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
                     sig.rebase(server);
@@ -808,7 +818,8 @@ async fn after_forwarding(
         }
         SessionEnd::Deadline => {
             if outcome.server_clean
-                && let Ok(Moved::To(new)) = Box::pin(try_move(ctx, server, socket, out)).await
+                && let Ok(Moved::To(new)) =
+                    Box::pin(try_move(ctx, server, custom, socket, out)).await
             {
                 // Idle and no longer pinned at the last moment: move after all.
                 Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
@@ -924,11 +935,12 @@ enum Moved {
 async fn try_move(
     ctx: &ClientContext,
     server: &mut ServerConnection,
+    custom: &[String],
     socket: &mut ClientStream,
     out: &mut BytesMut,
 ) -> Result<Moved> {
     let params = server.params.clone();
-    let snap = crate::migrate::snapshot(server, true, &[]).await?;
+    let snap = crate::migrate::snapshot(server, true, custom).await?;
     if !snap.pins.is_empty() {
         return Ok(Moved::Pinned(snap.pins));
     }
@@ -1327,7 +1339,7 @@ async fn sync_session(
         &server.txn().sql_prepared,
         &client.sql_prepared,
         server.policy_role(),
-        server.txn().opaque_settings,
+        server.txn().custom.unnamed,
     );
     if !queries.is_empty() {
         Box::pin(server.replay(&queries, &[], &[])).await.map_err(|e| match e {
@@ -1339,7 +1351,7 @@ async fn sync_session(
         let txn = server.txn_mut();
         txn.settings = client.settings.clone();
         txn.sql_prepared = client.sql_prepared.clone();
-        txn.opaque_settings = false;
+        txn.custom.unnamed = false;
     }
     let changes = crate::migrate::reported_changes(&client.seen, &server.parameter_status);
     if !changes.is_empty() {
@@ -1359,7 +1371,7 @@ async fn sync_session(
 /// settings are asked for by name: those the session holds and those its rounds on `server`
 /// may have set since the last time.
 async fn relearn(server: &mut ServerConnection, client: &mut ClientSession) -> Result<()> {
-    let mut custom = std::mem::take(&mut server.txn_mut().custom_names);
+    let mut custom = server.txn_mut().custom.take_names();
     for (name, _) in &client.settings {
         if name.contains('.') && !custom.contains(name) {
             custom.push(name.clone());

@@ -16,6 +16,8 @@ pub mod client;
 pub mod config;
 /// Credential generations: watching, validating and publishing DSNs.
 pub mod credentials;
+/// Custom settings (`app.tenant_id`): their names, read from the client's statements.
+pub mod custom;
 /// The crate's error type.
 pub mod error;
 /// Binding listeners and accepting clients.

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::custom::SessionCustom;
 use crate::migrate::MoveSignal;
 use crate::park::IdleWait;
 use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
@@ -218,6 +219,7 @@ pub fn run_session<'a, C, S>(
     initial: &[u8],
     signal: Option<&'a mut MoveSignal>,
     idle: Option<&'a mut IdleWait>,
+    custom: &'a mut Option<Box<SessionCustom>>,
 ) -> Pump<'a, C, S>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
@@ -237,6 +239,7 @@ where
         early_end: None,
         stop: signal,
         idle,
+        custom,
         drain: None,
     };
     if !initial.is_empty() {
@@ -246,6 +249,7 @@ where
             &pump.state,
             max_client_message,
             &mut pump.verdict,
+            pump.stop.is_some().then_some(&mut *pump.custom),
             initial,
         ) {
             Ok((forward, stop)) => {
@@ -291,6 +295,9 @@ pub struct Pump<'a, C, S> {
     stop: Option<&'a mut MoveSignal>,
     /// The session's place among the idle ones, when it may be parked.
     idle: Option<&'a mut IdleWait>,
+    /// Custom setting names the client's statements mentioned (kept by the session), read
+    /// only when the session may move.
+    custom: &'a mut Option<Box<SessionCustom>>,
     /// After Terminate, replies still owed are delivered until this fires.
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -433,18 +440,19 @@ where
             if self.client_done {
                 return Poll::Ready(self.client_end());
             }
-            let (walker, state, verdict, max) = (
+            let (walker, state, verdict, max, custom) = (
                 &mut self.client_walker,
                 &self.state,
                 &mut self.verdict,
                 self.max_client_message,
+                self.stop.is_some().then_some(&mut *self.custom),
             );
             let read = poll_relay(
                 &mut *self.client,
                 &mut *self.server,
                 &mut self.to_server,
                 cx,
-                |data| inspect_client(walker, state, max, verdict, data),
+                |data| inspect_client(walker, state, max, verdict, custom, data),
             );
             match read {
                 Poll::Pending => return Poll::Pending,
@@ -594,10 +602,14 @@ pub(crate) fn inspect_client(
     state: &SessionState,
     max_message: usize,
     verdict: &mut ClientVerdict,
+    mut custom: Option<&mut Option<Box<SessionCustom>>>,
     data: &[u8],
 ) -> Result<(usize, bool), String> {
     let hot = hot();
     count_client_bytes(data.len());
+    if let Some(custom) = custom.as_deref_mut() {
+        SessionCustom::continue_with(custom, data);
+    }
     let end = walker
         .walk(data, |event| match event {
             Event::Start { tag: b'X', .. } => {
@@ -646,6 +658,19 @@ pub(crate) fn inspect_client(
             Event::Length { len, .. } if len > max_message => {
                 *verdict = ClientVerdict::TooLarge(len);
                 ControlFlow::Break(())
+            }
+            Event::Length {
+                tag: tag @ (b'Q' | b'P'),
+                len,
+                body_at,
+            } => {
+                // Custom settings a move must carry (PostgreSQL cannot list them).
+                if let Some(custom) = custom.as_deref_mut() {
+                    let body_len = len - 4;
+                    let available = &data[body_at..data.len().min(body_at + body_len)];
+                    SessionCustom::message(custom, tag, body_len, available);
+                }
+                ControlFlow::Continue(())
             }
             _ => ControlFlow::Continue(()),
         })

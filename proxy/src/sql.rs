@@ -344,6 +344,32 @@ pub fn custom_setting_names(text: &str, mut found: impl FnMut(String)) -> bool {
     literal_names
 }
 
+/// Whether a statement string may set a custom setting, judged on its bytes for every Query
+/// and Parse of a session-mode client (a few comparisons for an ordinary statement); a yes is
+/// read with [`custom_setting_names`].
+pub fn may_set_custom(text: &[u8]) -> bool {
+    let t = text.trim_ascii_start();
+    let keyword = |w: &[u8]| {
+        t.get(..w.len()).is_some_and(|p| p.eq_ignore_ascii_case(w))
+            && t.get(w.len()).is_none_or(|&c| !is_ident_byte(c))
+    };
+    if t.starts_with(b"/*") || t.starts_with(b"--") || keyword(b"set") || keyword(b"reset") {
+        return true;
+    }
+    // One pass for both: `set_config`, and a `;` with more behind it (anything may follow).
+    memchr::memchr2_iter(b';', b'_', text).any(|i| {
+        if text[i] == b';' {
+            !text[i..]
+                .iter()
+                .all(|&c| c == b';' || c.is_ascii_whitespace())
+        } else {
+            i.checked_sub(3)
+                .and_then(|s| text.get(s..s + 10))
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"set_config"))
+        }
+    })
+}
+
 /// A dotted setting name at the start of `s` (`app.x`, `"App".x`), lowercased; None without a
 /// dot.
 fn dotted_name(s: &str) -> Option<String> {
@@ -457,6 +483,23 @@ mod tests {
             "a name dbproxy cannot read"
         );
         assert_eq!(custom("SET app. = 1; SET = 2; RESET"), (vec![], true));
+        for yes in [
+            "SET app.x = 1",
+            " reset app.x;",
+            "SELECT pg_catalog.SET_CONFIG('app.x', '1', false)",
+            "SELECT 1; SET app.x = 1",
+            "/* c */ SET app.x = 1",
+        ] {
+            assert!(may_set_custom(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+            "SETTLE",
+            "UPDATE t SET a = 1",
+            "select 1; ",
+        ] {
+            assert!(!may_set_custom(no.as_bytes()), "{no}");
+        }
     }
 
     #[test]

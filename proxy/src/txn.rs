@@ -46,11 +46,9 @@ pub struct ServerSession {
     pub sql_prepared: Vec<(String, String)>,
     tick: u64,
     /// Custom settings (`app.tenant_id`) the statements of this connection's last rounds may
-    /// have set or reset, by name, for the next snapshot (PostgreSQL lists them nowhere).
-    pub custom_names: Vec<String>,
-    /// A `set_config` whose name dbproxy cannot read (`set_config($1, ...)`) ran here: the
-    /// next client gets the connection after a `RESET ALL`.
-    pub opaque_settings: bool,
+    /// have set or reset, by name, for the next snapshot. When one could not be named
+    /// (`set_config($1, ...)`), the next client gets the connection after a `RESET ALL`.
+    pub custom: crate::custom::CustomNames,
     /// The rounds' buffers, kept with the connection while it is in use: allocating them per
     /// transaction was a measurable part of its cost. The pool's janitor drops them once the
     /// connection has been idle for a while ([`ServerSession::drop_idle_buffers`]).
@@ -947,28 +945,10 @@ impl Statement {
     }
 }
 
-/// Custom setting names a connection remembers for its next snapshot, at most.
-const MAX_CUSTOM_NAMES: usize = 64;
-
 impl Shared<'_> {
     /// Notes the custom settings a statement that may touch session state may set.
     fn note_custom_settings(&mut self, text: &str) {
-        let names = &mut self.server.custom_names;
-        let mut all_kept = true;
-        let literal = crate::sql::custom_setting_names(text, |name| {
-            if names.contains(&name) {
-                return;
-            }
-            if names.len() < MAX_CUSTOM_NAMES {
-                names.push(name);
-            } else {
-                all_kept = false;
-            }
-        });
-        // A setting that cannot be followed must not stay for the next client either.
-        if !literal || !all_kept {
-            self.server.opaque_settings = true;
-        }
+        self.server.custom.note(text);
     }
 
     /// Marks a statement used on this server; false when the server does not have it.

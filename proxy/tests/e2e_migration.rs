@@ -99,10 +99,22 @@ async fn fifty_sessions_move_with_their_state() -> anyhow::Result<()> {
             client
                 .batch_execute(&format!("SET work_mem = '{work_mem}'"))
                 .await?;
+            // A custom setting (pg_settings does not list them), set with SET or with
+            // set_config in the extended protocol.
+            let tenant = format!("t{k}");
+            if k % 2 == 0 {
+                client
+                    .batch_execute(&format!("SET app.tenant = '{tenant}'"))
+                    .await?;
+            } else {
+                client
+                    .query_one("SELECT set_config('app.tenant', $1, false)", &[&tenant])
+                    .await?;
+            }
             let stmt = client
                 .prepare(&format!(
                     "SELECT $1::int4 + {k}, inet_server_port(), current_setting('work_mem'), \
-                     current_setting('application_name')"
+                     current_setting('application_name'), current_setting('app.tenant', true)"
                 ))
                 .await?;
             client
@@ -144,6 +156,10 @@ async fn fifty_sessions_move_with_their_state() -> anyhow::Result<()> {
                     (row.get::<_, i32>(0) == i + k, "protocol statement result"),
                     (row.get::<_, String>(2) == work_mem, "work_mem"),
                     (row.get::<_, String>(3) == name, "application_name"),
+                    (
+                        row.get::<_, Option<String>>(4).as_deref() == Some(tenant.as_str()),
+                        "app.tenant",
+                    ),
                     (sq == (i * 10 + k).to_string(), "SQL prepared statement sq"),
                 ];
                 for (ok, what) in checks {

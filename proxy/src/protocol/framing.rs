@@ -14,8 +14,8 @@ pub enum Event {
     /// The first byte (the tag) of a message sits at `offset` in the current chunk.
     Start { tag: u8, offset: usize },
     /// The header of a message is complete: `len` counts the length field itself, like the
-    /// protocol does.
-    Length { tag: u8, len: usize },
+    /// protocol does; its body starts at `body_at` in the current chunk (which may end first).
+    Length { tag: u8, len: usize, body_at: usize },
     /// The status byte of a ReadyForQuery ('I' idle, 'T' in transaction, 'E' failed).
     ReadyForQuery(u8),
 }
@@ -98,7 +98,13 @@ impl MessageWalker {
                 let len = len as usize;
                 self.body_left = len - 4;
                 self.want_status = tag == b'Z' && self.body_left > 0;
-                if f(Event::Length { tag, len }).is_break() {
+                if f(Event::Length {
+                    tag,
+                    len,
+                    body_at: i,
+                })
+                .is_break()
+                {
                     return Ok(WalkEnd::Stopped(i));
                 }
             }
@@ -183,12 +189,21 @@ mod tests {
     fn collect(stream: &[u8], split: usize) -> Vec<Event> {
         let mut w = MessageWalker::new();
         let mut events = Vec::new();
-        for chunk in stream.chunks(split) {
+        for (n, chunk) in stream.chunks(split).enumerate() {
+            let base = n * split;
             let end = w
                 .walk(chunk, |e| {
-                    // Offsets are chunk-relative; normalise them away for comparison.
+                    // Offsets are chunk-relative: compared as offsets in the stream.
                     events.push(match e {
-                        Event::Start { tag, .. } => Event::Start { tag, offset: 0 },
+                        Event::Start { tag, offset } => Event::Start {
+                            tag,
+                            offset: base + offset,
+                        },
+                        Event::Length { tag, len, body_at } => Event::Length {
+                            tag,
+                            len,
+                            body_at: base + body_at,
+                        },
                         other => other,
                     });
                     ControlFlow::Continue(())
