@@ -27,7 +27,13 @@ pub struct Generation {
     pub number: u64,
     pub dsn: Dsn,
     /// Role for SET ROLE, derived from the policy and this DSN's user.
-    pub role: Option<String>,
+    pub role: Option<Arc<str>>,
+    /// `user@hosts/db` ([`describe_dsn`]), shared by every server connection it opens.
+    pub target: Arc<str>,
+    /// Where cancels for its backends go, one per address and TLS use, shared by every server
+    /// connection it opens (a session-mode client has one each: about 170 bytes saved per
+    /// session).
+    routes: std::sync::Mutex<Vec<Arc<crate::server::CancelRoute>>>,
     /// The password after SASLprep, for SCRAM.
     pub scram_password: Arc<[u8]>,
     /// The SCRAM salted password, derived once and shared by every login of this generation.
@@ -40,13 +46,15 @@ pub struct Generation {
 
 impl Generation {
     pub fn new(number: u64, dsn: Dsn, policy: &RolePolicy) -> Result<Self> {
-        let role = dsn.user().and_then(|u| policy.role_for(u));
+        let role = dsn.user().and_then(|u| policy.role_for(u)).map(Into::into);
         let scram_password = normalize(dsn.password().unwrap_or("")).into();
         let tls = ServerTlsPolicy::from_dsn(&dsn).map_err(|e| ProxyError::BadDsn(e.to_string()))?;
         Ok(Generation {
             number,
+            target: describe_dsn(&dsn).into(),
             dsn,
             role,
+            routes: Default::default(),
             scram_password,
             scram_cache: Arc::default(),
             tls,
@@ -56,6 +64,24 @@ impl Generation {
     /// `user@host:port` for logs: enough to tell generations apart, never the password.
     pub fn describe(&self) -> String {
         describe_dsn(&self.dsn)
+    }
+
+    /// The shared route equal to `route` (same address, TLS name and TLS use; the policy is
+    /// this generation's).
+    pub fn cancel_route(
+        &self,
+        route: crate::server::CancelRoute,
+    ) -> Arc<crate::server::CancelRoute> {
+        let mut routes = crate::lock(&self.routes);
+        if let Some(known) = routes
+            .iter()
+            .find(|r| r.addr == route.addr && r.host == route.host && r.tls == route.tls)
+        {
+            return known.clone();
+        }
+        let route = Arc::new(route);
+        routes.push(route.clone());
+        route
     }
 }
 

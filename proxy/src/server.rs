@@ -108,7 +108,7 @@ pub struct ServerConnection {
     pub idle_since: Instant,
     /// Where cancels for this backend go, and how.
     pub cancel_route: Arc<CancelRoute>,
-    role: Option<String>,
+    role: Option<Arc<str>>,
     /// `user@hosts/db` of the generation that opened it: a rotation that changes this moves
     /// sessions (`--migrate changed`).
     pub target: Arc<str>,
@@ -469,9 +469,9 @@ impl ServerConnection {
             peer: addr,
             created: now,
             idle_since: now,
-            cancel_route: Arc::new(route),
+            cancel_route: generation.cancel_route(route),
             role: generation.role.clone(),
-            target: crate::credentials::describe_dsn(dsn).into(),
+            target: generation.target.clone(),
             txn: None,
             registry: Default::default(),
         };
@@ -480,7 +480,7 @@ impl ServerConnection {
                 .await
                 .map_err(|e| match e {
                     ProxyError::Reset(message) => ProxyError::SetRole {
-                        role,
+                        role: role.to_string(),
                         code: "42501".into(),
                         message,
                     },
