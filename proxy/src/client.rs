@@ -278,7 +278,7 @@ fn park(mut conn: Box<ClientConn>, what: ToPark) {
         Err(e) => tracing::warn!(
             %peer,
             error = %e,
-            "cannot take an idle client's socket out of the runtime to park it; closing it (if this repeats, run without --client-park-after-ms)"
+            "cannot take an idle client's socket out of the runtime to park it; closing it (if this repeats, turn parking off with --client-park-after-ms 0)"
         ),
     }
 }

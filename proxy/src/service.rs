@@ -150,27 +150,28 @@ pub async fn run(
         known_statements: Default::default(),
         parker: match args.client_park_after_ms {
             0 => None,
-            ms => {
-                let parker = crate::park::Parker::start(Duration::from_millis(ms), shutdown.clone())
-                    .map_err(|e| {
-                        ProxyError::Config(format!(
-                            "cannot start the parker for idle clients: {e}; start dbproxy without --client-park-after-ms to run without parking"
-                        ))
-                    })?;
-                let counted = Arc::downgrade(&parker);
-                let _ = stats
-                    .parked_clients
-                    .set(Box::new(move || counted.upgrade().map_or(0, |p| p.len())));
-                if args.pool_mode == PoolMode::Session && args.migrate != MigratePolicy::Never {
-                    tokio::spawn(resume_parked_on_rotation(
-                        credentials.clone(),
-                        parker.clone(),
-                        args.migrate,
-                        shutdown.clone(),
-                    ));
+            ms => match crate::park::Parker::start(Duration::from_millis(ms), shutdown.clone()) {
+                Err(e) => {
+                    // Parking saves memory; clients are served without it all the same.
+                    tracing::warn!(error = %e, "cannot start the parker for idle clients (an epoll set); running without parking (--client-park-after-ms 0 says so and silences this)");
+                    None
                 }
-                Some(parker)
-            }
+                Ok(parker) => {
+                    let counted = Arc::downgrade(&parker);
+                    let _ = stats
+                        .parked_clients
+                        .set(Box::new(move || counted.upgrade().map_or(0, |p| p.len())));
+                    if args.pool_mode == PoolMode::Session && args.migrate != MigratePolicy::Never {
+                        tokio::spawn(resume_parked_on_rotation(
+                            credentials.clone(),
+                            parker.clone(),
+                            args.migrate,
+                            shutdown.clone(),
+                        ));
+                    }
+                    Some(parker)
+                }
+            },
         },
     });
     let counter = ClientCounter::new();
