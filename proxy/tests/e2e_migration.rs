@@ -941,6 +941,97 @@ async fn changed_moves_on_user_switch_not_on_password_rotation() -> anyhow::Resu
     Ok(())
 }
 
+/// The raw session's user, client encoding, search_path and `app.note` (UTF-8 hex, ASCII in any
+/// encoding), and what its SQL prepared statement `p` and protocol statement `q` return.
+async fn latin1_state(raw: &mut RawSession) -> anyhow::Result<Vec<String>> {
+    raw.send(&[
+        msg::query(
+            "SELECT current_user, pg_catalog.current_setting('client_encoding'), \
+             pg_catalog.encode(pg_catalog.convert_to(pg_catalog.current_setting('search_path'), 'UTF8'), 'hex'), \
+             pg_catalog.encode(pg_catalog.convert_to(pg_catalog.current_setting('app.note', true), 'UTF8'), 'hex')",
+        ),
+        msg::query("EXECUTE p"),
+        msg::bind("", "q", &[]),
+        msg::execute(""),
+        msg::sync(),
+    ])
+    .await?;
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        replies.extend(raw.until_ready().await?);
+    }
+    ensure!(error_codes(&replies).is_empty(), "{replies:?}");
+    Ok(replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::DataRow(cols) => Some(cols.iter().map(|c| c.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .flatten()
+        .collect())
+}
+
+/// A session in LATIN1 whose settings (a custom one too), SQL PREPARE and protocol statement
+/// hold non-ASCII text moves on a user switch with all of it intact: dbproxy reads the old
+/// server's state and re-creates it on the new one in UTF-8, and the session keeps LATIN1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn latin1_session_moves_with_its_text() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let mut raw = RawSession::connect(proxy.port(), "latin1").await?;
+    let setup: [&[u8]; 4] = [
+        b"SET client_encoding = 'LATIN1'",
+        b"SET search_path = \"sch\xe9ma\", public",
+        b"SET app.note = 'caf\xe9'",
+        b"PREPARE p AS SELECT pg_catalog.encode(pg_catalog.convert_to('n\xe9', 'UTF8'), 'hex')",
+    ];
+    for sql in setup {
+        raw.send(&[msg::query_bytes(sql)]).await?;
+        let replies = raw.until_ready().await?;
+        ensure!(error_codes(&replies).is_empty(), "{replies:?}");
+    }
+    raw.send(&[
+        msg::parse_bytes(
+            "q",
+            b"SELECT pg_catalog.encode(pg_catalog.convert_to('\xe0 la carte', 'UTF8'), 'hex')",
+        ),
+        msg::sync(),
+    ])
+    .await?;
+    let replies = raw.until_ready().await?;
+    ensure!(error_codes(&replies).is_empty(), "{replies:?}");
+    let before = latin1_state(&mut raw).await?;
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    ensure!(
+        before[0] == "app_a"
+            && before[1] == "LATIN1"
+            && before[2].contains("c3a9")
+            && before[3] == hex("caf\u{e9}")
+            && before[4] == hex("n\u{e9}")
+            && before[5] == hex("\u{e0} la carte"),
+        "before the move: {before:?}"
+    );
+    let since = write_uri(&secret, &db.uri("app_b"))?;
+    let after = loop {
+        let state = latin1_state(&mut raw).await?;
+        if state[0] == "app_b" {
+            break state;
+        }
+        ensure!(
+            since.elapsed() < MOVE_DEADLINE,
+            "the session is still app_a {:?} after the switch",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        after[1..] == before[1..],
+        "after the move: {after:?}, before: {before:?}"
+    );
+    Ok(())
+}
+
 /// `--migrate always`: even a password-only rotation moves sessions to a fresh backend (logged in
 /// with the new password) carrying their state; the old backend is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1205,9 +1205,14 @@ pub mod msg {
         frame(b'Q', &b)
     }
     pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        parse_bytes(name, sql.as_bytes())
+    }
+    /// A Parse whose text is in the session's client encoding, whatever that is.
+    pub fn parse_bytes(name: &str, sql: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
         put_cstr(&mut b, name);
-        put_cstr(&mut b, sql);
+        b.extend_from_slice(sql);
+        b.push(0);
         b.extend_from_slice(&0i16.to_be_bytes());
         frame(b'P', &b)
     }
