@@ -256,7 +256,7 @@ const SNAPSHOT_ATTEMPTS: u32 = 5;
 /// whose current values are wanted too.
 ///
 /// `custom` names custom settings (`app.tenant_id`) to ask for: PostgreSQL lists them nowhere,
-/// so only transaction mode, which reads them from the client's statements, knows any.
+/// so their names come from the client's statements (`crate::custom`).
 pub async fn snapshot(
     server: &mut ServerConnection,
     with_reported: bool,
