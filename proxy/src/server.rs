@@ -20,7 +20,7 @@ use crate::auth::scram_client::{Gs2Binding, ScramClient};
 use crate::credentials::Generation;
 use crate::error::{ProxyError, Result, ServerErrorFields};
 use crate::protocol::backend::parse_error_fields;
-use crate::protocol::framing::{read_message, take_cstr};
+use crate::protocol::framing::{read_message, take_cstr, take_parameter_status};
 
 /// Largest message we accept from a server during login or reset (ParameterStatus,
 /// ErrorResponse, SASL data are all small).
@@ -443,9 +443,7 @@ impl ServerConnection {
                 }
                 b'E' => return Err(rejected(parse_error_fields(&body))),
                 b'S' => {
-                    let name = take_cstr(&mut body)?;
-                    let value = take_cstr(&mut body)?;
-                    parameter_status.push((name, value));
+                    parameter_status.push(take_parameter_status(&mut body)?);
                 }
                 b'K' => {
                     if body.len() < 8 {
@@ -551,8 +549,7 @@ impl ServerConnection {
     }
 
     fn note_parameter_status(&mut self, body: &mut BytesMut) -> Result<()> {
-        let name = take_cstr(body)?;
-        let value = take_cstr(body)?;
+        let (name, value) = take_parameter_status(body)?;
         set_parameter_status(&mut self.parameter_status, &name, &value);
         Ok(())
     }

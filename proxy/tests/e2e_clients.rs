@@ -873,3 +873,53 @@ fn data_row_pair(body: &[u8]) -> (String, Vec<u8>) {
     let text = cols.pop().unwrap();
     (String::from_utf8(cols.pop().unwrap()).unwrap(), text)
 }
+
+/// A LATIN1 client (startup `client_encoding`) served by a role whose name is not ASCII: the
+/// server reports `session_authorization` at login in LATIN1, which is not UTF-8. dbproxy
+/// logs in and serves the client in both pool modes (it refused the login before: "string is
+/// not valid UTF-8").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latin1_client_of_a_non_ascii_role() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let role = "r\u{f4}le";
+    let password = rotated_password();
+    db.cluster
+        .create_role(role, &password, dbtests::PasswordKind::Scram)
+        .await?;
+    db.cluster.execute("GRANT app TO \"r\u{f4}le\"").await?;
+    let secret = uri_secret(&db.cluster.uri(role, &password, APP_DB))?;
+    for mode in ["session", "transaction"] {
+        let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+            .args(["--pool-mode", mode])
+            .redact(&password)
+            .start()?;
+        let port = proxy.port().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(psql_bin())
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "x", "-d", "x"])
+                .args([
+                    "-c",
+                    "SELECT (current_user = U&'r\\00F4le')::text, current_setting('client_encoding')",
+                    "-c",
+                    "SELECT count(*) FROM items",
+                ])
+                .env_remove("PGPASSWORD")
+                .env_remove("PGPASSFILE")
+                .env_remove("PGSERVICE")
+                .env("PGCLIENTENCODING", "LATIN1")
+                .env("PGCONNECT_TIMEOUT", "30")
+                .output()
+        })
+        .await??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.lines().collect::<Vec<_>>() == ["true|LATIN1", "0"],
+            "{mode} mode: psql {:?}, stdout {stdout:?}, stderr {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            proxy.log_redacted()
+        );
+    }
+    Ok(())
+}

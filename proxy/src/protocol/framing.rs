@@ -163,6 +163,26 @@ where
     Ok(())
 }
 
+/// Reads a ParameterStatus message's name and value. They are in the session's client
+/// encoding, which need not be UTF-8: a LATIN1 session logged in as a role named `rôle` gets
+/// `session_authorization` in LATIN1. Bytes that are not UTF-8 read as U+FFFD: the login
+/// goes on (the value is only kept to be shown and replayed), where refusing it would refuse
+/// the client.
+pub fn take_parameter_status(body: &mut BytesMut) -> Result<(String, String)> {
+    let mut take = || {
+        let end = body
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| ProxyError::Protocol("missing string terminator".into()))?;
+        let s = String::from_utf8_lossy(&body[..end]).into_owned();
+        body.advance(end + 1);
+        Ok::<_, ProxyError>(s)
+    };
+    let name = take()?;
+    let value = take()?;
+    Ok((name, value))
+}
+
 /// Reads a NUL-terminated string from the front of `body`.
 pub fn take_cstr(body: &mut BytesMut) -> Result<String> {
     let end = body
@@ -274,6 +294,13 @@ mod tests {
         assert_eq!(tag, b'S');
         assert_eq!(take_cstr(&mut body).unwrap(), "a");
         assert_eq!(take_cstr(&mut body).unwrap(), "b");
+        let mut status = BytesMut::from(&b"session_authorization\0r\xf4le\0"[..]);
+        assert_eq!(
+            take_parameter_status(&mut status).unwrap(),
+            ("session_authorization".into(), "r\u{fffd}le".into())
+        );
+        assert!(status.is_empty());
+        assert!(take_parameter_status(&mut BytesMut::from(&b"name\0value"[..])).is_err());
         assert!(read_message(&mut reader, &mut buf, 1000).await.is_err());
     }
 
