@@ -483,7 +483,7 @@ impl Pool {
             let err = match tracing::Instrument::instrument(connect, span).await {
                 Ok(mut server) => {
                     let now = SystemTime::now();
-                    tracing::debug!(server.id = id, generation = server.generation, peer = %server.peer, backend_pid = server.backend_pid, "server connection opened");
+                    tracing::debug!(server.id = id, generation = server.generation, peer = %server.peer(), backend_pid = server.backend_pid, "server connection opened");
                     server.registry = self.stats.registry.add_server(ServerEntry {
                         id,
                         generation: server.generation,
@@ -496,7 +496,7 @@ impl Pool {
                                 .unwrap_or(""),
                             "",
                         ),
-                        addr: server.peer,
+                        addr: server.peer(),
                         backend_pid: server.backend_pid,
                         state: ServerState::Active,
                         connect_time: now,

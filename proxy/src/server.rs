@@ -103,7 +103,6 @@ pub struct ServerConnection {
     pub parameter_status: ParameterStatus,
     pub backend_pid: i32,
     pub backend_key: i32,
-    pub peer: SocketAddr,
     pub created: Instant,
     pub idle_since: Instant,
     /// Where cancels for this backend go, and how.
@@ -122,7 +121,7 @@ pub struct ServerConnection {
 impl std::fmt::Debug for ServerConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConnection")
-            .field("peer", &self.peer)
+            .field("peer", &self.peer())
             .field("generation", &self.generation)
             .field("backend_pid", &self.backend_pid)
             .field("tls", &self.stream.is_tls())
@@ -131,6 +130,11 @@ impl std::fmt::Debug for ServerConnection {
 }
 
 impl ServerConnection {
+    /// The backend's address (its cancel route's).
+    pub fn peer(&self) -> SocketAddr {
+        self.cancel_route.addr
+    }
+
     /// What transaction pooling left here (empty when nothing has).
     pub fn txn(&self) -> &crate::txn::ServerSession {
         static EMPTY: std::sync::LazyLock<crate::txn::ServerSession> =
@@ -464,7 +468,6 @@ impl ServerConnection {
             parameter_status: share_parameter_status(parameter_status),
             backend_pid: backend.0,
             backend_key: backend.1,
-            peer: addr,
             created: now,
             idle_since: now,
             cancel_route: generation.cancel_route(route),
