@@ -186,9 +186,10 @@ pub async fn run(
     }
 
     crate::shutdown::wait_for_termination(Duration::from_secs(args.shutdown_delay), || {
-        stats.reload_requested("sighup");
         let asked = credentials.reload();
         tracing::info!(watcher_running = asked, "SIGHUP: re-reading the DSN file");
+        // Counted after the log line is written: whoever sees the count finds the line.
+        stats.reload_requested("sighup");
     })
     .await;
     tracing::info!(
