@@ -57,6 +57,8 @@ pub struct ClientContext {
     pub migration_timeout: Duration,
     /// `--max-prepared-statements` (transaction mode).
     pub max_prepared_statements: usize,
+    /// `--reset-settings-between-clients` (transaction mode).
+    pub reset_settings_between_clients: bool,
     /// Statements servers have accepted (transaction mode).
     pub known_statements: crate::txn::KnownStatements,
     /// Where idle clients (a session-mode client with its server) wait once silent for
@@ -1199,7 +1201,10 @@ async fn transaction_step(
         assign(cancel_key, server);
         tracked.set_server(Some(server.backend_pid));
         *assigned = true;
-        if let Err(e) = sync_session(server, client, socket, out).await {
+        let owner = ctx
+            .reset_settings_between_clients
+            .then(|| client_id(cancel_key));
+        if let Err(e) = sync_session(server, client, socket, out, owner).await {
             // The server's state is unknown now: it is closed, never reused.
             if let Some(server) = held.take() {
                 give_back(ctx, cancel_key, server, false, false).await;
@@ -1324,22 +1329,32 @@ async fn give_back(
     ctx.pool.release_with(server, clean, reset).await;
 }
 
+/// A client's identity for `--reset-settings-between-clients` (never 0).
+fn client_id(key: &CancelKey) -> u64 {
+    ((u64::from(key.pid as u32) << 32) | u64::from(key.key as u32)).max(1)
+}
+
 /// Brings a server just assigned to the client in line with the client's session: settings
 /// and SQL prepared statements (one round trip, only when they differ), then tells the client
-/// about reported parameters whose values differ from what it has seen.
+/// about reported parameters whose values differ from what it has seen. `owner` is the
+/// client's identity under `--reset-settings-between-clients`: a server that last served
+/// another client is reset first.
 async fn sync_session(
     server: &mut ServerConnection,
     client: &mut ClientSession,
     socket: &mut ClientStream,
     out: &mut BytesMut,
+    owner: Option<u64>,
 ) -> Result<()> {
+    let last = server.txn().owner;
+    let other_client = owner.is_some_and(|id| last != 0 && last != id);
     let queries = crate::migrate::restore_statements(
         &server.txn().settings,
         &client.settings,
         &server.txn().sql_prepared,
         &client.sql_prepared,
         server.policy_role(),
-        server.txn().custom.unnamed,
+        server.txn().custom.unnamed || other_client,
     );
     if !queries.is_empty() {
         Box::pin(server.replay(&queries, &[], &[])).await.map_err(|e| match e {
@@ -1352,6 +1367,9 @@ async fn sync_session(
         txn.settings = client.settings.clone();
         txn.sql_prepared = client.sql_prepared.clone();
         txn.custom.unnamed = false;
+    }
+    if let Some(id) = owner {
+        server.txn_mut().owner = id;
     }
     let changes = crate::migrate::reported_changes(&client.seen, &server.parameter_status);
     if !changes.is_empty() {

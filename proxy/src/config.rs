@@ -119,6 +119,14 @@ pub struct RunArgs {
     #[arg(long = "max-prepared-statements", default_value_t = 200)]
     pub max_prepared_statements: usize,
 
+    /// Transaction mode: before a server connection serves another client, its settings are
+    /// reset (`RESET ALL`, then that client's own settings), so a setting changed where
+    /// dbproxy cannot see it (inside a function the client called) never reaches another
+    /// client; such a setting then lasts only while its server keeps serving its client.
+    /// Costs one round trip each time a server changes client.
+    #[arg(long = "reset-settings-between-clients")]
+    pub reset_settings_between_clients: bool,
+
     /// Seconds to keep serving normally after SIGTERM (the app is shutting down too and
     /// still needs its database) before refusing new clients and draining.
     #[arg(long = "shutdown-delay", default_value_t = 5)]

@@ -564,6 +564,10 @@ pub fn restore_statements(
     }
     statements.extend(settings_delta(have_settings, want_settings, policy_role));
     let prepared = sql_prepared_delta(have_prepared, want_prepared);
+    if reset_all && prepared.is_empty() && statements.len() == 1 + OVERRIDDEN.len() {
+        // Nothing to restore behind the reset: one statement, no transaction around it.
+        return vec!["RESET ALL".to_owned()];
+    }
     if !prepared.is_empty() {
         statements.push("SET LOCAL standard_conforming_strings = on".to_owned());
         statements.extend(prepared);
@@ -729,6 +733,19 @@ mod tests {
                 "COMMIT",
             ]
         );
+        // A reset with nothing to restore behind it is one statement; with something, the
+        // whole transaction.
+        assert_eq!(
+            restore_statements(&[kv("app.x", "1")], &[], &[], &[], None, true),
+            vec!["RESET ALL"]
+        );
+        let with_setting = restore_statements(&[], &[kv("app.x", "2")], &[], &[], None, true);
+        assert_eq!(
+            with_setting[..2],
+            ["BEGIN", "SET LOCAL statement_timeout = 0"]
+        );
+        assert!(with_setting.contains(&"RESET ALL".to_owned()));
+        assert_eq!(with_setting.last().map(String::as_str), Some("COMMIT"));
         assert_eq!(parse_oid_array("{23,25}"), vec![23, 25]);
         assert!(parse_oid_array("{}").is_empty());
         assert_eq!(

@@ -147,6 +147,7 @@ pub async fn run(
         migrate: args.migrate,
         migration_timeout: Duration::from_secs(args.migration_timeout),
         max_prepared_statements: args.max_prepared_statements,
+        reset_settings_between_clients: args.reset_settings_between_clients,
         known_statements: Default::default(),
         parker: match args.client_park_after_ms {
             0 => None,

@@ -49,6 +49,9 @@ pub struct ServerSession {
     /// have set or reset, by name, for the next snapshot. When one could not be named
     /// (`set_config($1, ...)`), the next client gets the connection after a `RESET ALL`.
     pub custom: crate::custom::CustomNames,
+    /// The client this connection last served, under `--reset-settings-between-clients` (0:
+    /// none yet).
+    pub owner: u64,
     /// The rounds' buffers, kept with the connection while it is in use: allocating them per
     /// transaction was a measurable part of its cost. The pool's janitor drops them once the
     /// connection has been idle for a while ([`ServerSession::drop_idle_buffers`]).

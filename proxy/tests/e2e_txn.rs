@@ -1907,6 +1907,59 @@ async fn custom_settings_follow_their_client_only() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A setting changed inside a function (`SELECT set_tenant('42')` running `set_config` in
+/// PL/pgSQL) is invisible in the client's text, so transaction mode cannot follow it. Without
+/// `--reset-settings-between-clients` it stays on the server for the next client (the known
+/// limit, checked here so that the flag's test below is not vacuous); with it, the server is
+/// reset before it serves another client, and the setting lasts while its client keeps the
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settings_set_inside_functions_with_and_without_reset_between_clients() -> anyhow::Result<()>
+{
+    for reset in [false, true] {
+        let mut flags = vec!["--pool-size", "1"];
+        if reset {
+            flags.push("--reset-settings-between-clients");
+        }
+        let (db, _secret, proxy) = txn_proxy(&flags).await?;
+        db.admin()
+            .await?
+            .batch_execute(
+                "CREATE FUNCTION set_tenant(t text) RETURNS void LANGUAGE plpgsql \
+                 AS $$ BEGIN PERFORM pg_catalog.set_config('app.tenant_id', t, false); END $$",
+            )
+            .await?;
+        let port = proxy.port();
+        let (a, b) = (connect(port, "a").await?, connect(port, "b").await?);
+        let names = ["app.tenant_id"];
+        a.batch_execute("SELECT set_tenant('42')").await?;
+        let (own, pid_a) = settings_and_pid(&a, &names).await?;
+        ensure!(
+            own == ["42"],
+            "reset {reset}: a's next transaction sees {own:?}"
+        );
+        let (other, pid_b) = settings_and_pid(&b, &names).await?;
+        ensure!(pid_a == pid_b, "one server connection, one backend");
+        if reset {
+            ensure!(
+                other == [""],
+                "b sees a's setting {other:?} despite the reset"
+            );
+            let (again, _) = settings_and_pid(&a, &names).await?;
+            ensure!(
+                again == [""],
+                "a's setting came back after b used the server: {again:?}"
+            );
+        } else {
+            ensure!(
+                other == ["42"],
+                "without the reset, b was expected to find a's setting (the documented limit) but sees {other:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The raw session's backend pid, client encoding, search_path and `dbproxy.note` (as UTF-8
 /// hex) from one statement, and what its prepared statement `p` returns.
 async fn latin1_view(raw: &mut RawSession) -> anyhow::Result<(i32, Vec<String>)> {
