@@ -267,12 +267,22 @@ pub async fn snapshot(
     // LOCAL, in the implicit transaction of this one query string, see `OVERRIDDEN`); their
     // session values are read first (cheap, ASCII) and compared with their values at session
     // start (SET LOCAL ... TO DEFAULT) to know whether the client changed them.
-    let mut sql = String::from(
-        "SELECT 'cur', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'), pg_catalog.current_setting('client_encoding'); \
-         SET LOCAL statement_timeout TO DEFAULT; SET LOCAL lock_timeout TO DEFAULT; SET LOCAL client_encoding TO DEFAULT; \
-         SELECT 'def', pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('lock_timeout'), pg_catalog.current_setting('client_encoding'); \
-         SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; SET LOCAL client_encoding = 'UTF8'; \
-         SELECT 'pin', 'listen', NULL, NULL, NULL FROM pg_catalog.pg_listening_channels() HAVING count(*) > 0 \
+    let current: Vec<String> = OVERRIDDEN
+        .iter()
+        .map(|(name, _)| format!("pg_catalog.current_setting('{name}')"))
+        .collect();
+    let current = current.join(", ");
+    let mut sql = format!("SELECT 'cur', {current}; ");
+    for (name, _) in OVERRIDDEN {
+        sql.push_str(&format!("SET LOCAL {name} TO DEFAULT; "));
+    }
+    sql.push_str(&format!("SELECT 'def', {current}; "));
+    for statement in overrides() {
+        sql.push_str(&statement);
+        sql.push_str("; ");
+    }
+    sql.push_str(
+        "SELECT 'pin', 'listen', NULL, NULL, NULL FROM pg_catalog.pg_listening_channels() HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'temp', NULL, NULL, NULL FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema() HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'cursor', NULL, NULL, NULL FROM pg_catalog.pg_cursors HAVING count(*) > 0 \
          UNION ALL SELECT 'pin', 'lock', NULL, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() HAVING count(*) > 0 \
@@ -401,7 +411,7 @@ pub async fn snapshot(
 /// Settings dbproxy overrides (SET LOCAL) for its own statements, and their values there: the
 /// client's timeouts must not cancel them, and they are read and written in UTF-8 whatever
 /// encoding the client chose (a session in LATIN1 must not get its `SET search_path =
-/// "schéma"` back as other bytes). The snapshot's first row reads them in this order.
+/// "schéma"` back as other bytes). The snapshot reads their session values in this order.
 const OVERRIDDEN: [(&str, &str); 3] = [
     ("statement_timeout", "0"),
     ("lock_timeout", "0"),
@@ -415,12 +425,10 @@ fn overridden_index(name: &str) -> Option<usize> {
 }
 
 /// `SET LOCAL` of every overridden setting.
-fn push_overrides(out: &mut Vec<String>) {
-    out.extend(
-        OVERRIDDEN
-            .iter()
-            .map(|(name, value)| format!("SET LOCAL {name} = {value}")),
-    );
+fn overrides() -> impl Iterator<Item = String> {
+    OVERRIDDEN
+        .iter()
+        .map(|(name, value)| format!("SET LOCAL {name} = {value}"))
 }
 
 /// `{23,25}` -> [23, 25].
@@ -473,7 +481,7 @@ pub fn settings_delta(
     }
     if !last.is_empty() {
         out.append(&mut last);
-        push_overrides(&mut out);
+        out.extend(overrides());
     }
     out
 }
@@ -519,7 +527,7 @@ pub fn in_transaction(statements: Vec<String>) -> Vec<String> {
     }
     let mut out = Vec::with_capacity(statements.len() + 2 + OVERRIDDEN.len());
     out.push("BEGIN".to_owned());
-    push_overrides(&mut out);
+    out.extend(overrides());
     out.extend(statements);
     out.push("COMMIT".to_owned());
     out
@@ -554,7 +562,7 @@ pub fn restore_statements(
         // Every setting back to its default but the role (RESET ALL leaves it), dbproxy's
         // overrides included.
         statements.push("RESET ALL".to_owned());
-        push_overrides(&mut statements);
+        statements.extend(overrides());
         role_only = have_settings
             .iter()
             .filter(|(n, _)| n == "role")

@@ -154,7 +154,7 @@ pub async fn run(
             ms => match crate::park::Parker::start(Duration::from_millis(ms), shutdown.clone()) {
                 Err(e) => {
                     // Parking saves memory; clients are served without it all the same.
-                    tracing::warn!(error = %e, "cannot start the parker for idle clients (an epoll set); running without parking (--client-park-after-ms 0 says so and silences this)");
+                    tracing::warn!(error = %e, "cannot start the parker for idle clients (an epoll set: check the open-files limit); running without parking (--client-park-after-ms 0 says so and silences this)");
                     None
                 }
                 Ok(parker) => {

@@ -220,14 +220,10 @@ pub fn may_touch_session_state(text: &str) -> bool {
     if mentions_state_function(text) {
         return true;
     }
-    // Nothing but whitespace and semicolons after the first `;` (or no `;`): one statement,
-    // no need to split (a `;` inside a literal or comment leaves more text behind it).
-    let single = match memchr::memchr(b';', text.as_bytes()) {
-        None => true,
-        Some(at) => text.as_bytes()[at..]
-            .iter()
-            .all(|&c| c == b';' || c.is_ascii_whitespace()),
-    };
+    // No `;` with more behind it: one statement, no need to split (a `;` inside a literal or
+    // comment leaves more text behind it).
+    let single = memchr::memchr(b';', text.as_bytes())
+        .is_none_or(|at| !more_after_semicolon(text.as_bytes(), at));
     if single {
         return statement_touches_state(text);
     }
@@ -282,16 +278,34 @@ fn next_keyword(s: &str) -> (&str, &str) {
 /// without one costs one byte scan instead of a scan per name.
 fn mentions_state_function(text: &str) -> bool {
     let b = text.as_bytes();
-    let at = |start: Option<usize>, word: &[u8]| {
-        start
-            .and_then(|s| b.get(s..s + word.len()))
-            .is_some_and(|w| w.eq_ignore_ascii_case(word))
-    };
     memchr::memchr_iter(b'_', b).any(|i| {
-        at(i.checked_sub(3), b"set_config")
-            || at(i.checked_sub(8), b"advisory_lock")
-            || at(i.checked_sub(8), b"advisory_unlock")
+        set_config_at(b, i)
+            || word_around(b, i, 8, b"advisory_lock")
+            || word_around(b, i, 8, b"advisory_unlock")
     })
+}
+
+/// Whether `word` (any case) is in `b` with its byte `offset` at `i`: the statement checks find
+/// words by one of their bytes (`_`) with memchr, then look around it.
+#[inline]
+fn word_around(b: &[u8], i: usize, offset: usize, word: &[u8]) -> bool {
+    i.checked_sub(offset)
+        .and_then(|s| b.get(s..s + word.len()))
+        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+}
+
+/// Whether the `_` at `i` is set_config's.
+#[inline]
+fn set_config_at(b: &[u8], i: usize) -> bool {
+    word_around(b, i, 3, b"set_config")
+}
+
+/// Whether anything but whitespace and semicolons follows the `;` at `at`: another statement.
+#[inline]
+fn more_after_semicolon(b: &[u8], at: usize) -> bool {
+    !b[at..]
+        .iter()
+        .all(|&c| c == b';' || c.is_ascii_whitespace())
 }
 
 /// Custom setting names (`app.tenant_id`: with a dot, no extension defines them) that a query
@@ -324,8 +338,8 @@ pub fn custom_setting_names(text: &str, mut found: impl FnMut(String)) -> bool {
     }
     let b = text.as_bytes();
     let mut literal_names = true;
-    for at in memchr::memmem::find_iter(&b.to_ascii_lowercase(), b"set_config") {
-        let after = text[at + "set_config".len()..].trim_ascii_start();
+    for underscore in memchr::memchr_iter(b'_', b).filter(|&i| set_config_at(b, i)) {
+        let after = text[underscore + "_config".len()..].trim_ascii_start();
         let Some(args) = after.strip_prefix('(') else {
             continue;
         };
@@ -359,13 +373,9 @@ pub fn may_set_custom(text: &[u8]) -> bool {
     // One pass for both: `set_config`, and a `;` with more behind it (anything may follow).
     memchr::memchr2_iter(b';', b'_', text).any(|i| {
         if text[i] == b';' {
-            !text[i..]
-                .iter()
-                .all(|&c| c == b';' || c.is_ascii_whitespace())
+            more_after_semicolon(text, i)
         } else {
-            i.checked_sub(3)
-                .and_then(|s| text.get(s..s + 10))
-                .is_some_and(|w| w.eq_ignore_ascii_case(b"set_config"))
+            set_config_at(text, i)
         }
     })
 }

@@ -775,7 +775,7 @@ fn client_messages(
                 let touches = may_touch_session_state(&text);
                 if touches {
                     sh.recheck = true;
-                    sh.note_custom_settings(&text);
+                    sh.server.custom.note(&text);
                 }
                 if touches
                     && let Some(name) = deallocate_target(&text)
@@ -804,7 +804,7 @@ fn client_messages(
                     && may_touch_session_state(&text)
                 {
                     sh.recheck = true;
-                    sh.note_custom_settings(&text);
+                    sh.server.custom.note(&text);
                 }
                 if name.is_empty() {
                     sh.queue.push_back(Expect::Parse {
@@ -853,7 +853,9 @@ fn client_messages(
                     (Some(statement), Some(name)) => {
                         if tag == b'B' && statement.touches_state {
                             sh.recheck = true;
-                            sh.note_custom_settings(&sql_text(&statement.rest).unwrap_or_default());
+                            sh.server
+                                .custom
+                                .note(&sql_text(&statement.rest).unwrap_or_default());
                         }
                         // The queue entry for this message must come after the injected Parse.
                         let expect = sh.queue.pop_back();
@@ -949,11 +951,6 @@ impl Statement {
 }
 
 impl Shared<'_> {
-    /// Notes the custom settings a statement that may touch session state may set.
-    fn note_custom_settings(&mut self, text: &str) {
-        self.server.custom.note(text);
-    }
-
     /// Marks a statement used on this server; false when the server does not have it.
     fn touch(&mut self, key: &[u8; 16]) -> bool {
         self.server.tick += 1;

@@ -961,14 +961,7 @@ async fn latin1_state(raw: &mut RawSession) -> anyhow::Result<Vec<String>> {
         replies.extend(raw.until_ready().await?);
     }
     ensure!(error_codes(&replies).is_empty(), "{replies:?}");
-    Ok(replies
-        .iter()
-        .filter_map(|r| match r {
-            Reply::DataRow(cols) => Some(cols.iter().map(|c| c.clone().unwrap_or_default())),
-            _ => None,
-        })
-        .flatten()
-        .collect())
+    Ok(data_cells(&replies))
 }
 
 /// A session in LATIN1 whose settings (a custom one too), SQL PREPARE and protocol statement

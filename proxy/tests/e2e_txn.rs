@@ -1970,14 +1970,7 @@ async fn latin1_view(raw: &mut RawSession) -> anyhow::Result<(i32, Vec<String>)>
         .await?;
     let mut replies = raw.until_ready().await?;
     replies.extend(raw.until_ready().await?);
-    let row: Vec<String> = replies
-        .iter()
-        .filter_map(|r| match r {
-            Reply::DataRow(cols) => Some(cols.iter().map(|c| c.clone().unwrap_or_default())),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let row = data_cells(&replies);
     ensure!(row.len() == 5, "replies: {replies:?}");
     Ok((row[0].parse()?, row[1..].to_vec()))
 }

@@ -169,30 +169,24 @@ where
 /// goes on (the value is only kept to be shown and replayed), where refusing it would refuse
 /// the client.
 pub fn take_parameter_status(body: &mut BytesMut) -> Result<(String, String)> {
-    let mut take = || {
-        let end = body
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| ProxyError::Protocol("missing string terminator".into()))?;
-        let s = String::from_utf8_lossy(&body[..end]).into_owned();
-        body.advance(end + 1);
-        Ok::<_, ProxyError>(s)
-    };
-    let name = take()?;
-    let value = take()?;
+    let name = String::from_utf8_lossy(&take_cstr_bytes(body)?).into_owned();
+    let value = String::from_utf8_lossy(&take_cstr_bytes(body)?).into_owned();
     Ok((name, value))
+}
+
+/// The bytes of the NUL-terminated string at the front of `body`, taken off it.
+fn take_cstr_bytes(body: &mut BytesMut) -> Result<BytesMut> {
+    let end = memchr::memchr(0, body)
+        .ok_or_else(|| ProxyError::Protocol("missing string terminator".into()))?;
+    let s = body.split_to(end);
+    body.advance(1);
+    Ok(s)
 }
 
 /// Reads a NUL-terminated string from the front of `body`.
 pub fn take_cstr(body: &mut BytesMut) -> Result<String> {
-    let end = body
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| ProxyError::Protocol("missing string terminator".into()))?;
-    let s = String::from_utf8(body[..end].to_vec())
-        .map_err(|_| ProxyError::Protocol("string is not valid UTF-8".into()))?;
-    body.advance(end + 1);
-    Ok(s)
+    String::from_utf8(take_cstr_bytes(body)?.to_vec())
+        .map_err(|_| ProxyError::Protocol("string is not valid UTF-8".into()))
 }
 
 #[cfg(test)]

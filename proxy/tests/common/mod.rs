@@ -1458,6 +1458,18 @@ pub fn first_column(replies: &[Reply]) -> Vec<Option<String>> {
         .collect()
 }
 
+/// Every cell of every DataRow among `replies`, in order (NULL as empty).
+pub fn data_cells(replies: &[Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::DataRow(cols) => Some(cols.iter().map(|c| c.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// The SQLSTATEs of every ErrorResponse among `replies`.
 pub fn error_codes(replies: &[Reply]) -> Vec<String> {
     replies
