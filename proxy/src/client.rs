@@ -67,19 +67,31 @@ pub struct ClientContext {
 }
 
 /// A client parked while idle: what its task resumes with, and its sockets out of the
-/// runtime.
+/// runtime. The state is held by value, in the parker's slab, not in the boxes it lived in:
+/// a parked client then keeps nothing of its own scattered over the heap, so the pages its
+/// task and boxes used can go back to the system (see [`crate::park`]).
 pub struct ParkedClient {
-    conn: Box<ClientConn>,
+    conn: ParkedConn,
     socket: StdTcpStream,
     kind: ParkedKind,
 }
 
+/// A [`ClientConn`] without what a parked client does not use (its socket is out of the
+/// runtime, its reply buffer empty).
+struct ParkedConn {
+    peer: SocketAddr,
+    require_password: bool,
+    ctx: Arc<ClientContext>,
+    shutdown: Shutdown,
+    slot: crate::listener::ClientSlot,
+}
+
 enum ParkedKind {
     /// A transaction-mode client between transactions.
-    Transaction(Box<TxClient>),
+    Transaction(TxClient),
     /// A session-mode client and its server, both idle at a safe point, and the server's
     /// socket.
-    Session(Box<SessClient>, StdTcpStream),
+    Session(SessClient, StdTcpStream),
 }
 
 impl ParkedClient {
@@ -105,23 +117,29 @@ impl crate::park::Parkable for ParkedClient {
     /// Resumes on a new task. Should the reactor refuse a socket, the client is closed (and
     /// a session's server with it).
     fn resume(self) {
-        let ParkedClient {
-            mut conn,
-            socket,
-            kind,
-        } = self;
+        let ParkedClient { conn, socket, kind } = self;
         let Some(socket) = crate::park::to_runtime(socket) else {
             return;
         };
-        conn.socket = ClientStream::Plain(socket);
+        let conn = Box::new(ClientConn {
+            socket: ClientStream::Plain(socket),
+            out: BytesMut::new(),
+            peer: conn.peer,
+            require_password: conn.require_password,
+            ctx: conn.ctx,
+            shutdown: conn.shutdown,
+            _slot: conn.slot,
+        });
         match kind {
-            ParkedKind::Transaction(st) => drop(tokio::spawn(serve_transaction(conn, st))),
+            ParkedKind::Transaction(st) => {
+                drop(tokio::spawn(serve_transaction(conn, Box::new(st))))
+            }
             ParkedKind::Session(mut st, server) => {
                 let Some(server) = crate::park::to_runtime(server) else {
                     return;
                 };
                 st.server.stream.attach(server);
-                drop(tokio::spawn(serve_session(conn, st)));
+                drop(tokio::spawn(serve_session(conn, Box::new(st))));
             }
         }
     }
@@ -204,7 +222,7 @@ async fn serve_session(mut conn: Box<ClientConn>, st: Box<SessClient>) {
     let served = Box::pin(session(&mut c.socket, c.peer, &c.ctx, st, &mut c.out)).await;
     match served {
         Ok(SessExit::Done) => {}
-        Ok(SessExit::Park(st, epoch)) => park(conn, ToPark::Session(st, epoch)),
+        Ok(SessExit::Park(st, epoch)) => park(*conn, ToPark::Session(st, epoch)),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
     }
 }
@@ -223,7 +241,7 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     .await;
     match served {
         Ok(TxExit::Done) => {}
-        Ok(TxExit::Park(st)) => park(conn, ToPark::Transaction(st)),
+        Ok(TxExit::Park(st)) => park(*conn, ToPark::Transaction(st)),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
     }
 }
@@ -248,27 +266,40 @@ enum ToPark {
 /// Hands an idle client to the parker: its task ends here, and its sockets (a session's
 /// server socket too) leave the runtime's reactor until either side speaks again (or, for a
 /// session, a rotation resumes every parked one: see [`crate::park::Parker::park`]).
-fn park(mut conn: Box<ClientConn>, what: ToPark) {
+fn park(conn: ClientConn, what: ToPark) {
+    // Nothing is written while parked: the reply buffer goes.
+    let ClientConn {
+        socket,
+        out: _,
+        peer,
+        require_password,
+        ctx,
+        shutdown,
+        _slot: slot,
+    } = conn;
     // Clients are offered parking only with a parker and plaintext sockets.
-    let Some(parker) = conn.ctx.parker.clone() else {
+    let Some(parker) = ctx.parker.clone() else {
         return;
     };
-    let ClientStream::Plain(socket) = std::mem::replace(&mut conn.socket, ClientStream::Closed)
-    else {
+    let ClientStream::Plain(socket) = socket else {
         return;
     };
-    // Nothing is written while parked: the reply buffer goes too.
-    conn.out = BytesMut::new();
-    let peer = conn.peer;
+    let conn = ParkedConn {
+        peer,
+        require_password,
+        ctx,
+        shutdown,
+        slot,
+    };
     let out_of_reactor = || -> std::io::Result<(ParkedClient, u64)> {
         let socket = socket.into_std()?;
         let (kind, epoch) = match what {
-            ToPark::Transaction(st) => (ParkedKind::Transaction(st), parker.epoch()),
+            ToPark::Transaction(st) => (ParkedKind::Transaction(*st), parker.epoch()),
             ToPark::Session(mut st, epoch) => {
                 let server = st.server.stream.detach().ok_or_else(|| {
                     std::io::Error::other("the server connection is not plaintext")
                 })?;
-                (ParkedKind::Session(st, server.into_std()?), epoch)
+                (ParkedKind::Session(*st, server.into_std()?), epoch)
             }
         };
         Ok((ParkedClient { conn, socket, kind }, epoch))
@@ -1443,6 +1474,8 @@ mod size_tests {
             ("ClientConn", size_of::<super::ClientConn>(), 168),
             ("Moves", size_of::<super::Moves>(), 184),
             ("TxClient", size_of::<super::TxClient>(), 280),
+            // A parked client's whole state, in the parker's slab.
+            ("ParkedClient", size_of::<super::ParkedClient>(), 376),
             (
                 "Pump",
                 size_of::<crate::proxy::Pump<tokio::net::TcpStream, tokio::net::TcpStream>>(),

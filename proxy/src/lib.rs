@@ -22,6 +22,8 @@ pub mod custom;
 pub mod error;
 /// Binding listeners and accepting clients.
 pub mod listener;
+/// Handing free memory back to the system after clients park or leave.
+pub mod memory;
 /// Moving live sessions to new server connections at safe points (rotation, migration).
 pub mod migrate;
 /// /healthz, /readyz and /metrics.

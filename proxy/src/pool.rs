@@ -620,7 +620,7 @@ impl Pool {
                 if s.idle_since.elapsed() >= BUFFERS_IDLE
                     && let Some(txn) = s.txn.as_mut()
                 {
-                    txn.drop_idle_buffers();
+                    crate::memory::freed(txn.drop_idle_buffers());
                 }
                 i += 1;
             }

@@ -126,6 +126,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     tokio::spawn(pool.clone().run_janitor(shutdown.clone()));
+    tokio::spawn(crate::memory::give_back(shutdown.clone()));
 
     let bound = bind_all(&addrs).await?;
     readiness.listeners_bound.store(true, Ordering::Relaxed);

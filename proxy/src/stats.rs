@@ -335,10 +335,40 @@ impl ServerState {
     }
 }
 
-/// A connection's user, database and application name, in one allocation: the registry
-/// holds an entry per connection, so its size is per-client memory.
+/// A connection's user, database and application name, in one allocation shared by every
+/// connection with the same three (clients of one application usually are): the registry
+/// holds an entry per connection, so its size is per-client memory. Shared also keeps an idle
+/// client's memory in few places: parked clients' pages go back to the system
+/// ([`crate::park`]), which one small allocation of their own per client would prevent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Names(Box<str>);
+pub struct Names(Arc<str>);
+
+/// The distinct [`Names`] in use. Those no connection holds any more are dropped when the set
+/// has doubled since it was last swept, so it stays within twice the names in use.
+struct Interned {
+    set: std::collections::HashSet<Arc<str>>,
+    sweep_at: usize,
+}
+
+static INTERNED: Mutex<Option<Interned>> = Mutex::new(None);
+
+fn intern(joined: String) -> Arc<str> {
+    let mut interned = crate::lock(&INTERNED);
+    let interned = interned.get_or_insert_with(|| Interned {
+        set: Default::default(),
+        sweep_at: 64,
+    });
+    if let Some(names) = interned.set.get(joined.as_str()) {
+        return names.clone();
+    }
+    if interned.set.len() >= interned.sweep_at {
+        interned.set.retain(|names| Arc::strong_count(names) > 1);
+        interned.sweep_at = (interned.set.len() * 2).max(64);
+    }
+    let names: Arc<str> = joined.into();
+    interned.set.insert(names.clone());
+    names
+}
 
 impl Names {
     /// PostgreSQL names cannot contain NUL (the protocol terminates them with it), so it
@@ -352,7 +382,7 @@ impl Names {
             }
             joined.extend(part.chars().filter(|&c| c != '\0'));
         }
-        Names(joined.into_boxed_str())
+        Names(intern(joined))
     }
 
     fn part(&self, i: usize) -> &str {
@@ -672,5 +702,27 @@ mod tests {
         );
         r.remove_server(again);
         assert!(r.servers().is_empty());
+    }
+
+    #[test]
+    fn names_are_shared_and_the_set_forgets_unused_ones() {
+        let a = Names::new("intern_u", "intern_d", "app");
+        let b = Names::new("intern_u", "intern_d", "app");
+        assert!(Arc::ptr_eq(&a.0, &b.0), "equal names share one allocation");
+        assert!(!Arc::ptr_eq(
+            &a.0,
+            &Names::new("intern_u", "intern_d", "other").0
+        ));
+        // Thousands of distinct names, each dropped at once: the set stays bounded.
+        for i in 0..5000 {
+            drop(Names::new("intern_u", "intern_d", &format!("app{i}")));
+        }
+        let len = crate::lock(&INTERNED).as_ref().unwrap().set.len();
+        assert!(len <= 1000, "{len} names kept for a handful in use");
+        // A name still in use survives the sweeps and is still shared.
+        assert!(Arc::ptr_eq(
+            &a.0,
+            &Names::new("intern_u", "intern_d", "app").0
+        ));
     }
 }

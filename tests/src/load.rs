@@ -181,18 +181,28 @@ pub fn proc_cpu_time(pid: u32) -> anyhow::Result<Duration> {
 
 /// Resident set size of a process in bytes (`VmRSS` in `/proc/<pid>/status`).
 pub fn proc_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+/// Its anonymous part (`RssAnon`: heap, stacks, anonymous mappings), without the binary's
+/// and libraries' pages, which the page cache shares and which grow with the code a process
+/// has run, not with what it holds.
+pub fn proc_anon_bytes(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kb(pid, "RssAnon:").map(|kb| kb * 1024)
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    let kb: u64 = line
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} line"))?;
+    Ok(line
         .split_whitespace()
         .nth(1)
-        .context("no VmRSS value")?
-        .parse()?;
-    Ok(kb * 1024)
+        .with_context(|| format!("no {field} value"))?
+        .parse()?)
 }
 
 /// Raises this process's open-file limit (children inherit it): 1000 idle clients need
@@ -824,6 +834,7 @@ mod tests {
     fn proc_readings_work_for_this_process() {
         let pid = std::process::id();
         assert!(proc_rss_bytes(pid).expect("rss") > 0);
+        assert!(proc_anon_bytes(pid).expect("anon") > 0);
         proc_cpu_time(pid).expect("cpu time");
     }
 }
