@@ -265,6 +265,8 @@ mod tests {
         assert_eq!(cli.addr, vec!["127.0.0.1:5432", "[::1]:5432"]);
         assert_eq!(cli.pool_size, 20);
         assert_eq!(cli.pool_mode, PoolMode::Session);
+        // Idle clients park after 10 to 20 s of silence unless told otherwise.
+        assert_eq!(cli.client_park_after_ms, 10_000);
         let cli = Cli::try_parse_from(["dbproxy", "run", "--dbc", "/x", "--addr", "127.0.0.1:1"])
             .unwrap()
             .into_run_args();
