@@ -20,9 +20,10 @@
 //! Who is idle for how long is counted in ticks of one sweeper task rather than with a timer
 //! per client: a timer per client costs a runtime wake-up per parked client, the sweeper one
 //! per tick for all of them. A client registers its waker in the idle list the first time it
-//! waits idle and stays there until it parks or ends; when it speaks it only notes the tick.
-//! Each tick wakes the clients on the list, and one silent since the tick before the last
-//! parks (if it is at a point where it can).
+//! waits idle and stays there until it parks or ends; when it speaks it only notes the tick
+//! (with a period under a second it also leaves the list, see [`IdleWait::spoke`]). Each tick
+//! wakes the clients on the list, and one silent since the tick before the last parks (if it
+//! is at a point where it can).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -68,7 +69,12 @@ struct IdleClock {
     list: WakerList,
     /// A client joined an empty idle list: the sweeper, asleep while it is empty, ticks again.
     first_idle: Notify,
+    /// Whether a client that speaks stays on the list (see [`IdleWait::spoke`]).
+    busy_stay_listed: bool,
 }
+
+/// The shortest period at which clients stay on the idle list while busy.
+const STAY_LISTED_FROM: Duration = Duration::from_secs(1);
 
 /// What parking a client frees, roughly: its task (256 bytes), its reactor registration (256
 /// per socket) and the boxes its state lived in.
@@ -100,10 +106,15 @@ impl IdleWait {
         self.seen = self.clock.tick.load(Ordering::Relaxed);
     }
 
-    /// The client (or its server) spoke: silent from now. It stays on the idle list (a tick
-    /// wakes a busy client for nothing, once per period): leaving and joining the list at
-    /// each message took two locks and cost about 250 instructions per transaction.
+    /// The client (or its server) spoke: silent from now. With a period of a second or more
+    /// (the default is 10 s) it stays on the idle list, and a tick wakes it for nothing if it
+    /// is busy: leaving and joining the list at each message took two locks and about 250
+    /// instructions per transaction. With a shorter period it leaves the list, so ticks do
+    /// not wake every busy client many times a second.
     pub fn spoke(&mut self) {
+        if !self.clock.busy_stay_listed {
+            self.clock.list.remove(&mut self.slot);
+        }
         self.quiet_from_now();
     }
 }
@@ -135,7 +146,10 @@ impl<T: Parkable> Parker<T> {
                 closed: false,
                 epoch: 0,
             }),
-            idle: Arc::default(),
+            idle: Arc::new(IdleClock {
+                busy_stay_listed: period >= STAY_LISTED_FROM,
+                ..IdleClock::default()
+            }),
         });
         // SAFETY: `poll` owns its epoll descriptor, which stays open and the same for as
         // long as `poll` lives, and `poll` lives inside the `AsyncFd` until it is dropped.
@@ -617,5 +631,38 @@ mod tests {
         let tick = parker.idle.tick.load(Ordering::Relaxed);
         tokio::time::sleep(5 * period).await;
         assert_eq!(parker.idle.tick.load(Ordering::Relaxed), tick);
+    }
+
+    /// A client that speaks stays on the idle list with a period of a second or more (no
+    /// locks per message), and leaves it with a shorter one (no wake-ups of every busy client
+    /// many times a second).
+    #[test]
+    fn a_speaking_client_stays_listed_only_with_long_periods() {
+        let waker = std::task::Waker::noop();
+        let cx = Context::from_waker(waker);
+        for (stay, listed_after_speaking) in [(true, 1), (false, 0)] {
+            let clock = Arc::new(IdleClock {
+                busy_stay_listed: stay,
+                ..IdleClock::default()
+            });
+            let mut wait = IdleWait {
+                clock: clock.clone(),
+                slot: WakerSlot::default(),
+                seen: 0,
+            };
+            assert!(!wait.poll_park(&cx), "silent for no tick yet");
+            assert_eq!(clock.list.len(), 1);
+            wait.spoke();
+            assert_eq!(
+                clock.list.len(),
+                listed_after_speaking,
+                "stay_listed = {stay}"
+            );
+            // Two ticks of silence later it parks either way.
+            clock.tick.fetch_add(2, Ordering::Relaxed);
+            assert!(wait.poll_park(&cx));
+            drop(wait);
+            assert_eq!(clock.list.len(), 0, "a parked client leaves the list");
+        }
     }
 }
