@@ -247,8 +247,8 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
 }
 
 /// A client's idle accounting when it may be parked: parking is on and its socket is
-/// plaintext (a TLS client's socket lives inside its TLS stream). Boxed: with parking off (the
-/// default) it is 8 bytes of every idle client's future.
+/// plaintext (a TLS client's socket lives inside its TLS stream). Boxed: for a TLS client or
+/// with parking off (`--client-park-after-ms 0`) it is 8 bytes of every idle client's future.
 fn idle_wait(ctx: &ClientContext, socket: &ClientStream) -> Option<Box<crate::park::IdleWait>> {
     match (&ctx.parker, socket) {
         (Some(parker), ClientStream::Plain(_)) => Some(Box::new(parker.idle_wait())),
