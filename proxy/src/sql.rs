@@ -214,8 +214,10 @@ pub fn leading_keywords(statement: &str) -> Keywords<'_> {
 /// backends, or state that pins a client to its backend: settings (SET, RESET, set_config),
 /// SQL prepared statements, LISTEN, temporary objects, holdable cursors, session advisory
 /// locks, DISCARD. Judged by each statement's leading keywords plus a scan for the functions
-/// involved; a hit only makes dbproxy ask the server afterwards, so a false positive costs one
-/// round trip and a miss of an exotic form (SELECT INTO TEMP) is documented.
+/// involved (and `pg_temp`); a hit only makes dbproxy ask the server afterwards, so a false
+/// positive costs one round trip. `SELECT ... INTO TEMP` is missed: looking for it in every
+/// SELECT cost about 220 instructions per simple-protocol transaction (2 % of transaction
+/// mode's), so it is documented instead.
 pub fn may_touch_session_state(text: &str) -> bool {
     if mentions_state_function(text) {
         return true;
@@ -273,15 +275,17 @@ fn next_keyword(s: &str) -> (&str, &str) {
     s.split_at(end)
 }
 
-/// Whether `text` contains `set_config`, `advisory_lock` or `advisory_unlock` (any case).
-/// Each holds an underscore at a known place, so only underscores are looked at: a query
-/// without one costs one byte scan instead of a scan per name.
+/// Whether `text` contains `set_config`, `advisory_lock`, `advisory_unlock` or `pg_temp`
+/// (any case). Each holds an underscore at a known place, so only underscores are looked at:
+/// a query without one costs one byte scan instead of a scan per name.
 fn mentions_state_function(text: &str) -> bool {
     let b = text.as_bytes();
     memchr::memchr_iter(b'_', b).any(|i| {
         set_config_at(b, i)
             || word_around(b, i, 8, b"advisory_lock")
             || word_around(b, i, 8, b"advisory_unlock")
+            // `CREATE TABLE pg_temp.t`, `... INTO pg_temp.t`: a temporary table by its schema.
+            || word_around(b, i, 2, b"pg_temp")
     })
 }
 
@@ -595,6 +599,24 @@ mod tests {
         assert!(may_touch_session_state(
             "declare c cursor with hold for select 1"
         ));
+    }
+
+    #[test]
+    fn temporary_tables_in_schema_pg_temp() {
+        assert!(may_touch_session_state("CREATE TABLE pg_temp.t (a int)"));
+        assert!(may_touch_session_state(
+            "create unlogged table PG_TEMP.t (a int)"
+        ));
+        assert!(may_touch_session_state("SELECT 1 INTO pg_temp.t"));
+        assert!(may_touch_session_state(
+            "select 1; create table pg_temp.t as select 2"
+        ));
+        assert!(!may_touch_session_state("SELECT 1 INTO t"));
+        assert!(!may_touch_session_state(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7"
+        ));
+        // The documented miss: found by no keyword and no underscore.
+        assert!(!may_touch_session_state("SELECT 1 AS x INTO TEMP t"));
     }
 
     #[test]

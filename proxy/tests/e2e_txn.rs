@@ -1149,6 +1149,62 @@ async fn both_backends_free(w1: &Client, w2: &Client, what: &str) -> anyhow::Res
     Ok(())
 }
 
+/// A table created in schema `pg_temp` is temporary and pins the client too (simple and
+/// extended protocol, `CREATE TABLE` and `SELECT ... INTO`). Before, it was not recognised,
+/// so the next transaction could run on another backend (the table missing) while another
+/// client got the table's backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tables_in_schema_pg_temp_pin_too() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
+    let port = proxy.port();
+    let t = connect(port, "t").await?;
+    let w1 = connect(port, "w1").await?;
+    let w2 = connect(port, "w2").await?;
+    let forms: [(&str, bool); 3] = [
+        (
+            "CREATE TABLE pg_temp.made AS SELECT g AS x FROM generate_series(1, 3) g",
+            false,
+        ),
+        (
+            "CREATE TABLE pg_temp.made AS SELECT g AS x FROM generate_series(1, 3) g",
+            true,
+        ),
+        (
+            "SELECT g AS x INTO pg_temp.made FROM generate_series(1, 3) g",
+            false,
+        ),
+    ];
+    for (form, extended) in forms {
+        if extended {
+            t.execute(form, &[])
+                .await
+                .with_context(|| form.to_string())?;
+        } else {
+            t.batch_execute(form)
+                .await
+                .with_context(|| form.to_string())?;
+        }
+        let pinned: i32 = t.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+        for round in 0..4 {
+            let hpid = hold(&w1).await?;
+            assert_ne!(
+                hpid, pinned,
+                "{form}: round {round}: another client got its backend"
+            );
+            release(&w1).await?;
+            let row = t
+                .query_one("SELECT count(*), pg_backend_pid() FROM made", &[])
+                .await
+                .with_context(|| format!("{form}: round {round}: the table is not there"))?;
+            assert_eq!(row.get::<_, i64>(0), 3);
+            assert_eq!(row.get::<_, i32>(1), pinned, "{form}: round {round}: moved");
+        }
+        t.batch_execute("DROP TABLE made").await?;
+        both_backends_free(&w1, &w2, &format!("after DROP ({form})")).await?;
+    }
+    Ok(())
+}
+
 /// A temporary table and a WITH HOLD cursor each pin the client's backend
 /// until they are gone; meanwhile the other clients never get that backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
