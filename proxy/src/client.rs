@@ -1232,9 +1232,8 @@ async fn transaction_step(
         assign(cancel_key, server);
         tracked.set_server(Some(server.backend_pid));
         *assigned = true;
-        let owner = ctx
-            .reset_settings_between_clients
-            .then(|| client_id(cancel_key));
+        // The client's registry id (from 1 up) tells clients apart.
+        let owner = ctx.reset_settings_between_clients.then(|| tracked.id());
         if let Err(e) = sync_session(server, client, socket, out, owner).await {
             // The server's state is unknown now: it is closed, never reused.
             if let Some(server) = held.take() {
@@ -1360,11 +1359,6 @@ async fn give_back(
     ctx.pool.release_with(server, clean, reset).await;
 }
 
-/// A client's identity for `--reset-settings-between-clients` (never 0).
-fn client_id(key: &CancelKey) -> u64 {
-    ((u64::from(key.pid as u32) << 32) | u64::from(key.key as u32)).max(1)
-}
-
 /// Brings a server just assigned to the client in line with the client's session: settings
 /// and SQL prepared statements (one round trip, only when they differ), then tells the client
 /// about reported parameters whose values differ from what it has seen. `owner` is the
@@ -1422,7 +1416,7 @@ async fn sync_session(
 async fn relearn(server: &mut ServerConnection, client: &mut ClientSession) -> Result<()> {
     let mut custom = server.txn_mut().custom.take_names();
     for (name, _) in &client.settings {
-        if name.contains('.') && !custom.contains(name) {
+        if crate::custom::is_custom(name) && !custom.contains(name) {
             custom.push(name.clone());
         }
     }

@@ -62,8 +62,8 @@ impl Generation {
     }
 
     /// `user@host:port` for logs: enough to tell generations apart, never the password.
-    pub fn describe(&self) -> String {
-        describe_dsn(&self.dsn)
+    pub fn describe(&self) -> &str {
+        &self.target
     }
 
     /// The shared route equal to `route` (same address, TLS name and TLS use; the policy is

@@ -68,10 +68,7 @@ impl SessionCustom {
     /// `available` arrived with it.
     pub fn message(this: &mut Option<Box<Self>>, tag: u8, body_len: usize, available: &[u8]) {
         if available.len() >= body_len {
-            let body = &available[..body_len];
-            if let Some(text) = statement_of(tag, body)
-                && crate::sql::may_set_custom(text)
-            {
+            if let Some(text) = custom_statement(tag, &available[..body_len]) {
                 this.get_or_insert_default()
                     .names
                     .note(&String::from_utf8_lossy(text));
@@ -100,9 +97,7 @@ impl SessionCustom {
             return;
         }
         let body = std::mem::take(&mut this.gathered);
-        if let Some(text) = statement_of(this.tag, &body)
-            && crate::sql::may_set_custom(text)
-        {
+        if let Some(text) = custom_statement(this.tag, &body) {
             this.names.note(&String::from_utf8_lossy(text));
         }
     }
@@ -111,6 +106,17 @@ impl SessionCustom {
     pub fn names(this: &Option<Box<Self>>) -> &[String] {
         this.as_deref().map_or(&[], |c| c.names.names())
     }
+}
+
+/// Whether a setting name is a custom one (`app.tenant_id`: a dot, which no built-in setting
+/// has; PostgreSQL lists such settings nowhere).
+pub fn is_custom(name: &str) -> bool {
+    name.contains('.')
+}
+
+/// The statement text of a Query or Parse body, if it may set a custom setting.
+fn custom_statement(tag: u8, body: &[u8]) -> Option<&[u8]> {
+    statement_of(tag, body).filter(|text| crate::sql::may_set_custom(text))
 }
 
 /// The statement text of a Query (`text\0`) or Parse (`name\0text\0...`) body.

@@ -252,21 +252,14 @@ const PIN_LOCK: &str = "it holds session-level advisory locks";
 /// How often a snapshot canceled by the session's own statement_timeout is asked again.
 const SNAPSHOT_ATTEMPTS: u32 = 5;
 
-/// Asks a backend at a safe point what its session holds. `reported` names the parameters
-/// whose current values are wanted too.
+/// The fixed part of [`snapshot`]'s query, built once.
 ///
-/// `custom` names custom settings (`app.tenant_id`) to ask for: PostgreSQL lists them nowhere,
-/// so their names come from the client's statements (`crate::custom`).
-pub async fn snapshot(
-    server: &mut ServerConnection,
-    with_reported: bool,
-    custom: &[String],
-) -> Result<Snapshot> {
-    // The client's own timeouts must not cancel dbproxy's question, and the answer must come
-    // in UTF-8 whatever the client's encoding, so those settings are overridden for it (SET
-    // LOCAL, in the implicit transaction of this one query string, see `OVERRIDDEN`); their
-    // session values are read first (cheap, ASCII) and compared with their values at session
-    // start (SET LOCAL ... TO DEFAULT) to know whether the client changed them.
+/// The client's own timeouts must not cancel dbproxy's question, and the answer must come in
+/// UTF-8 whatever the client's encoding, so those settings are overridden for it (SET LOCAL,
+/// in the implicit transaction of this one query string, see `OVERRIDDEN`); their session
+/// values are read first (cheap, ASCII) and compared with their values at session start (SET
+/// LOCAL ... TO DEFAULT) to know whether the client changed them.
+static SNAPSHOT_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let current: Vec<String> = OVERRIDDEN
         .iter()
         .map(|(name, _)| format!("pg_catalog.current_setting('{name}')"))
@@ -290,6 +283,20 @@ pub async fn snapshot(
          UNION ALL SELECT 'role', 'role', pg_catalog.current_setting('role'), NULL, NULL \
          UNION ALL SELECT 'prep', name, statement, parameter_types::pg_catalog.oid[]::pg_catalog.text, from_sql::pg_catalog.text FROM pg_catalog.pg_prepared_statements",
     );
+    sql
+});
+
+/// Asks a backend at a safe point what its session holds. `reported` names the parameters
+/// whose current values are wanted too.
+///
+/// `custom` names custom settings (`app.tenant_id`) to ask for: PostgreSQL lists them nowhere,
+/// so their names come from the client's statements (`crate::custom`).
+pub async fn snapshot(
+    server: &mut ServerConnection,
+    with_reported: bool,
+    custom: &[String],
+) -> Result<Snapshot> {
+    let mut sql = SNAPSHOT_QUERY.clone();
     if with_reported && !server.parameter_status.is_empty() {
         let names: Vec<String> = server
             .parameter_status

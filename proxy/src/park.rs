@@ -284,7 +284,7 @@ impl<T: Parkable> Parker<T> {
                 ready = set.readable_mut() => match ready {
                     Ok(ready) => ready,
                     Err(e) => {
-                        tracing::error!(error = %e, "watching parked clients failed; parking is off");
+                        tracing::error!(error = %e, "watching parked clients failed: every parked client is resumed and parking stays off until dbproxy restarts (with --client-park-after-ms 0 it never starts)");
                         break;
                     }
                 },

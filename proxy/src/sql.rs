@@ -355,7 +355,7 @@ pub fn custom_setting_names(text: &str, mut found: impl FnMut(String)) -> bool {
         let end = skip_quoted(args, 1, b'\'', false);
         let inner = &args[1..end.saturating_sub(1).max(1)];
         let name = String::from_utf8_lossy(inner).replace("''", "'");
-        if name.contains('.') {
+        if crate::custom::is_custom(&name) {
             found(name.to_ascii_lowercase());
         }
     }
@@ -412,7 +412,7 @@ fn dotted_name(s: &str) -> Option<String> {
         name.push('.');
         i += 1;
     }
-    name.contains('.').then_some(name)
+    crate::custom::is_custom(&name).then_some(name)
 }
 
 /// A SQL string literal for `value` (standard_conforming_strings on or off).

@@ -979,11 +979,7 @@ async fn latin1_session_moves_with_its_text() -> anyhow::Result<()> {
         b"SET app.note = 'caf\xe9'",
         b"PREPARE p AS SELECT pg_catalog.encode(pg_catalog.convert_to('n\xe9', 'UTF8'), 'hex')",
     ];
-    for sql in setup {
-        raw.send(&[msg::query_bytes(sql)]).await?;
-        let replies = raw.until_ready().await?;
-        ensure!(error_codes(&replies).is_empty(), "{replies:?}");
-    }
+    raw.run_all_ok(&setup).await?;
     raw.send(&[
         msg::parse_bytes(
             "q",

@@ -301,6 +301,19 @@ struct SettingsClient<'a> {
     last: i32,
 }
 
+impl<'a> SettingsClient<'a> {
+    /// A client under test that should see `want`, before any round.
+    fn new(name: &'static str, client: &'a Client, want: Vec<String>) -> Self {
+        SettingsClient {
+            name,
+            client,
+            want,
+            pids: HashSet::new(),
+            last: 0,
+        }
+    }
+}
+
 /// Rounds in which each client under test is forced onto the backend it did not use last: it
 /// must see its own settings there, the holder left on its previous backend and a clean client
 /// must see the defaults. Every client must have run on both backends.
@@ -396,20 +409,8 @@ async fn simple_set_and_reset_follow_their_client_only() -> anyhow::Result<()> {
     b.batch_execute("SET lock_timeout TO 1234; SET application_name = 'bee'")
         .await?;
     let mut clients = [
-        SettingsClient {
-            name: "a",
-            client: &a,
-            want: vec!["7MB".into(), defaults[1].clone()],
-            pids: HashSet::new(),
-            last: 0,
-        },
-        SettingsClient {
-            name: "b",
-            client: &b,
-            want: vec![defaults[0].clone(), "1234ms".into()],
-            pids: HashSet::new(),
-            last: 0,
-        },
+        SettingsClient::new("a", &a, vec!["7MB".into(), defaults[1].clone()]),
+        SettingsClient::new("b", &b, vec![defaults[0].clone(), "1234ms".into()]),
     ];
     settings_rounds(
         &mut clients,
@@ -467,20 +468,16 @@ async fn set_config_and_extended_set_follow_their_client_only() -> anyhow::Resul
     assert_eq!(set, "4321ms");
     d.execute("SET lock_timeout = '1234'", &[]).await?;
     let mut clients = [
-        SettingsClient {
-            name: "c (set_config)",
-            client: &c,
-            want: vec!["4321ms".into(), defaults[1].clone()],
-            pids: HashSet::new(),
-            last: 0,
-        },
-        SettingsClient {
-            name: "d (extended SET)",
-            client: &d,
-            want: vec![defaults[0].clone(), "1234ms".into()],
-            pids: HashSet::new(),
-            last: 0,
-        },
+        SettingsClient::new(
+            "c (set_config)",
+            &c,
+            vec!["4321ms".into(), defaults[1].clone()],
+        ),
+        SettingsClient::new(
+            "d (extended SET)",
+            &d,
+            vec![defaults[0].clone(), "1234ms".into()],
+        ),
     ];
     settings_rounds(
         &mut clients,
@@ -505,15 +502,7 @@ async fn transaction_scoped_settings_follow_postgres_rules() -> anyhow::Result<(
     let defaults = server_defaults(&db, &names).await?;
     let (a, clean) = (connect(port, "a").await?, connect(port, "clean").await?);
     let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
-    let check = |want: &str| {
-        [SettingsClient {
-            name: "a",
-            client: &a,
-            want: vec![want.to_string()],
-            pids: HashSet::new(),
-            last: 0,
-        }]
-    };
+    let check = |want: &str| [SettingsClient::new("a", &a, vec![want.to_string()])];
     let hs = (&h1, &h2);
 
     a.batch_execute("SET work_mem = '7MB'").await?;
@@ -1923,20 +1912,8 @@ async fn custom_settings_follow_their_client_only() -> anyhow::Result<()> {
     release(&h2).await?;
     let want = |tenant: &str| vec![tenant.to_owned(), String::new()];
     let mut clients = [
-        SettingsClient {
-            name: "a",
-            client: &a,
-            want: want("42"),
-            pids: HashSet::new(),
-            last: 0,
-        },
-        SettingsClient {
-            name: "b",
-            client: &b,
-            want: want("7"),
-            pids: HashSet::new(),
-            last: 0,
-        },
+        SettingsClient::new("a", &a, want("42")),
+        SettingsClient::new("b", &b, want("7")),
     ];
     let defaults = want("");
     settings_rounds(
@@ -2047,15 +2024,7 @@ async fn settings_of_a_latin1_session_follow_their_client() -> anyhow::Result<()
         b"SET dbproxy.note = 'caf\xe9 cr\xe8me'",
         b"PREPARE p AS SELECT pg_catalog.encode(pg_catalog.convert_to('n\xe9', 'UTF8'), 'hex')",
     ];
-    for sql in setup {
-        raw.send(&[msg::query_bytes(sql)]).await?;
-        let replies = raw.until_ready().await?;
-        ensure!(
-            error_codes(&replies).is_empty(),
-            "{}: {replies:?}",
-            String::from_utf8_lossy(sql)
-        );
-    }
+    raw.run_all_ok(&setup).await?;
     // What the session should hold, as UTF-8 hex (ASCII, so the same in any encoding), from
     // the same statements run directly in UTF-8.
     let admin = db.admin().await?;
@@ -2181,13 +2150,7 @@ async fn set_role_follows_its_client_only() -> anyhow::Result<()> {
     let (h1, h2) = (connect(port, "h1").await?, connect(port, "h2").await?);
     a.batch_execute("SET ROLE app").await?;
     assert_eq!(whoami(&a).await?.1, "app");
-    let mut clients = [SettingsClient {
-        name: "a",
-        client: &a,
-        want: vec!["app".to_string()],
-        pids: HashSet::new(),
-        last: 0,
-    }];
+    let mut clients = [SettingsClient::new("a", &a, vec!["app".to_string()])];
     settings_rounds(
         &mut clients,
         &clean,

@@ -1425,6 +1425,21 @@ impl RawSession {
     }
 
     /// Messages up to and including the next ReadyForQuery.
+    /// Runs each query string (bytes: any client encoding) as a simple Query and fails on
+    /// the first error, naming its statement.
+    pub async fn run_all_ok(&mut self, queries: &[&[u8]]) -> anyhow::Result<()> {
+        for sql in queries {
+            self.send(&[msg::query_bytes(sql)]).await?;
+            let replies = self.until_ready().await?;
+            anyhow::ensure!(
+                error_codes(&replies).is_empty(),
+                "{}: {replies:?}",
+                String::from_utf8_lossy(sql)
+            );
+        }
+        Ok(())
+    }
+
     pub async fn until_ready(&mut self) -> anyhow::Result<Vec<Reply>> {
         let mut out = Vec::new();
         loop {
