@@ -63,17 +63,79 @@ pub struct ClientContext {
     pub known_statements: crate::txn::KnownStatements,
     /// Where idle clients (a session-mode client with its server) wait once silent for
     /// `--client-park-after-ms` (none when 0).
-    pub parker: Option<Arc<crate::park::Parker<ParkedClient>>>,
+    pub parker: Option<ClientParker>,
 }
 
-/// A client parked while idle: what its task resumes with, and its sockets out of the
-/// runtime. The state is held by value, in the parker's slab, not in the boxes it lived in:
-/// a parked client then keeps nothing of its own scattered over the heap, so the pages its
-/// task and boxes used can go back to the system (see [`crate::park`]).
-pub struct ParkedClient {
+/// The parker of the pool mode: one per mode, so that a parked client's record in its slab
+/// has the size of its own mode's state (a transaction-mode client's is less than half of a
+/// session's).
+pub enum ClientParker {
+    Transaction(Arc<crate::park::Parker<ParkedTransaction>>),
+    Session(Arc<crate::park::Parker<ParkedSession>>),
+}
+
+impl ClientParker {
+    /// Starts the parker for the pool mode (see [`crate::park::Parker::start`]).
+    pub fn start(
+        transaction_mode: bool,
+        period: Duration,
+        shutdown: Shutdown,
+    ) -> std::io::Result<Self> {
+        use crate::park::Parker;
+        Ok(if transaction_mode {
+            ClientParker::Transaction(Parker::start(period, shutdown)?)
+        } else {
+            ClientParker::Session(Parker::start(period, shutdown)?)
+        })
+    }
+
+    fn idle_wait(&self) -> crate::park::IdleWait {
+        match self {
+            ClientParker::Transaction(p) => p.idle_wait(),
+            ClientParker::Session(p) => p.idle_wait(),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        match self {
+            ClientParker::Transaction(p) => p.epoch(),
+            ClientParker::Session(p) => p.epoch(),
+        }
+    }
+
+    /// How many clients are parked (for the gauge): a function that does not keep the
+    /// parker alive.
+    pub fn counter(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
+        match self {
+            ClientParker::Transaction(p) => {
+                let p = Arc::downgrade(p);
+                Box::new(move || p.upgrade().map_or(0, |p| p.len()))
+            }
+            ClientParker::Session(p) => {
+                let p = Arc::downgrade(p);
+                Box::new(move || p.upgrade().map_or(0, |p| p.len()))
+            }
+        }
+    }
+}
+
+/// A transaction-mode client parked between transactions: what its task resumes with, its
+/// socket out of the runtime. The state is held by value, in the parker's slab, not in the
+/// boxes it lived in: a parked client then keeps nothing of its own scattered over the heap,
+/// so the pages its task and boxes used can go back to the system (see [`crate::park`]).
+pub struct ParkedTransaction {
     conn: ParkedConn,
     socket: StdTcpStream,
-    kind: ParkedKind,
+    session: TxSession,
+}
+
+/// A session-mode client parked with its server, both idle at a safe point: what its task
+/// resumes with and both sockets, out of the runtime (held by value, as above).
+pub struct ParkedSession {
+    conn: ParkedConn,
+    socket: StdTcpStream,
+    server: StdTcpStream,
+    st: SessClient,
 }
 
 /// A [`ClientConn`] without what a parked client does not use (its socket is out of the
@@ -86,62 +148,73 @@ struct ParkedConn {
     slot: crate::listener::ClientSlot,
 }
 
-enum ParkedKind {
-    /// A transaction-mode client between transactions.
-    Transaction(TxClient),
-    /// A session-mode client and its server, both idle at a safe point, and the server's
-    /// socket.
-    Session(SessClient, StdTcpStream),
+impl ParkedConn {
+    /// Back in the runtime with `socket`.
+    fn resume(self, socket: TcpStream) -> Box<ClientConn> {
+        Box::new(ClientConn {
+            socket: ClientStream::Plain(socket),
+            out: BytesMut::new(),
+            peer: self.peer,
+            require_password: self.require_password,
+            ctx: self.ctx,
+            shutdown: self.shutdown,
+            _slot: self.slot,
+        })
+    }
 }
 
-impl ParkedClient {
-    /// Whether generation `g` moves this client's session under `policy` (a parked
-    /// transaction-mode client holds no server: never).
+impl ParkedSession {
+    /// Whether generation `g` moves this client's session under `policy`.
     pub fn moved_by(&self, policy: MigratePolicy, g: &crate::credentials::Generation) -> bool {
-        match &self.kind {
-            ParkedKind::Transaction(_) => false,
-            ParkedKind::Session(st, _) => policy.moves(st.server.generation, &st.server.target, g),
-        }
+        policy.moves(self.st.server.generation, &self.st.server.target, g)
     }
 }
 
-impl crate::park::Parkable for ParkedClient {
+impl crate::park::Parkable for ParkedTransaction {
     fn sockets(&self) -> [Option<RawFd>; 2] {
-        let server = match &self.kind {
-            ParkedKind::Transaction(_) => None,
-            ParkedKind::Session(_, server) => Some(server.as_raw_fd()),
-        };
-        [Some(self.socket.as_raw_fd()), server]
+        [Some(self.socket.as_raw_fd()), None]
     }
 
-    /// Resumes on a new task. Should the reactor refuse a socket, the client is closed (and
-    /// a session's server with it).
+    /// Resumes on a new task. Should the reactor refuse the socket, the client is closed.
     fn resume(self) {
-        let ParkedClient { conn, socket, kind } = self;
+        let ParkedTransaction {
+            conn,
+            socket,
+            session,
+        } = self;
         let Some(socket) = crate::park::to_runtime(socket) else {
             return;
         };
-        let conn = Box::new(ClientConn {
-            socket: ClientStream::Plain(socket),
-            out: BytesMut::new(),
-            peer: conn.peer,
-            require_password: conn.require_password,
-            ctx: conn.ctx,
-            shutdown: conn.shutdown,
-            _slot: conn.slot,
-        });
-        match kind {
-            ParkedKind::Transaction(st) => {
-                drop(tokio::spawn(serve_transaction(conn, Box::new(st))))
-            }
-            ParkedKind::Session(mut st, server) => {
-                let Some(server) = crate::park::to_runtime(server) else {
-                    return;
-                };
-                st.server.stream.attach(server);
-                drop(tokio::spawn(serve_session(conn, Box::new(st))));
-            }
-        }
+        let st = Box::new(TxClient::idle(session));
+        drop(tokio::spawn(serve_transaction(conn.resume(socket), st)));
+    }
+}
+
+impl crate::park::Parkable for ParkedSession {
+    fn sockets(&self) -> [Option<RawFd>; 2] {
+        [Some(self.socket.as_raw_fd()), Some(self.server.as_raw_fd())]
+    }
+
+    /// Resumes on a new task. Should the reactor refuse a socket, the client is closed and
+    /// its server with it.
+    fn resume(self) {
+        let ParkedSession {
+            conn,
+            socket,
+            server,
+            mut st,
+        } = self;
+        let (Some(socket), Some(server)) = (
+            crate::park::to_runtime(socket),
+            crate::park::to_runtime(server),
+        ) else {
+            return;
+        };
+        st.server.stream.attach(server);
+        drop(tokio::spawn(serve_session(
+            conn.resume(socket),
+            Box::new(st),
+        )));
     }
 }
 
@@ -278,9 +351,6 @@ fn park(conn: ClientConn, what: ToPark) {
         _slot: slot,
     } = conn;
     // Clients are offered parking only with a parker and plaintext sockets.
-    let Some(parker) = ctx.parker.clone() else {
-        return;
-    };
     let ClientStream::Plain(socket) = socket else {
         return;
     };
@@ -291,28 +361,49 @@ fn park(conn: ClientConn, what: ToPark) {
         shutdown,
         slot,
     };
-    let out_of_reactor = || -> std::io::Result<(ParkedClient, u64)> {
-        let socket = socket.into_std()?;
-        let (kind, epoch) = match what {
-            ToPark::Transaction(st) => (ParkedKind::Transaction(*st), parker.epoch()),
-            ToPark::Session(mut st, epoch) => {
+    let parked = || -> std::io::Result<()> {
+        let parker = conn.ctx.parker.as_ref();
+        match (parker, what) {
+            (Some(ClientParker::Transaction(parker)), ToPark::Transaction(st)) => {
+                let parker = parker.clone();
+                let socket = socket.into_std()?;
+                let epoch = parker.epoch();
+                let session = st.into_idle();
+                let parked = ParkedTransaction {
+                    conn,
+                    socket,
+                    session,
+                };
+                parker.park(parked, epoch);
+            }
+            (Some(ClientParker::Session(parker)), ToPark::Session(mut st, epoch)) => {
+                let parker = parker.clone();
+                let socket = socket.into_std()?;
                 let server = st.server.stream.detach().ok_or_else(|| {
                     std::io::Error::other("the server connection is not plaintext")
                 })?;
-                (ParkedKind::Session(*st, server.into_std()?), epoch)
+                let server = server.into_std()?;
+                let parked = ParkedSession {
+                    conn,
+                    socket,
+                    server,
+                    st: *st,
+                };
+                parker.park(parked, epoch);
             }
-        };
-        Ok((ParkedClient { conn, socket, kind }, epoch))
+            // Parking is offered by the parker of the client's own pool mode only.
+            _ => return Err(std::io::Error::other("no parker for this pool mode")),
+        }
+        Ok(())
     };
-    match out_of_reactor() {
-        Ok((parked, epoch)) => parker.park(parked, epoch),
-        // Only if the reactor cannot let go of a socket: the client is closed by then (a
-        // session's server too, its pool slot given back).
-        Err(e) => tracing::warn!(
+    // Only if the reactor cannot let go of a socket: the client is closed by then (a
+    // session's server too, its pool slot given back).
+    if let Err(e) = parked() {
+        tracing::warn!(
             %peer,
             error = %e,
             "cannot take an idle client's socket out of the runtime to park it; closing it (if this repeats, turn parking off with --client-park-after-ms 0)"
-        ),
+        );
     }
 }
 
@@ -1009,10 +1100,7 @@ const SYNC_ATTEMPTS: u32 = 3;
 /// What dbproxy keeps for a transaction-mode client between its transactions. One
 /// allocation: the task's future stays small while the client is idle.
 struct TxClient {
-    tracked: crate::stats::ClientGuard,
-    server_params: crate::server::ServerParams,
-    cancel_key: CancelKey,
-    client: ClientSession,
+    session: TxSession,
     /// Bytes from the client not yet forwarded.
     cbuf: BytesMut,
     /// The server connection while the client has one (boxed: idle clients have none).
@@ -1022,6 +1110,35 @@ struct TxClient {
     /// Rotations, while state pins the client to its server (boxed: rarely there).
     signal: Option<Box<MoveSignal>>,
     sync_failures: u32,
+}
+
+/// What a transaction-mode client keeps between transactions, parked too: who it is and its
+/// session (the rest of [`TxClient`] is empty then).
+struct TxSession {
+    tracked: crate::stats::ClientGuard,
+    server_params: crate::server::ServerParams,
+    cancel_key: CancelKey,
+    client: ClientSession,
+}
+
+impl TxClient {
+    /// A client between transactions.
+    fn idle(session: TxSession) -> Self {
+        TxClient {
+            session,
+            cbuf: BytesMut::new(),
+            held: None,
+            assigned: false,
+            signal: None,
+            sync_failures: 0,
+        }
+    }
+
+    /// What an idle client keeps (it holds no server and has no bytes to forward).
+    fn into_idle(self) -> TxSession {
+        debug_assert!(self.held.is_none() && self.cbuf.is_empty() && self.signal.is_none());
+        self.session
+    }
 }
 
 /// Transaction pooling, login: greets the client with what a server with its parameters
@@ -1057,10 +1174,12 @@ async fn transaction_login(
         return Err(e.into());
     }
     Ok(Box::new(TxClient {
-        tracked,
-        server_params,
-        cancel_key,
-        client: ClientSession::new(crate::server::share_parameter_status(welcome)),
+        session: TxSession {
+            tracked,
+            server_params,
+            cancel_key,
+            client: ClientSession::new(crate::server::share_parameter_status(welcome)),
+        },
         cbuf: early,
         held: first,
         assigned: false,
@@ -1087,7 +1206,7 @@ async fn transaction_session(
     let mut idle_wait = idle_wait(ctx, socket);
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
-            st.tracked.clear_server();
+            st.session.tracked.clear_server();
             // Nothing is kept for an idle client: its next bytes are read into a stack
             // buffer and copied into a fresh one.
             st.cbuf = BytesMut::new();
@@ -1178,10 +1297,13 @@ async fn transaction_step(
     stop: &mut crate::shutdown::Recv<'_>,
 ) -> Result<Step> {
     let TxClient {
-        tracked,
-        server_params,
-        cancel_key,
-        client,
+        session:
+            TxSession {
+                tracked,
+                server_params,
+                cancel_key,
+                client,
+            },
         cbuf,
         held,
         assigned,
@@ -1218,7 +1340,7 @@ async fn transaction_step(
             }
         };
         *held = Some(server);
-    } else if cbuf.is_empty() && client.pins.is_empty() && !*assigned {
+    } else if cbuf.is_empty() && !client.is_pinned() && !*assigned {
         // The login server: give it back until the client asks for something.
         if let Some(server) = held.take() {
             ctx.pool.release_with(server, true, false).await;
@@ -1251,7 +1373,7 @@ async fn transaction_step(
         }
         *sync_failures = 0;
     }
-    let pinned = !client.pins.is_empty();
+    let pinned = client.is_pinned();
     if pinned && signal.is_none() {
         *signal = Some(Box::new(MoveSignal::new(
             ctx.pool.credentials(),
@@ -1285,7 +1407,7 @@ async fn transaction_step(
     }
     match outcome.end {
         RoundEnd::SafePoint => {
-            if client.pins.is_empty() {
+            if !client.is_pinned() {
                 *signal = None;
                 if let Some(server) = held.take() {
                     give_back(ctx, cancel_key, server, true, false).await;
@@ -1301,7 +1423,7 @@ async fn transaction_step(
             // Idle at the deadline: ask once more whether the state is gone.
             if outcome.clean
                 && Box::pin(relearn(server, client)).await.is_ok()
-                && client.pins.is_empty()
+                && !client.is_pinned()
             {
                 *signal = None;
                 if let Some(server) = held.take() {
@@ -1320,7 +1442,7 @@ async fn transaction_step(
             }
 
             return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
-                &client.pins,
+                client.pins(),
                 ctx.migration_timeout,
             )));
         }
@@ -1329,7 +1451,7 @@ async fn transaction_step(
                 matches!(end, RoundEnd::ClientTerminated | RoundEnd::ClientGone) && outcome.clean;
             // A pinned client's state (LISTEN, temporary tables, ...) must not reach the
             // next client: reset then.
-            let reset = !client.pins.is_empty();
+            let reset = client.is_pinned();
             if let Some(server) = held.take() {
                 give_back(ctx, cancel_key, server, clean, reset).await;
             }
@@ -1375,9 +1497,9 @@ async fn sync_session(
     let other_client = owner.is_some_and(|id| last != 0 && last != id);
     let queries = crate::migrate::restore_statements(
         &server.txn().settings,
-        &client.settings,
+        client.settings(),
         &server.txn().sql_prepared,
-        &client.sql_prepared,
+        client.sql_prepared(),
         server.policy_role(),
         server.txn().custom.unnamed || other_client,
     );
@@ -1389,8 +1511,8 @@ async fn sync_session(
             )),
         })?;
         let txn = server.txn_mut();
-        txn.settings = client.settings.clone();
-        txn.sql_prepared = client.sql_prepared.clone();
+        txn.settings = client.settings().to_vec();
+        txn.sql_prepared = client.sql_prepared().to_vec();
         txn.custom.unnamed = false;
     }
     if let Some(id) = owner {
@@ -1415,7 +1537,7 @@ async fn sync_session(
 /// may have set since the last time.
 async fn relearn(server: &mut ServerConnection, client: &mut ClientSession) -> Result<()> {
     let mut custom = server.txn_mut().custom.take_names();
-    for (name, _) in &client.settings {
+    for (name, _) in client.settings() {
         if crate::custom::is_custom(name) && !custom.contains(name) {
             custom.push(name.clone());
         }
@@ -1427,9 +1549,7 @@ async fn relearn(server: &mut ServerConnection, client: &mut ClientSession) -> R
 
 /// What the server said after a transaction that may have changed session state.
 fn learn(server: &mut ServerConnection, client: &mut ClientSession, snap: Snapshot) {
-    client.pins = snap.pins;
-    client.settings = snap.settings.clone();
-    client.sql_prepared = snap.sql_prepared.clone();
+    client.set_learned(snap.pins, snap.settings.clone(), snap.sql_prepared.clone());
     let txn = server.txn_mut();
     txn.settings = snap.settings;
     txn.sql_prepared = snap.sql_prepared;
@@ -1467,9 +1587,14 @@ mod size_tests {
             ("SessClient", size_of::<super::SessClient>(), 288),
             ("ClientConn", size_of::<super::ClientConn>(), 168),
             ("Moves", size_of::<super::Moves>(), 184),
-            ("TxClient", size_of::<super::TxClient>(), 280),
+            ("TxClient", size_of::<super::TxClient>(), 152),
             // A parked client's whole state, in the parker's slab.
-            ("ParkedClient", size_of::<super::ParkedClient>(), 376),
+            (
+                "ParkedTransaction",
+                size_of::<super::ParkedTransaction>(),
+                176,
+            ),
+            ("ParkedSession", size_of::<super::ParkedSession>(), 376),
             (
                 "Pump",
                 size_of::<crate::proxy::Pump<tokio::net::TcpStream, tokio::net::TcpStream>>(),

@@ -152,18 +152,21 @@ pub async fn run(
         known_statements: Default::default(),
         parker: match args.client_park_after_ms {
             0 => None,
-            ms => match crate::park::Parker::start(Duration::from_millis(ms), shutdown.clone()) {
+            ms => match crate::client::ClientParker::start(
+                args.pool_mode == PoolMode::Transaction,
+                Duration::from_millis(ms),
+                shutdown.clone(),
+            ) {
                 Err(e) => {
                     // Parking saves memory; clients are served without it all the same.
                     tracing::warn!(error = %e, "cannot start the parker for idle clients (an epoll set: check the open-files limit); running without parking (--client-park-after-ms 0 says so and silences this)");
                     None
                 }
                 Ok(parker) => {
-                    let counted = Arc::downgrade(&parker);
-                    let _ = stats
-                        .parked_clients
-                        .set(Box::new(move || counted.upgrade().map_or(0, |p| p.len())));
-                    if args.pool_mode == PoolMode::Session && args.migrate != MigratePolicy::Never {
+                    let _ = stats.parked_clients.set(parker.counter());
+                    if let crate::client::ClientParker::Session(parker) = &parker
+                        && args.migrate != MigratePolicy::Never
+                    {
                         tokio::spawn(resume_parked_on_rotation(
                             credentials.clone(),
                             parker.clone(),
@@ -221,7 +224,7 @@ pub async fn run(
 /// `--client-park-after-ms`); the others stay parked.
 async fn resume_parked_on_rotation(
     credentials: Arc<Credentials>,
-    parker: Arc<crate::park::Parker<crate::client::ParkedClient>>,
+    parker: Arc<crate::park::Parker<crate::client::ParkedSession>>,
     policy: MigratePolicy,
     mut shutdown: Shutdown,
 ) {
