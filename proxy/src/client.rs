@@ -64,6 +64,8 @@ pub struct ClientContext {
     /// Where idle clients (a session-mode client with its server) wait once silent for
     /// `--client-park-after-ms` (none when 0).
     pub parker: Option<ClientParker>,
+    /// Shutdown, as every client task watches it (a parked client takes its copy from here).
+    pub shutdown: Shutdown,
 }
 
 /// The parker of the pool mode: one per mode, so that a parked client's record in its slab
@@ -138,26 +140,33 @@ pub struct ParkedSession {
     st: SessClient,
 }
 
-/// A [`ClientConn`] without what a parked client does not use (its socket is out of the
-/// runtime, its reply buffer empty).
+/// A [`ClientConn`] without what a parked client does not use or finds elsewhere: its
+/// socket is out of the runtime, its reply buffer empty; the context is the slot's, the
+/// shutdown watch the context's, the address the client's SHOW CLIENTS entry's.
 struct ParkedConn {
-    peer: SocketAddr,
     require_password: bool,
-    ctx: Arc<ClientContext>,
-    shutdown: Shutdown,
     slot: crate::listener::ClientSlot,
 }
 
 impl ParkedConn {
-    /// Back in the runtime with `socket`.
-    fn resume(self, socket: TcpStream) -> Box<ClientConn> {
+    fn ctx(&self) -> &Arc<ClientContext> {
+        self.slot.ctx()
+    }
+
+    /// Back in the runtime with `socket`; `tracked` is the client's registry entry.
+    fn resume(self, socket: TcpStream, tracked: &crate::stats::ClientGuard) -> Box<ClientConn> {
+        let peer = tracked
+            .peer()
+            .or_else(|| socket.peer_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let ctx = self.slot.ctx().clone();
         Box::new(ClientConn {
             socket: ClientStream::Plain(socket),
             out: BytesMut::new(),
-            peer: self.peer,
+            peer,
             require_password: self.require_password,
-            ctx: self.ctx,
-            shutdown: self.shutdown,
+            shutdown: ctx.shutdown.clone(),
+            ctx,
             _slot: self.slot,
         })
     }
@@ -185,8 +194,9 @@ impl crate::park::Parkable for ParkedTransaction {
         let Some(socket) = crate::park::to_runtime(socket) else {
             return;
         };
+        let conn = conn.resume(socket, &session.tracked);
         let st = Box::new(TxClient::idle(session));
-        drop(tokio::spawn(serve_transaction(conn.resume(socket), st)));
+        drop(tokio::spawn(serve_transaction(conn, st)));
     }
 }
 
@@ -211,10 +221,8 @@ impl crate::park::Parkable for ParkedSession {
             return;
         };
         st.server.stream.attach(server);
-        drop(tokio::spawn(serve_session(
-            conn.resume(socket),
-            Box::new(st),
-        )));
+        let conn = conn.resume(socket, &st.tracked);
+        drop(tokio::spawn(serve_session(conn, Box::new(st))));
     }
 }
 
@@ -346,8 +354,8 @@ fn park(conn: ClientConn, what: ToPark) {
         out: _,
         peer,
         require_password,
-        ctx,
-        shutdown,
+        ctx: _,
+        shutdown: _,
         _slot: slot,
     } = conn;
     // Clients are offered parking only with a parker and plaintext sockets.
@@ -355,14 +363,11 @@ fn park(conn: ClientConn, what: ToPark) {
         return;
     };
     let conn = ParkedConn {
-        peer,
         require_password,
-        ctx,
-        shutdown,
         slot,
     };
     let parked = || -> std::io::Result<()> {
-        let parker = conn.ctx.parker.as_ref();
+        let parker = conn.ctx().parker.as_ref();
         match (parker, what) {
             (Some(ClientParker::Transaction(parker)), ToPark::Transaction(st)) => {
                 let parker = parker.clone();
@@ -1592,9 +1597,9 @@ mod size_tests {
             (
                 "ParkedTransaction",
                 size_of::<super::ParkedTransaction>(),
-                176,
+                128,
             ),
-            ("ParkedSession", size_of::<super::ParkedSession>(), 376),
+            ("ParkedSession", size_of::<super::ParkedSession>(), 320),
             (
                 "Pump",
                 size_of::<crate::proxy::Pump<tokio::net::TcpStream, tokio::net::TcpStream>>(),

@@ -93,6 +93,12 @@ impl ClientCounter {
 /// What a client that leaves frees, roughly (an idle one kept 1 to 3 kB).
 const FREED_BY_A_CLIENT: usize = 2048;
 
+impl ClientSlot {
+    pub fn ctx(&self) -> &Arc<ClientContext> {
+        &self.ctx
+    }
+}
+
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         let n = self.counter.count.fetch_sub(1, Ordering::Relaxed) - 1;

@@ -150,6 +150,7 @@ pub async fn run(
         max_prepared_statements: args.max_prepared_statements,
         reset_settings_between_clients: args.reset_settings_between_clients,
         known_statements: Default::default(),
+        shutdown: shutdown.clone(),
         parker: match args.client_park_after_ms {
             0 => None,
             ms => match crate::client::ClientParker::start(

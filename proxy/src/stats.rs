@@ -572,6 +572,15 @@ impl ClientGuard {
         self.slot.id
     }
 
+    /// The client's address, as listed (a parked client keeps it only here).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        let clients = crate::lock(&self.stats.registry.clients);
+        clients
+            .get(self.slot.index)
+            .filter(|c| c.id == self.slot.id)
+            .map(|c| c.addr)
+    }
+
     /// The client got server `pid` (or lost it).
     pub fn set_server(&self, pid: Option<i32>) {
         match pid {
@@ -657,6 +666,8 @@ mod tests {
                 server_pid: None,
             });
             g.set_server(Some(42));
+            // A parked client finds its address here.
+            assert_eq!(g.peer(), Some(addr));
             let c = r.clients();
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].state, ClientState::Active);
