@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -482,7 +482,7 @@ impl Pool {
             let connect = ServerConnection::connect(&generation, params, deadline);
             let err = match tracing::Instrument::instrument(connect, span).await {
                 Ok(mut server) => {
-                    let now = SystemTime::now();
+                    let now = crate::stats::Stamp::now();
                     tracing::debug!(server.id = id, generation = server.generation, peer = %server.peer(), backend_pid = server.backend_pid, "server connection opened");
                     server.registry = self.stats.registry.add_server(ServerEntry {
                         id,

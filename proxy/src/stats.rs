@@ -402,6 +402,33 @@ impl Names {
     }
 }
 
+/// A wall-clock time to the microsecond in 8 bytes (a `SystemTime` takes 16): every
+/// SHOW CLIENTS and SHOW SERVERS entry holds two, and every client, parked or not, has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(u64);
+
+impl Stamp {
+    pub fn now() -> Self {
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Stamp(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    /// Time since then (zero if the clock went back).
+    pub fn elapsed(self) -> std::time::Duration {
+        SystemTime::now()
+            .duration_since(SystemTime::from(self))
+            .unwrap_or_default()
+    }
+}
+
+impl From<Stamp> for SystemTime {
+    fn from(s: Stamp) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(s.0)
+    }
+}
+
 /// One server connection as the admin console shows it.
 #[derive(Debug, Clone)]
 pub struct ServerEntry {
@@ -412,8 +439,8 @@ pub struct ServerEntry {
     pub addr: SocketAddr,
     pub backend_pid: i32,
     pub state: ServerState,
-    pub connect_time: SystemTime,
-    pub request_time: SystemTime,
+    pub connect_time: Stamp,
+    pub request_time: Stamp,
 }
 
 /// What a client is doing, pgbouncer's words.
@@ -433,9 +460,10 @@ pub struct ClientEntry {
     pub names: Names,
     pub addr: SocketAddr,
     pub state: ClientState,
-    pub connect_time: SystemTime,
-    pub request_time: SystemTime,
-    pub server_pid: Option<i32>,
+    pub connect_time: Stamp,
+    pub request_time: Stamp,
+    /// The backend serving it (PostgreSQL's pids are never 0: 4 bytes).
+    pub server_pid: Option<std::num::NonZeroI32>,
 }
 
 /// Where an entry sits in its registry, and whose it is: a handle whose entry is gone (the
@@ -527,7 +555,7 @@ impl Registry {
         if let Some(s) = entry_mut(&mut crate::lock(&self.servers), slot) {
             s.state = state;
             if state == ServerState::Active {
-                s.request_time = SystemTime::now();
+                s.request_time = Stamp::now();
             }
         }
     }
@@ -585,9 +613,9 @@ impl ClientGuard {
     pub fn set_server(&self, pid: Option<i32>) {
         match pid {
             Some(pid) => self.stats.registry.update_client(self.slot, |c| {
-                c.server_pid = Some(pid);
+                c.server_pid = std::num::NonZeroI32::new(pid);
                 c.state = ClientState::Active;
-                c.request_time = SystemTime::now();
+                c.request_time = Stamp::now();
             }),
             None => self.clear_server(),
         }
@@ -607,7 +635,7 @@ impl ClientGuard {
         self.stats.registry.update_client(self.slot, |c| {
             c.server_pid = None;
             c.state = ClientState::Waiting;
-            c.request_time = SystemTime::now();
+            c.request_time = Stamp::now();
         });
     }
 }
@@ -649,6 +677,20 @@ mod tests {
         assert_eq!(h.sum_ns(), 61_000_200_001);
     }
 
+    /// Every client keeps a SHOW CLIENTS entry, parked or not.
+    #[test]
+    fn a_client_entry_stays_small_and_keeps_its_times() {
+        let size = std::mem::size_of::<ClientEntry>();
+        println!("ClientEntry: {size} bytes");
+        assert!(size <= 80, "ClientEntry is {size} bytes (limit 80)");
+        let before = SystemTime::now();
+        let stamp = Stamp::now();
+        let back = SystemTime::from(stamp);
+        let off = back.duration_since(before).unwrap_or_else(|e| e.duration());
+        assert!(off < std::time::Duration::from_millis(100), "{off:?}");
+        assert!(stamp.elapsed() < std::time::Duration::from_secs(5));
+    }
+
     #[test]
     fn registry_lists_and_forgets() {
         let stats = Arc::new(Stats::new());
@@ -661,8 +703,8 @@ mod tests {
                 names: Names::new("u", "d", ""),
                 addr,
                 state: ClientState::Waiting,
-                connect_time: SystemTime::now(),
-                request_time: SystemTime::now(),
+                connect_time: Stamp::now(),
+                request_time: Stamp::now(),
                 server_pid: None,
             });
             g.set_server(Some(42));
@@ -671,7 +713,7 @@ mod tests {
             let c = r.clients();
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].state, ClientState::Active);
-            assert_eq!(c[0].server_pid, Some(42));
+            assert_eq!(c[0].server_pid.map(|p| p.get()), Some(42));
         }
         assert!(r.clients().is_empty());
         let names = Names::new("us\0er", "", "app");
@@ -686,8 +728,8 @@ mod tests {
             addr,
             backend_pid: 7,
             state: ServerState::Active,
-            connect_time: SystemTime::now(),
-            request_time: SystemTime::now(),
+            connect_time: Stamp::now(),
+            request_time: Stamp::now(),
         });
         r.set_server_state(slot, ServerState::Idle);
         assert_eq!(r.servers()[0].state, ServerState::Idle);
@@ -700,8 +742,8 @@ mod tests {
             addr,
             backend_pid: 8,
             state: ServerState::Active,
-            connect_time: SystemTime::now(),
-            request_time: SystemTime::now(),
+            connect_time: Stamp::now(),
+            request_time: Stamp::now(),
         });
         r.set_server_state(slot, ServerState::Idle);
         r.remove_server(slot);

@@ -6,7 +6,7 @@ mod show;
 mod wire;
 
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use clap::Parser;
@@ -90,7 +90,7 @@ fn client_entry(
     params: &StartupParams,
     state: ClientState,
 ) -> ClientEntry {
-    let now = SystemTime::now();
+    let now = crate::stats::Stamp::now();
     ClientEntry {
         id,
         names: Names::new(

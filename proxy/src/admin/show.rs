@@ -1,13 +1,12 @@
 //! `SHOW ...` commands, with pgbouncer's column names so existing scripts and dashboards work.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::SystemTime;
 
 use bytes::BytesMut;
 
 use super::wire::{INT8, TEXT, result_set, timestamp};
 use crate::client::ClientContext;
-use crate::stats::{ClientState, ServerState, hot};
+use crate::stats::{ClientState, ServerState, Stamp, hot};
 
 /// Runs `SHOW <what>`; None for an unknown `what`.
 pub fn run(what: &str, ctx: &ClientContext, out: &mut BytesMut) -> Option<()> {
@@ -39,8 +38,8 @@ fn pool_identity(ctx: &ClientContext) -> (String, String) {
     }
 }
 
-fn wait_of(since: SystemTime) -> (u64, u64) {
-    let d = since.elapsed().unwrap_or_default();
+fn wait_of(since: Stamp) -> (u64, u64) {
+    let d = since.elapsed();
     (d.as_secs(), u64::from(d.subsec_micros()))
 }
 
@@ -53,7 +52,7 @@ fn pools(ctx: &ClientContext, out: &mut BytesMut) {
     let maxwait = clients
         .iter()
         .filter(|c| c.state == ClientState::Waiting)
-        .map(|c| c.request_time.elapsed().unwrap_or_default())
+        .map(|c| c.request_time.elapsed())
         .max()
         .unwrap_or_default();
     let login = ctx.pool.open_count().saturating_sub(servers.len());
@@ -153,7 +152,7 @@ fn clients(ctx: &ClientContext, out: &mut BytesMut) {
             };
             let link = c
                 .server_pid
-                .and_then(|pid| servers.iter().find(|s| s.backend_pid == pid))
+                .and_then(|pid| servers.iter().find(|s| s.backend_pid == pid.get()))
                 .map(|s| format!("{:x}", s.id))
                 .unwrap_or_default();
             vec![
@@ -166,8 +165,8 @@ fn clients(ctx: &ClientContext, out: &mut BytesMut) {
                 c.addr.port().to_string(),
                 String::new(),
                 "0".into(),
-                timestamp(c.connect_time),
-                timestamp(c.request_time),
+                timestamp(c.connect_time.into()),
+                timestamp(c.request_time.into()),
                 wait.to_string(),
                 wait_us.to_string(),
                 "0".into(),
@@ -196,7 +195,7 @@ fn servers(ctx: &ClientContext, out: &mut BytesMut) {
         .map(|s| {
             let link = clients
                 .iter()
-                .find(|c| c.server_pid == Some(s.backend_pid))
+                .find(|c| c.server_pid.map(|p| p.get()) == Some(s.backend_pid))
                 .map(|c| format!("{:x}", c.id))
                 .unwrap_or_default();
             vec![
@@ -209,8 +208,8 @@ fn servers(ctx: &ClientContext, out: &mut BytesMut) {
                 s.addr.port().to_string(),
                 String::new(),
                 "0".into(),
-                timestamp(s.connect_time),
-                timestamp(s.request_time),
+                timestamp(s.connect_time.into()),
+                timestamp(s.request_time.into()),
                 "0".into(),
                 "0".into(),
                 u8::from(s.generation != current).to_string(),
