@@ -215,9 +215,10 @@ pub fn leading_keywords(statement: &str) -> Keywords<'_> {
 /// SQL prepared statements, LISTEN, temporary objects, holdable cursors, session advisory
 /// locks, DISCARD. Judged by each statement's leading keywords plus a scan for the functions
 /// involved (and `pg_temp`); a hit only makes dbproxy ask the server afterwards, so a false
-/// positive costs one round trip. `SELECT ... INTO TEMP` is missed: looking for it in every
-/// SELECT cost about 220 instructions per simple-protocol transaction (2 % of transaction
-/// mode's), so it is documented instead.
+/// positive costs one round trip. `SELECT ... INTO TEMP` is not looked for here (that cost
+/// about 220 instructions per simple-protocol transaction, 2 % of transaction mode's): the
+/// server's reply tells it (a `SELECT n` completion without rows, see `txn.rs`), and a named
+/// protocol statement is checked once, at its Parse ([`selects_into_temp`]).
 pub fn may_touch_session_state(text: &str) -> bool {
     if mentions_state_function(text) {
         return true;
@@ -230,6 +231,30 @@ pub fn may_touch_session_state(text: &str) -> bool {
         return statement_touches_state(text);
     }
     split_statements(text).any(statement_touches_state)
+}
+
+/// Whether a statement of `text` is `SELECT ... INTO TEMP[ORARY] ...` (also after WITH),
+/// which creates a temporary table. A word scan, not a parse: `into temp` inside a literal
+/// counts too, which only costs a question to the server after each execution. Meant for
+/// named protocol statements, checked once at their Parse, whose executions may come back
+/// without the row description that gives the others away.
+pub fn selects_into_temp(text: &str) -> bool {
+    split_statements(text).any(|statement| {
+        let first = next_keyword(statement).0;
+        if !(first.eq_ignore_ascii_case("SELECT") || first.eq_ignore_ascii_case("WITH")) {
+            return false;
+        }
+        let b = statement.as_bytes();
+        memchr::memchr2_iter(b'i', b'I', b).any(|i| {
+            word_around(b, i, 0, b"into")
+                && (i == 0 || !is_ident_byte(b[i - 1]))
+                && b.get(i + 4).is_none_or(|&c| !is_ident_byte(c))
+                && {
+                    let next = next_keyword(&statement[i + 4..]).0;
+                    next.eq_ignore_ascii_case("TEMP") || next.eq_ignore_ascii_case("TEMPORARY")
+                }
+        })
+    })
 }
 
 /// [`may_touch_session_state`] for one statement, from its leading keywords (read only as
@@ -464,6 +489,28 @@ fn prepared_name(statement: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn select_into_temp_is_found_in_named_statements() {
+        for yes in [
+            "SELECT g INTO TEMP t FROM generate_series(1, 3) g",
+            "select g into temporary table t from generate_series(1, 3) g",
+            "WITH x AS (SELECT 1 AS a) SELECT a INTO /* c */ TEMP t FROM x",
+            "SELECT 1; SELECT 2 AS b\nINTO\ttemp t",
+        ] {
+            assert!(selects_into_temp(yes), "{yes}");
+        }
+        for no in [
+            "SELECT g INTO t FROM generate_series(1, 3) g",
+            "SELECT g INTO UNLOGGED t FROM generate_series(1, 3) g",
+            "INSERT INTO temp VALUES (1)",
+            "SELECT intotemp, x_into FROM temp",
+            "SELECT 'a' AS into_x",
+            "CREATE TEMP TABLE t (x int)",
+        ] {
+            assert!(!selects_into_temp(no), "{no}");
+        }
+    }
 
     fn custom(text: &str) -> (Vec<String>, bool) {
         let mut names = Vec::new();

@@ -402,6 +402,10 @@ struct Shared<'a> {
     skipping: bool,
     clock: TransactionClock,
     known: &'a KnownStatements,
+    /// A RowDescription or DataRow came since the last completion.
+    rows: bool,
+    /// A NoData (a Describe of a statement that returns no rows) came since then.
+    no_data: bool,
 }
 
 /// Messages larger than this are passed through in pieces rather than buffered whole.
@@ -450,6 +454,8 @@ where
             skipping: false,
             clock: TransactionClock::default(),
             known: config.known,
+            rows: false,
+            no_data: false,
         },
         client,
         server: server_stream,
@@ -1029,7 +1035,10 @@ impl Statement {
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         let server_name = server_name(&key);
-        let touches_state = sql_text(&rest).is_some_and(|t| may_touch_session_state(&t));
+        // Checked once per named statement: `SELECT ... INTO TEMP` too, since an execution
+        // without a Describe gives no row description whose absence would tell it.
+        let touches_state = sql_text(&rest)
+            .is_some_and(|t| may_touch_session_state(&t) || crate::sql::selects_into_temp(&t));
         Statement {
             key,
             server_name,
@@ -1224,6 +1233,7 @@ fn process_server(
         // Header-level decisions are enough for big messages (rows, copy data).
         if whole > STREAM_ABOVE && sbuf.len() < whole {
             if matches!(tag, b'D' | b'd' | b'T' | b'N' | b'E' | b'A') {
+                sh.rows |= matches!(tag, b'D' | b'T');
                 sh.note_completion(tag, &[]);
                 out.extend_from_slice(&sbuf[..5]);
                 sbuf.advance(5);
@@ -1243,6 +1253,7 @@ fn process_server(
             b'Z' => {
                 let status = body.first().copied().unwrap_or(b'I');
                 sh.client.status = status;
+                (sh.rows, sh.no_data) = (false, false);
                 while let Some(front) = sh.queue.pop_front() {
                     if matches!(front, Expect::Sync | Expect::Simple) {
                         break;
@@ -1295,10 +1306,23 @@ fn process_server(
                     Some(Expect::Simple) | None => {}
                     Some(_) => sh.skip_to_sync(),
                 }
+                (sh.rows, sh.no_data) = (false, false);
                 true
             }
             b'C' => {
                 let tag_text = cstr_bytes(body).unwrap_or(b"");
+                // `SELECT n` without a row: a table made from a query (SELECT ... INTO,
+                // CREATE TABLE ... AS), which may be temporary: ask the server afterwards. A
+                // simple query's SELECT always sends its RowDescription, so does an extended
+                // one whose portal was described (NoData says it returns none); an execution
+                // without a Describe says nothing, and its statement was checked at its Parse.
+                if !sh.rows
+                    && tag_text.starts_with(b"SELECT ")
+                    && (sh.no_data || matches!(sh.queue.front(), Some(Expect::Simple)))
+                {
+                    sh.recheck = true;
+                }
+                (sh.rows, sh.no_data) = (false, false);
                 if tag_text == b"DISCARD ALL" || tag_text == b"DEALLOCATE ALL" {
                     // Every prepared statement of the session is gone, dbproxy's names too.
                     sh.client.clear_prepared();
@@ -1309,6 +1333,12 @@ fn process_server(
                 true
             }
             _ => {
+                match tag {
+                    b'T' | b'D' => sh.rows = true,
+                    b'n' => sh.no_data = true,
+                    b'I' => (sh.rows, sh.no_data) = (false, false),
+                    _ => {}
+                }
                 sh.note_completion(tag, body);
                 true
             }

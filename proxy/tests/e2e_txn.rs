@@ -1194,6 +1194,114 @@ async fn tables_in_schema_pg_temp_pin_too() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `SELECT ... INTO TEMP` pins the client too, in every way it can arrive: a simple query
+/// (alone and behind another statement), a named protocol statement executed without a
+/// Describe (tokio-postgres), and an unnamed one whose portal is described (libpq's
+/// PQexecParams). The text is not scanned for it in every query: the first two are
+/// recognised from the server's reply (a `SELECT n` completion without a row description or
+/// with NoData), the named statement once at its Parse. Before, none of them pinned: the next
+/// transaction could run on another backend, where the table was missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn select_into_temp_pins_too() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
+    let port = proxy.port();
+    let t = connect(port, "t").await?;
+    let w1 = connect(port, "w1").await?;
+    let w2 = connect(port, "w2").await?;
+    let make = "SELECT g AS x INTO TEMP made FROM generate_series(1, 3) g";
+    let forms = [
+        "simple",
+        "simple, behind another statement",
+        "named statement",
+        "unnamed statement, portal described",
+    ];
+    for form in forms {
+        let (mut raw, mut holder) = (None, None);
+        match form {
+            "simple" => t.batch_execute(make).await?,
+            "simple, behind another statement" => {
+                t.batch_execute(&format!("SELECT 1; {make}")).await?
+            }
+            "named statement" => {
+                t.execute(make, &[]).await?;
+            }
+            _ => {
+                let mut r = RawSession::connect(port, "raw").await?;
+                r.send(&[
+                    msg::parse("", make),
+                    msg::bind("", "", &[]),
+                    msg::describe_portal(""),
+                    msg::execute(""),
+                    msg::sync(),
+                ])
+                .await?;
+                let replies = r.until_ready().await?;
+                ensure!(error_codes(&replies).is_empty(), "{form}: {replies:?}");
+                raw = Some(r);
+                holder = Some(RawSession::connect(port, "raw").await?);
+            }
+        }
+        // Who made the table, and on which backend (from the same statement as the count).
+        let made_here = |replies: &[Reply]| -> anyhow::Result<(i64, i32)> {
+            let cells = data_cells(replies);
+            ensure!(
+                cells.len() == 2,
+                "{form}: the table is not there: {replies:?}"
+            );
+            Ok((cells[0].parse()?, cells[1].parse()?))
+        };
+        let check = "SELECT count(*), pg_backend_pid() FROM made";
+        let mut pinned = None;
+        for round in 0..4 {
+            let (count, pid) = match raw.as_mut() {
+                Some(r) => {
+                    r.send(&[msg::query(check)]).await?;
+                    made_here(&r.until_ready().await?)?
+                }
+                None => {
+                    let row = t.query_one(check, &[]).await.with_context(|| {
+                        format!("{form}: round {round}: the table is not there")
+                    })?;
+                    (row.get(0), row.get(1))
+                }
+            };
+            ensure!(count == 3, "{form}: round {round}: {count} rows");
+            let pinned = *pinned.get_or_insert(pid);
+            ensure!(
+                pid == pinned,
+                "{form}: round {round}: moved from {pinned} to {pid}"
+            );
+            // Another client with the same startup parameters (servers are kept per set of
+            // them) takes a backend: never this one.
+            let hpid = match holder.as_mut() {
+                Some(h) => {
+                    h.send(&[msg::query("BEGIN; SELECT pg_backend_pid()")])
+                        .await?;
+                    let pid = first_column(&h.until_ready().await?);
+                    h.run_all_ok(&[b"COMMIT"]).await?;
+                    pid.first().cloned().flatten().unwrap_or_default().parse()?
+                }
+                None => {
+                    let pid = hold(&w1).await?;
+                    release(&w1).await?;
+                    pid
+                }
+            };
+            ensure!(
+                hpid != pinned,
+                "{form}: round {round}: another client got its backend"
+            );
+        }
+        match raw.as_mut() {
+            Some(r) => r.run_all_ok(&[b"DROP TABLE made"]).await?,
+            None => t.batch_execute("DROP TABLE made").await?,
+        }
+        drop((raw, holder));
+        both_backends_free(&w1, &w2, &format!("after DROP ({form})")).await?;
+    }
+    Ok(())
+}
+
 /// A temporary table and a WITH HOLD cursor each pin the client's backend
 /// until they are gone; meanwhile the other clients never get that backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1235,6 +1235,11 @@ pub mod msg {
         put_cstr(&mut b, name);
         frame(b'D', &b)
     }
+    pub fn describe_portal(name: &str) -> Vec<u8> {
+        let mut b = vec![b'P'];
+        put_cstr(&mut b, name);
+        frame(b'D', &b)
+    }
     pub fn execute(portal: &str) -> Vec<u8> {
         let mut b = Vec::new();
         put_cstr(&mut b, portal);
