@@ -219,7 +219,7 @@ impl Pool {
     pub fn reconnect(&self) -> usize {
         self.retire_before
             .store(since_epoch_ns(Instant::now()) + 1, SeqCst);
-        self.sweep()
+        self.sweep().0
     }
 
     fn retired(&self, server: &ServerConnection) -> bool {
@@ -596,21 +596,26 @@ impl Pool {
     }
 
     /// Closes idle connections that are too old, idle too long, dead, or of an older
-    /// generation. Called by the janitor and after each new generation.
-    pub fn sweep(&self) -> usize {
+    /// generation. Called by the janitor and after each new generation. Returns how many it
+    /// closed, and the startup parameters of those closed for an older generation alone
+    /// (alive, in their lifetime, not idle too long), which a rotation replaces.
+    pub fn sweep(&self) -> (usize, Vec<ServerParams>) {
         let current = self.credentials.current_number();
         let mut closed = Vec::new();
+        let mut replaceable = Vec::new();
         {
             let mut state = self.lock();
             let mut i = 0;
             while i < state.idle.len() {
                 let s = &state.idle[i];
-                let stale = s.generation != current
-                    || s.idle_since.elapsed() >= self.config.idle_timeout
+                let expired = s.idle_since.elapsed() >= self.config.idle_timeout
                     || s.created.elapsed() >= self.config.lifetime
                     || self.retired(s)
                     || !s.is_alive();
-                if stale {
+                if expired || s.generation != current {
+                    if !expired {
+                        replaceable.push(s.params.clone());
+                    }
                     closed.push(state.idle.swap_remove(i));
                     continue;
                 }
@@ -635,19 +640,81 @@ impl Pool {
         if n > 0 {
             self.changed.notify_waiters();
         }
-        n
+        (n, replaceable)
     }
 
     /// After a rotation: idle connections of older generations close at once; busy ones
     /// close when their clients release them.
-    pub fn retire_old_generations(&self) {
-        let n = self.sweep();
+    ///
+    /// Each idle connection closed for its generation alone is replaced at once, in the
+    /// background, by one of the new generation with the same startup parameters: the
+    /// clients that come next find it ready instead of waiting for a login (a connection, a
+    /// backend start and SCRAM's key derivation on the server). Only while the pool has room
+    /// and is not paused; a replacement that fails leaves its slot free and is only logged
+    /// (at debug level: the next client opens one itself, with the usual retries).
+    pub fn retire_old_generations(self: &Arc<Self>) {
+        let (n, replaceable) = self.sweep();
         if n > 0 {
             tracing::info!(
                 closed = n,
+                replacing = replaceable.len(),
                 "closed idle server connections of older credential generations"
             );
         }
+        for params in replaceable {
+            if self.is_paused() || !self.reserve_slot() {
+                break;
+            }
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let slot = pool.owned_slot_guard();
+                let Some(generation) = pool.credentials.current() else {
+                    return;
+                };
+                let deadline = Instant::now() + pool.config.timeout;
+                match Box::pin(pool.open_new(generation, &params, deadline)).await {
+                    Ok(server) => {
+                        slot.disarm();
+                        pool.add_idle(Box::new(server));
+                    }
+                    Err(e) => tracing::debug!(
+                        error = %e,
+                        "could not open a server connection of the new generation ahead of its clients"
+                    ),
+                }
+            });
+        }
+    }
+
+    /// Takes a slot for a connection about to be opened, if the pool has room.
+    fn reserve_slot(&self) -> bool {
+        let mut state = self.lock();
+        if state.open >= self.config.size {
+            return false;
+        }
+        state.open += 1;
+        self.stats.server_connections.set(state.open);
+        true
+    }
+
+    /// A connection just opened, with no client: idle from now (closed instead if a newer
+    /// generation came meanwhile).
+    fn add_idle(&self, mut server: Box<ServerConnection>) {
+        server.idle_since = Instant::now();
+        let mut state = self.lock();
+        if server.generation == self.credentials.current_number() {
+            self.stats
+                .registry
+                .set_server_state(server.registry, ServerState::Idle);
+            state.idle.push(server);
+            drop(state);
+            self.changed.notify_one();
+            return;
+        }
+        drop(state);
+        self.forget(&server);
+        server.close();
+        self.slot_freed();
     }
 
     /// Closes every idle connection (at shutdown).

@@ -82,6 +82,99 @@ async fn password_rotation_same_user() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Backends of `user` that started before and after `since`.
+async fn backends_around(
+    admin: &tokio_postgres::Client,
+    user: &str,
+    since: &str,
+) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
+    let rows = admin
+        .query(
+            "SELECT pid, backend_start < $2::text::timestamptz FROM pg_stat_activity
+             WHERE usename = $1 ORDER BY pid",
+            &[&user, &since],
+        )
+        .await?;
+    let (old, new): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.get::<_, bool>(1));
+    let pids = |rows: Vec<&tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect();
+    Ok((pids(old), pids(new)))
+}
+
+/// After a rotation the idle server connections of the old generation are replaced at once,
+/// with no client asking, by new-generation ones with the same startup parameters; the next
+/// client gets one of them instead of waiting for a login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_are_replaced_ahead_of_clients() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let admin = db.admin().await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    // Three sessions at once, then gone: three idle server connections.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = proxy.connect().await?;
+        whoami(&c).await?;
+        clients.push(c);
+    }
+    drop(clients);
+    let idle = |text: &str| {
+        metric_or_zero(
+            text,
+            "dbproxy_server_connections_by_state",
+            &[("state", "idle")],
+        )
+    };
+    wait_for_metrics(
+        &proxy,
+        "three idle server connections",
+        Duration::from_secs(10),
+        |t| idle(t) == 3.0,
+    )
+    .await?;
+
+    let before = server_now(&admin).await?;
+    db.rotate_password("app_a").await?;
+    write_uri(&secret, &db.uri("app_a"))?;
+    let started = Instant::now();
+    let new = loop {
+        let (old, new) = backends_around(&admin, "app_a", &before).await?;
+        if old.is_empty() && new.len() == 3 {
+            break new;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "no client, 15 s after the rotation: old backends {old:?}, new ones {new:?} (3 new \
+             ones expected in place of the 3 idle ones)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "3 idle connections replaced {:?} after the Secret write",
+        started.elapsed()
+    );
+    wait_for_metrics(
+        &proxy,
+        "the replacements idle",
+        Duration::from_secs(10),
+        |t| idle(t) == 3.0,
+    )
+    .await?;
+
+    // The next client takes one of them: no login on its path.
+    let fresh = proxy.connect().await?;
+    let (_, _, pid) = whoami(&fresh).await?;
+    anyhow::ensure!(
+        new.contains(&pid),
+        "the new client got backend {pid}, not one of {new:?}"
+    );
+    let (old, now) = backends_around(&admin, "app_a", &before).await?;
+    anyhow::ensure!(
+        old.is_empty() && now == new,
+        "backends changed: old {old:?}, new {now:?} (expected {new:?})"
+    );
+    Ok(())
+}
+
 /// A 2 kB password (cloud IAM token size) full of URI-special characters, in a rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_kilobyte_password() -> anyhow::Result<()> {
