@@ -323,7 +323,8 @@ pub fn answer_without_server(
     cbuf: &mut BytesMut,
     known: &KnownStatements,
 ) -> Option<BytesMut> {
-    if client.status != b'I' {
+    // Nearly every request starts otherwise (Query, Bind): ruled out before anything else.
+    if cbuf.first() != Some(&b'P') || client.status != b'I' {
         return None;
     }
     let mut at = 0;
