@@ -81,6 +81,12 @@ pub struct RunArgs {
     #[arg(long = "pool-size", default_value_t = 20)]
     pub pool_size: usize,
 
+    /// Server connections kept open even when idle (pgbouncer's min_pool_size), with the
+    /// startup parameters of the last client that needed a new one: opened again after an
+    /// idle timeout, lifetime or rotation closed them. 0: none (connections open on demand).
+    #[arg(long = "min-pool-size", default_value_t = 0)]
+    pub min_pool_size: usize,
+
     /// Maximum number of client connections (at most one million).
     #[arg(
         long = "max-clients",
@@ -264,6 +270,8 @@ mod tests {
         let cli = Cli::try_parse_from(["dbproxy"]).unwrap().into_run_args();
         assert_eq!(cli.addr, vec!["127.0.0.1:5432", "[::1]:5432"]);
         assert_eq!(cli.pool_size, 20);
+        // Server connections open on demand unless --min-pool-size says otherwise.
+        assert_eq!(cli.min_pool_size, 0);
         assert_eq!(cli.pool_mode, PoolMode::Session);
         // Idle clients park after 10 to 20 s of silence unless told otherwise.
         assert_eq!(cli.client_park_after_ms, 10_000);

@@ -17,6 +17,8 @@ use crate::stats::{Names, ServerEntry, ServerState, Stats};
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub size: usize,
+    /// `--min-pool-size`.
+    pub min: usize,
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
@@ -53,6 +55,9 @@ pub struct Pool {
     welcome: Mutex<Vec<Welcome>>,
     /// Startup parameter sets clients sent, shared (see [`Pool::intern_params`]).
     interned: Mutex<Vec<ServerParams>>,
+    /// The startup parameters of the last connection opened for a client: what
+    /// `--min-pool-size` opens connections with.
+    last_params: Mutex<Option<ServerParams>>,
 }
 
 /// Generation, startup parameters and the ParameterStatus a server sent at login.
@@ -126,6 +131,7 @@ impl Pool {
             admin: std::sync::OnceLock::new(),
             welcome: Mutex::new(Vec::new()),
             interned: Mutex::new(Vec::new()),
+            last_params: Mutex::new(None),
         })
     }
 
@@ -503,6 +509,9 @@ impl Pool {
                         request_time: now,
                     });
                     self.remember_welcome(&server);
+                    if self.config.min > 0 {
+                        *crate::lock(&self.last_params) = Some(params.clone());
+                    }
                     return Ok(server);
                 }
                 Err(e) => e,
@@ -608,7 +617,10 @@ impl Pool {
             let mut i = 0;
             while i < state.idle.len() {
                 let s = &state.idle[i];
-                let expired = s.idle_since.elapsed() >= self.config.idle_timeout
+                // Idle too long only above --min-pool-size.
+                let idle_expired = s.idle_since.elapsed() >= self.config.idle_timeout
+                    && state.open.saturating_sub(closed.len()) > self.config.min;
+                let expired = idle_expired
                     || s.created.elapsed() >= self.config.lifetime
                     || self.retired(s)
                     || !s.is_alive();
@@ -662,27 +674,56 @@ impl Pool {
             );
         }
         for params in replaceable {
-            if self.is_paused() || !self.reserve_slot() {
+            if !self.open_ahead(params) {
                 break;
             }
-            let pool = self.clone();
-            tokio::spawn(async move {
-                let slot = pool.owned_slot_guard();
-                let Some(generation) = pool.credentials.current() else {
-                    return;
-                };
-                let deadline = Instant::now() + pool.config.timeout;
-                match Box::pin(pool.open_new(generation, &params, deadline)).await {
-                    Ok(server) => {
-                        slot.disarm();
-                        pool.add_idle(Box::new(server));
-                    }
-                    Err(e) => tracing::debug!(
-                        error = %e,
-                        "could not open a server connection of the new generation ahead of its clients"
-                    ),
+        }
+        self.fill_to_min();
+    }
+
+    /// Opens a connection with `params` in the background, with no client waiting for it:
+    /// it goes idle. False (nothing done) when the pool is full or paused. A failure leaves
+    /// the slot free and is only logged (at debug level: the next client opens one itself,
+    /// with the usual retries).
+    fn open_ahead(self: &Arc<Self>, params: ServerParams) -> bool {
+        if self.is_paused() || !self.reserve_slot() {
+            return false;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let slot = pool.owned_slot_guard();
+            let Some(generation) = pool.credentials.current() else {
+                return;
+            };
+            let deadline = Instant::now() + pool.config.timeout;
+            match Box::pin(pool.open_new(generation, &params, deadline)).await {
+                Ok(server) => {
+                    slot.disarm();
+                    pool.add_idle(Box::new(server));
                 }
-            });
+                Err(e) => tracing::debug!(
+                    error = %e,
+                    "could not open a server connection ahead of its clients"
+                ),
+            }
+        });
+        true
+    }
+
+    /// `--min-pool-size`: opens what is missing, with the startup parameters of the last
+    /// connection opened for a client (none before the first).
+    fn fill_to_min(self: &Arc<Self>) {
+        if self.config.min == 0 || self.credentials.current_number() == 0 {
+            return;
+        }
+        let Some(params) = crate::lock(&self.last_params).clone() else {
+            return;
+        };
+        let missing = self.config.min.saturating_sub(self.lock().open);
+        for _ in 0..missing {
+            if !self.open_ahead(params.clone()) {
+                break;
+            }
         }
     }
 
@@ -739,7 +780,10 @@ impl Pool {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => { self.sweep(); }
+                _ = tick.tick() => {
+                    self.sweep();
+                    self.fill_to_min();
+                }
                 _ = shutdown.recv() => return,
             }
         }
@@ -754,6 +798,7 @@ mod tests {
         Pool::new(
             PoolConfig {
                 size: 1,
+                min: 0,
                 timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(60),
                 lifetime: Duration::from_secs(3600),

@@ -60,6 +60,12 @@ pub async fn run(
     if args.pool_size == 0 {
         return Err(ProxyError::Config("--pool-size must be at least 1".into()));
     }
+    if args.min_pool_size > args.pool_size {
+        return Err(ProxyError::Config(format!(
+            "--min-pool-size ({}) exceeds --pool-size ({})",
+            args.min_pool_size, args.pool_size
+        )));
+    }
 
     let mut addrs: Vec<SocketAddr> = Vec::new();
     for a in &args.addr {
@@ -87,6 +93,7 @@ pub async fn run(
     let pool = Pool::new(
         PoolConfig {
             size: args.pool_size,
+            min: args.min_pool_size,
             timeout: args.pool_timeout(),
             idle_timeout: Duration::from_secs(args.server_idle_timeout),
             lifetime: Duration::from_secs(args.server_lifetime),

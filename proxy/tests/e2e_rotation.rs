@@ -175,6 +175,80 @@ async fn idle_connections_are_replaced_ahead_of_clients() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `--min-pool-size`: once a client has needed a server connection, the pool keeps that many
+/// open with its startup parameters: through the idle timeout (the same backends stay) and
+/// across a rotation (replaced by the new generation with no client asking). More than
+/// `--pool-size` is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn min_pool_size_keeps_connections_open() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let admin = db.admin().await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+
+    let mut refused = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--min-pool-size", "5", "--pool-size", "4"])
+        .spawn()?;
+    let status = refused
+        .wait_exit(Duration::from_secs(30))
+        .ok_or_else(|| anyhow::anyhow!("dbproxy started with --min-pool-size above --pool-size"))?;
+    anyhow::ensure!(!status.success(), "it must exit non-zero");
+    let log = refused.log();
+    anyhow::ensure!(
+        log.contains("--min-pool-size (5) exceeds --pool-size (4)"),
+        "{log}"
+    );
+    drop(refused);
+
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--min-pool-size", "3", "--server-idle-timeout", "1"])
+        .start()?;
+    let c = proxy.connect().await?;
+    whoami(&c).await?;
+    drop(c);
+    // Everything up to now started before this: "old" backends below.
+    let started = Instant::now();
+    let now = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (pids, _) = backends_around(&admin, "app_a", &server_now(&admin).await?).await?;
+        if pids.len() == 3 {
+            break pids;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "--min-pool-size 3: {} server connection(s) 15 s after a client left: {pids:?}",
+            pids.len()
+        );
+    };
+    // Idle for three times --server-idle-timeout: the same backends.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (later, _) = backends_around(&admin, "app_a", &server_now(&admin).await?).await?;
+    anyhow::ensure!(
+        later == now,
+        "the kept connections changed: {now:?} -> {later:?}"
+    );
+
+    let before = server_now(&admin).await?;
+    db.rotate_password("app_a").await?;
+    write_uri(&secret, &db.uri("app_a"))?;
+    let started = Instant::now();
+    loop {
+        let (old, new) = backends_around(&admin, "app_a", &before).await?;
+        if old.is_empty() && new.len() == 3 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "15 s after the rotation: old backends {old:?}, new ones {new:?} (3 new expected)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "3 kept connections replaced {:?} after the Secret write",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 /// A 2 kB password (cloud IAM token size) full of URI-special characters, in a rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_kilobyte_password() -> anyhow::Result<()> {
