@@ -108,15 +108,15 @@ impl ClientParker {
     /// How many clients are parked (for the gauge): a function that does not keep the
     /// parker alive.
     pub fn counter(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
+        fn weak_len<T: crate::park::Parkable>(
+            p: &Arc<crate::park::Parker<T>>,
+        ) -> Box<dyn Fn() -> usize + Send + Sync> {
+            let p = Arc::downgrade(p);
+            Box::new(move || p.upgrade().map_or(0, |p| p.len()))
+        }
         match self {
-            ClientParker::Transaction(p) => {
-                let p = Arc::downgrade(p);
-                Box::new(move || p.upgrade().map_or(0, |p| p.len()))
-            }
-            ClientParker::Session(p) => {
-                let p = Arc::downgrade(p);
-                Box::new(move || p.upgrade().map_or(0, |p| p.len()))
-            }
+            ClientParker::Transaction(p) => weak_len(p),
+            ClientParker::Session(p) => weak_len(p),
         }
     }
 }

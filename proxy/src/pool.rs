@@ -434,8 +434,7 @@ impl Pool {
         let found = self.take_idle(&mut state, generation.number, params);
         let decision = if let Some(server) = found {
             Decision::Take(server)
-        } else if state.open < self.config.size || exceed {
-            state.open += 1;
+        } else if self.take_slot(&mut state, exceed) {
             Decision::Open(None)
         } else if !state.idle.is_empty() {
             // Full, but an idle connection with other parameters (or an older generation)
@@ -586,19 +585,15 @@ impl Pool {
             && !self.retired(&server);
         let reset_ok = keep && (!reset || Box::pin(server.reset()).await.is_ok());
         if reset_ok {
-            server.idle_since = if reset { Instant::now() } else { now };
-            let mut state = self.lock();
-            // The generation may have changed during the reset.
-            if server.generation == self.credentials.current_number() {
-                self.stats
-                    .registry
-                    .set_server_state(server.registry, ServerState::Idle);
-                state.idle.push(server);
-                drop(state);
-                self.changed.notify_one();
-                return;
-            }
+            // (The generation may have changed during the reset: checked there.)
+            self.add_idle(server, if reset { Instant::now() } else { now });
+            return;
         }
+        self.close_counted(server);
+    }
+
+    /// Closes a connection that holds a slot, and gives the slot back.
+    fn close_counted(&self, server: Box<ServerConnection>) {
         self.forget(&server);
         server.close();
         self.slot_freed();
@@ -699,7 +694,7 @@ impl Pool {
             match Box::pin(pool.open_new(generation, &params, deadline)).await {
                 Ok(server) => {
                     slot.disarm();
-                    pool.add_idle(Box::new(server));
+                    pool.add_idle(Box::new(server), Instant::now());
                 }
                 Err(e) => tracing::debug!(
                     error = %e,
@@ -730,18 +725,24 @@ impl Pool {
     /// Takes a slot for a connection about to be opened, if the pool has room.
     fn reserve_slot(&self) -> bool {
         let mut state = self.lock();
-        if state.open >= self.config.size {
-            return false;
-        }
-        state.open += 1;
+        let taken = self.take_slot(&mut state, false);
         self.stats.server_connections.set(state.open);
-        true
+        taken
     }
 
-    /// A connection just opened, with no client: idle from now (closed instead if a newer
-    /// generation came meanwhile).
-    fn add_idle(&self, mut server: Box<ServerConnection>) {
-        server.idle_since = Instant::now();
+    /// Counts a connection about to be opened if the pool has room (or `exceed`).
+    fn take_slot(&self, state: &mut PoolState, exceed: bool) -> bool {
+        let room = state.open < self.config.size || exceed;
+        if room {
+            state.open += 1;
+        }
+        room
+    }
+
+    /// A connection with no client (released, or just opened ahead of clients) goes idle,
+    /// idle since `since`; closed instead if a newer generation came meanwhile.
+    fn add_idle(&self, mut server: Box<ServerConnection>, since: Instant) {
+        server.idle_since = since;
         let mut state = self.lock();
         if server.generation == self.credentials.current_number() {
             self.stats
@@ -753,9 +754,7 @@ impl Pool {
             return;
         }
         drop(state);
-        self.forget(&server);
-        server.close();
-        self.slot_freed();
+        self.close_counted(server);
     }
 
     /// Closes every idle connection (at shutdown).

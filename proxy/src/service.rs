@@ -62,7 +62,7 @@ pub async fn run(
     }
     if args.min_pool_size > args.pool_size {
         return Err(ProxyError::Config(format!(
-            "--min-pool-size ({}) exceeds --pool-size ({})",
+            "--min-pool-size ({}) exceeds --pool-size ({}): lower --min-pool-size or raise --pool-size",
             args.min_pool_size, args.pool_size
         )));
     }

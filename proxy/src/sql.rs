@@ -662,7 +662,8 @@ mod tests {
         assert!(!may_touch_session_state(
             "SELECT abalance FROM pgbench_accounts WHERE aid = 7"
         ));
-        // The documented miss: found by no keyword and no underscore.
+        // Not looked for in the text of every query: the server's reply tells it (txn.rs),
+        // and a named statement's text is checked with `selects_into_temp`.
         assert!(!may_touch_session_state("SELECT 1 AS x INTO TEMP t"));
     }
 

@@ -425,9 +425,7 @@ impl Stamp {
 
     /// Time since then (zero if the clock went back).
     pub fn elapsed(self) -> std::time::Duration {
-        SystemTime::now()
-            .duration_since(SystemTime::from(self))
-            .unwrap_or_default()
+        std::time::Duration::from_micros(Stamp::now().0.saturating_sub(self.0))
     }
 }
 
@@ -492,6 +490,10 @@ impl Slot {
 /// Looks up a slot's entry if it is still the one the slot was given for.
 fn entry_mut<T: HasId>(slab: &mut Slab<T>, slot: Slot) -> Option<&mut T> {
     slab.get_mut(slot.index).filter(|e| e.id() == slot.id)
+}
+
+fn entry<T: HasId>(slab: &Slab<T>, slot: Slot) -> Option<&T> {
+    slab.get(slot.index).filter(|e| e.id() == slot.id)
 }
 
 fn remove_entry<T: HasId>(slab: &mut Slab<T>, slot: Slot) {
@@ -610,11 +612,7 @@ impl ClientGuard {
 
     /// The client's address, as listed (a parked client keeps it only here).
     pub fn peer(&self) -> Option<std::net::SocketAddr> {
-        let clients = crate::lock(&self.stats.registry.clients);
-        clients
-            .get(self.slot.index)
-            .filter(|c| c.id == self.slot.id)
-            .map(|c| c.addr)
+        entry(&crate::lock(&self.stats.registry.clients), self.slot).map(|c| c.addr)
     }
 
     /// The client got server `pid` (or lost it).

@@ -1234,7 +1234,7 @@ fn process_server(
         // Header-level decisions are enough for big messages (rows, copy data).
         if whole > STREAM_ABOVE && sbuf.len() < whole {
             if matches!(tag, b'D' | b'd' | b'T' | b'N' | b'E' | b'A') {
-                sh.rows |= matches!(tag, b'D' | b'T');
+                sh.note_result(tag);
                 sh.note_completion(tag, &[]);
                 out.extend_from_slice(&sbuf[..5]);
                 sbuf.advance(5);
@@ -1254,7 +1254,7 @@ fn process_server(
             b'Z' => {
                 let status = body.first().copied().unwrap_or(b'I');
                 sh.client.status = status;
-                (sh.rows, sh.no_data) = (false, false);
+                sh.note_result(tag);
                 while let Some(front) = sh.queue.pop_front() {
                     if matches!(front, Expect::Sync | Expect::Simple) {
                         break;
@@ -1307,7 +1307,7 @@ fn process_server(
                     Some(Expect::Simple) | None => {}
                     Some(_) => sh.skip_to_sync(),
                 }
-                (sh.rows, sh.no_data) = (false, false);
+                sh.note_result(tag);
                 true
             }
             b'C' => {
@@ -1323,7 +1323,7 @@ fn process_server(
                 {
                     sh.recheck = true;
                 }
-                (sh.rows, sh.no_data) = (false, false);
+                sh.note_result(tag);
                 if tag_text == b"DISCARD ALL" || tag_text == b"DEALLOCATE ALL" {
                     // Every prepared statement of the session is gone, dbproxy's names too.
                     sh.client.clear_prepared();
@@ -1334,12 +1334,7 @@ fn process_server(
                 true
             }
             _ => {
-                match tag {
-                    b'T' | b'D' => sh.rows = true,
-                    b'n' => sh.no_data = true,
-                    b'I' => (sh.rows, sh.no_data) = (false, false),
-                    _ => {}
-                }
+                sh.note_result(tag);
                 sh.note_completion(tag, body);
                 true
             }
@@ -1355,6 +1350,18 @@ fn process_server(
 }
 
 impl Shared<'_> {
+    /// Whether the statement being answered returned rows: RowDescription or DataRow say it
+    /// did, NoData that its described portal returns none; a completion, an error,
+    /// EmptyQueryResponse or ReadyForQuery ends the statement.
+    fn note_result(&mut self, tag: u8) {
+        match tag {
+            b'T' | b'D' => self.rows = true,
+            b'n' => self.no_data = true,
+            b'C' | b'E' | b'I' | b'Z' => (self.rows, self.no_data) = (false, false),
+            _ => {}
+        }
+    }
+
     /// Pops the queue entry a reply completes (Bind, Describe, Execute).
     fn note_completion(&mut self, tag: u8, _body: &[u8]) {
         let done = matches!(

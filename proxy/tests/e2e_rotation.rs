@@ -15,6 +15,46 @@ async fn server_now(admin: &tokio_postgres::Client) -> anyhow::Result<String> {
         .get(0))
 }
 
+/// Backends of `user` that started before and after `since`.
+async fn backends_around(
+    admin: &tokio_postgres::Client,
+    user: &str,
+    since: &str,
+) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
+    let rows = admin
+        .query(
+            "SELECT pid, backend_start < $2::text::timestamptz FROM pg_stat_activity
+             WHERE usename = $1 ORDER BY pid",
+            &[&user, &since],
+        )
+        .await?;
+    let (old, new): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.get::<_, bool>(1));
+    let pids = |rows: Vec<&tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect();
+    Ok((pids(old), pids(new)))
+}
+
+/// Polls the backends of `user` around `since` until `done` says so (15 s at most; `what`
+/// and both lists then make the error); returns them and how long it took.
+async fn wait_backends(
+    admin: &tokio_postgres::Client,
+    user: &str,
+    since: &str,
+    what: &str,
+    done: impl Fn(&[i32], &[i32]) -> bool,
+) -> anyhow::Result<(Vec<i32>, Vec<i32>, Duration)> {
+    let t = Instant::now();
+    loop {
+        let (old, new) = backends_around(admin, user, since).await?;
+        if done(&old, &new) {
+            return Ok((old, new, t.elapsed()));
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            anyhow::bail!("{what}: not so 15 s later: older backends {old:?}, newer ones {new:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until no backend of `user` that started before `since` is left, except `keep` (a
 /// session a client still holds): the old credential generation has been retired.
 async fn wait_old_backends_retired(
@@ -23,27 +63,9 @@ async fn wait_old_backends_retired(
     since: &str,
     keep: &[i32],
 ) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    loop {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE usename = $1 AND backend_start < $2::text::timestamptz
-                   AND pid <> ALL($3)",
-                &[&user, &since, &keep],
-            )
-            .await?
-            .get(0);
-        if n == 0 {
-            return Ok(t.elapsed());
-        }
-        if t.elapsed() > Duration::from_secs(15) {
-            anyhow::bail!(
-                "{n} server connection(s) of the old generation still open 15 s after the rotation"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = "the server connections of the old generation closed after the rotation";
+    let done = |old: &[i32], _: &[i32]| old.iter().all(|pid| keep.contains(pid));
+    Ok(wait_backends(admin, user, since, what, done).await?.2)
 }
 
 /// Password rotation of the same user: new logins use the new password, the open session keeps
@@ -82,24 +104,6 @@ async fn password_rotation_same_user() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Backends of `user` that started before and after `since`.
-async fn backends_around(
-    admin: &tokio_postgres::Client,
-    user: &str,
-    since: &str,
-) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
-    let rows = admin
-        .query(
-            "SELECT pid, backend_start < $2::text::timestamptz FROM pg_stat_activity
-             WHERE usename = $1 ORDER BY pid",
-            &[&user, &since],
-        )
-        .await?;
-    let (old, new): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.get::<_, bool>(1));
-    let pids = |rows: Vec<&tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect();
-    Ok((pids(old), pids(new)))
-}
-
 /// After a rotation the idle server connections of the old generation are replaced at once,
 /// with no client asking, by new-generation ones with the same startup parameters; the next
 /// client gets one of them instead of waiting for a login.
@@ -135,23 +139,15 @@ async fn idle_connections_are_replaced_ahead_of_clients() -> anyhow::Result<()> 
     let before = server_now(&admin).await?;
     db.rotate_password("app_a").await?;
     write_uri(&secret, &db.uri("app_a"))?;
-    let started = Instant::now();
-    let new = loop {
-        let (old, new) = backends_around(&admin, "app_a", &before).await?;
-        if old.is_empty() && new.len() == 3 {
-            break new;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(15),
-            "no client, 15 s after the rotation: old backends {old:?}, new ones {new:?} (3 new \
-             ones expected in place of the 3 idle ones)"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    println!(
-        "3 idle connections replaced {:?} after the Secret write",
-        started.elapsed()
-    );
+    let (_, new, took) = wait_backends(
+        &admin,
+        "app_a",
+        &before,
+        "with no client, 3 new backends in place of the 3 idle old ones",
+        |old, new| old.is_empty() && new.len() == 3,
+    )
+    .await?;
+    println!("3 idle connections replaced {took:?} after the Secret write");
     wait_for_metrics(
         &proxy,
         "the replacements idle",
@@ -205,20 +201,16 @@ async fn min_pool_size_keeps_connections_open() -> anyhow::Result<()> {
     let c = proxy.connect().await?;
     whoami(&c).await?;
     drop(c);
-    // Everything up to now started before this: "old" backends below.
-    let started = Instant::now();
-    let now = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (pids, _) = backends_around(&admin, "app_a", &server_now(&admin).await?).await?;
-        if pids.len() == 3 {
-            break pids;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(15),
-            "--min-pool-size 3: {} server connection(s) 15 s after a client left: {pids:?}",
-            pids.len()
-        );
-    };
+    let (old, new, _) = wait_backends(
+        &admin,
+        "app_a",
+        &server_now(&admin).await?,
+        "--min-pool-size 3: 3 server connections after the client left",
+        |old, new| old.len() + new.len() == 3,
+    )
+    .await?;
+    let mut now = [old, new].concat();
+    now.sort_unstable();
     // Idle for three times --server-idle-timeout: the same backends.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (later, _) = backends_around(&admin, "app_a", &server_now(&admin).await?).await?;
@@ -230,22 +222,15 @@ async fn min_pool_size_keeps_connections_open() -> anyhow::Result<()> {
     let before = server_now(&admin).await?;
     db.rotate_password("app_a").await?;
     write_uri(&secret, &db.uri("app_a"))?;
-    let started = Instant::now();
-    loop {
-        let (old, new) = backends_around(&admin, "app_a", &before).await?;
-        if old.is_empty() && new.len() == 3 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(15),
-            "15 s after the rotation: old backends {old:?}, new ones {new:?} (3 new expected)"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!(
-        "3 kept connections replaced {:?} after the Secret write",
-        started.elapsed()
-    );
+    let (_, _, took) = wait_backends(
+        &admin,
+        "app_a",
+        &before,
+        "3 new-generation backends in place of the 3 kept ones",
+        |old, new| old.is_empty() && new.len() == 3,
+    )
+    .await?;
+    println!("3 kept connections replaced {took:?} after the Secret write");
     Ok(())
 }
 

@@ -1138,17 +1138,44 @@ async fn both_backends_free(w1: &Client, w2: &Client, what: &str) -> anyhow::Res
     Ok(())
 }
 
+/// The pinning tests' setup: two server connections, a client `t` whose pins are tested and
+/// two clients that take the backends (`hold`) to see which ones are free.
+struct Pinning {
+    _db: AppCluster,
+    _secret: SecretDir,
+    proxy: ProxyProcess,
+    t: Client,
+    w1: Client,
+    w2: Client,
+}
+
+impl Pinning {
+    async fn start() -> anyhow::Result<Pinning> {
+        let (_db, _secret, proxy) =
+            txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
+        let port = proxy.port();
+        let t = connect(port, "t").await?;
+        let w1 = connect(port, "w1").await?;
+        let w2 = connect(port, "w2").await?;
+        Ok(Pinning {
+            _db,
+            _secret,
+            proxy,
+            t,
+            w1,
+            w2,
+        })
+    }
+}
+
 /// A table created in schema `pg_temp` is temporary and pins the client too (simple and
 /// extended protocol, `CREATE TABLE` and `SELECT ... INTO`). Before, it was not recognised,
 /// so the next transaction could run on another backend (the table missing) while another
 /// client got the table's backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tables_in_schema_pg_temp_pin_too() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
-    let port = proxy.port();
-    let t = connect(port, "t").await?;
-    let w1 = connect(port, "w1").await?;
-    let w2 = connect(port, "w2").await?;
+    let pin = Pinning::start().await?;
+    let Pinning { t, w1, w2, .. } = &pin;
     let forms: [(&str, bool); 3] = [
         (
             "CREATE TABLE pg_temp.made AS SELECT g AS x FROM generate_series(1, 3) g",
@@ -1175,12 +1202,12 @@ async fn tables_in_schema_pg_temp_pin_too() -> anyhow::Result<()> {
         }
         let pinned: i32 = t.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
         for round in 0..4 {
-            let hpid = hold(&w1).await?;
+            let hpid = hold(w1).await?;
             assert_ne!(
                 hpid, pinned,
                 "{form}: round {round}: another client got its backend"
             );
-            release(&w1).await?;
+            release(w1).await?;
             let row = t
                 .query_one("SELECT count(*), pg_backend_pid() FROM made", &[])
                 .await
@@ -1189,7 +1216,7 @@ async fn tables_in_schema_pg_temp_pin_too() -> anyhow::Result<()> {
             assert_eq!(row.get::<_, i32>(1), pinned, "{form}: round {round}: moved");
         }
         t.batch_execute("DROP TABLE made").await?;
-        both_backends_free(&w1, &w2, &format!("after DROP ({form})")).await?;
+        both_backends_free(w1, w2, &format!("after DROP ({form})")).await?;
     }
     Ok(())
 }
@@ -1203,11 +1230,9 @@ async fn tables_in_schema_pg_temp_pin_too() -> anyhow::Result<()> {
 /// transaction could run on another backend, where the table was missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn select_into_temp_pins_too() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
-    let port = proxy.port();
-    let t = connect(port, "t").await?;
-    let w1 = connect(port, "w1").await?;
-    let w2 = connect(port, "w2").await?;
+    let pin = Pinning::start().await?;
+    let Pinning { t, w1, w2, .. } = &pin;
+    let port = pin.proxy.port();
     let make = "SELECT g AS x INTO TEMP made FROM generate_series(1, 3) g";
     let forms = [
         "simple",
@@ -1282,8 +1307,8 @@ async fn select_into_temp_pins_too() -> anyhow::Result<()> {
                     pid.first().cloned().flatten().unwrap_or_default().parse()?
                 }
                 None => {
-                    let pid = hold(&w1).await?;
-                    release(&w1).await?;
+                    let pid = hold(w1).await?;
+                    release(w1).await?;
                     pid
                 }
             };
@@ -1297,7 +1322,7 @@ async fn select_into_temp_pins_too() -> anyhow::Result<()> {
             None => t.batch_execute("DROP TABLE made").await?,
         }
         drop((raw, holder));
-        both_backends_free(&w1, &w2, &format!("after DROP ({form})")).await?;
+        both_backends_free(w1, w2, &format!("after DROP ({form})")).await?;
     }
     Ok(())
 }
@@ -1306,22 +1331,19 @@ async fn select_into_temp_pins_too() -> anyhow::Result<()> {
 /// until they are gone; meanwhile the other clients never get that backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn session_state_pins_backend_until_gone() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2", "--pool-timeout", "60"]).await?;
-    let port = proxy.port();
-    let t = connect(port, "t").await?;
-    let w1 = connect(port, "w1").await?;
-    let w2 = connect(port, "w2").await?;
+    let pin = Pinning::start().await?;
+    let Pinning { t, w1, w2, .. } = &pin;
     // temporary table
     t.batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1), (2), (3)")
         .await?;
     let pinned: i32 = t.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     for round in 0..5 {
-        let hpid = hold(&w1).await?;
+        let hpid = hold(w1).await?;
         assert_ne!(
             hpid, pinned,
             "round {round}: another client got the temp table's backend"
         );
-        release(&w1).await?;
+        release(w1).await?;
         let row = t
             .query_one("SELECT count(*), pg_backend_pid() FROM scratch", &[])
             .await?;
@@ -1333,7 +1355,7 @@ async fn session_state_pins_backend_until_gone() -> anyhow::Result<()> {
         );
     }
     t.batch_execute("DROP TABLE scratch").await?;
-    both_backends_free(&w1, &w2, "after DROP of the temp table").await?;
+    both_backends_free(w1, w2, "after DROP of the temp table").await?;
 
     // WITH HOLD cursor
     t.batch_execute("DECLARE c CURSOR WITH HOLD FOR SELECT generate_series(1, 10)")
@@ -1341,12 +1363,12 @@ async fn session_state_pins_backend_until_gone() -> anyhow::Result<()> {
     let pinned: i32 = t.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let mut fetched = Vec::new();
     for round in 0..3 {
-        let hpid = hold(&w1).await?;
+        let hpid = hold(w1).await?;
         assert_ne!(
             hpid, pinned,
             "round {round}: another client got the cursor's backend"
         );
-        release(&w1).await?;
+        release(w1).await?;
         for m in t.simple_query("FETCH 3 FROM c").await? {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
                 fetched.push(r.get(0).unwrap_or_default().to_string());
@@ -1355,7 +1377,7 @@ async fn session_state_pins_backend_until_gone() -> anyhow::Result<()> {
     }
     assert_eq!(fetched, ["1", "2", "3", "4", "5", "6", "7", "8", "9"]);
     t.batch_execute("CLOSE c").await?;
-    both_backends_free(&w1, &w2, "after CLOSE of the WITH HOLD cursor").await?;
+    both_backends_free(w1, w2, "after CLOSE of the WITH HOLD cursor").await?;
 
     Ok(())
 }
