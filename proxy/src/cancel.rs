@@ -131,7 +131,9 @@ impl CancelMap {
             .filter(|e| pid > 0 && e.pid == pid && e.key == key)
     }
 
-    fn cancel_in_flight(&self, addr: SocketAddr, pid: i32) -> bool {
+    /// Whether a cancel for this backend is being forwarded now (one atomic load when none
+    /// is anywhere).
+    pub fn cancel_in_flight(&self, addr: SocketAddr, pid: i32) -> bool {
         if self.in_flight_total.load(Ordering::Acquire) == 0 {
             return false;
         }

@@ -1361,7 +1361,12 @@ async fn transaction_step(
         *assigned = true;
         // The client's registry id (from 1 up) tells clients apart.
         let owner = ctx.reset_settings_between_clients.then(|| tracked.id());
-        if let Err(e) = sync_session(server, client, socket, out, owner).await {
+        let synced = if in_sync(server, client, owner) {
+            Ok(())
+        } else {
+            Box::pin(sync_session(server, client, socket, out, owner)).await
+        };
+        if let Err(e) = synced {
             // The server's state is unknown now: it is closed, never reused.
             if let Some(server) = held.take() {
                 give_back(ctx, cancel_key, server, false, false).await;
@@ -1414,8 +1419,10 @@ async fn transaction_step(
         RoundEnd::SafePoint => {
             if !client.is_pinned() {
                 *signal = None;
-                if let Some(server) = held.take() {
-                    give_back(ctx, cancel_key, server, true, false).await;
+                if let Some(server) = held.take()
+                    && let Some(server) = give_back_now(ctx, cancel_key, server, true, false)
+                {
+                    Box::pin(give_back_rest(ctx, server, true, false)).await;
                 }
                 *assigned = false;
             } else if let Some(sig) = signal.as_mut()
@@ -1482,8 +1489,62 @@ async fn give_back(
     clean: bool,
     reset: bool,
 ) {
-    unassign(ctx, cancel_key, &server).await;
+    if let Some(server) = give_back_now(ctx, cancel_key, server, clean, reset) {
+        give_back_rest(ctx, server, clean, reset).await;
+    }
+}
+
+/// [`give_back`] without an await, the usual case at the end of a transaction; the server
+/// comes back when the rest must wait (a cancel on its way to it, or a reset): then
+/// [`give_back_rest`].
+fn give_back_now(
+    ctx: &ClientContext,
+    cancel_key: &CancelKey,
+    server: Box<ServerConnection>,
+    clean: bool,
+    reset: bool,
+) -> Option<Box<ServerConnection>> {
+    cancel_key.set_target(None);
+    if reset
+        || ctx
+            .cancels
+            .cancel_in_flight(server.peer(), server.backend_pid)
+    {
+        return Some(server);
+    }
+    ctx.pool.release_unless_reset(server, clean, false)
+}
+
+/// The end of a [`give_back`] that must wait.
+async fn give_back_rest(
+    ctx: &ClientContext,
+    server: Box<ServerConnection>,
+    clean: bool,
+    reset: bool,
+) {
+    ctx.cancels
+        .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
+        .await;
     ctx.pool.release_with(server, clean, reset).await;
+}
+
+/// Whether `server`, just assigned, certainly has nothing to bring in line (the usual case in
+/// transaction mode: nothing set, nothing prepared by SQL, the same reported parameters);
+/// records the owner then. Otherwise [`sync_session`] looks closer.
+fn in_sync(server: &mut ServerConnection, client: &ClientSession, owner: Option<u64>) -> bool {
+    let txn = server.txn();
+    let other_client = owner.is_some_and(|id| txn.owner != 0 && txn.owner != id);
+    let nothing = txn.settings.is_empty()
+        && client.settings().is_empty()
+        && txn.sql_prepared.is_empty()
+        && client.sql_prepared().is_empty()
+        && !txn.custom.unnamed
+        && !other_client
+        && std::ptr::eq(&client.seen[..], &server.parameter_status[..]);
+    if nothing && let Some(id) = owner {
+        server.txn_mut().owner = id;
+    }
+    nothing
 }
 
 /// Brings a server just assigned to the client in line with the client's session: settings

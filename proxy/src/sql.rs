@@ -146,32 +146,41 @@ fn dollar_tag(b: &[u8], i: usize) -> Option<usize> {
 }
 
 /// `s` without leading whitespace and comments.
-fn strip_comments_prefix(mut s: &str) -> &str {
+fn strip_comments_prefix(s: &str) -> &str {
+    // Whitespace and comments end at an ASCII byte: a character boundary.
+    &s[comments_prefix_len(s.as_bytes())..]
+}
+
+/// The length of the whitespace and comments at the start of `b`.
+fn comments_prefix_len(b: &[u8]) -> usize {
+    let mut i = 0;
     loop {
-        s = s.trim_ascii_start();
-        if let Some(rest) = s.strip_prefix("--") {
-            s = rest.find('\n').map_or("", |n| &rest[n + 1..]);
-        } else if s.starts_with("/*") {
-            let b = s.as_bytes();
+        while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        let rest = &b[i..];
+        if rest.starts_with(b"--") {
+            i = memchr::memchr(b'\n', rest).map_or(b.len(), |n| i + n + 1);
+        } else if rest.starts_with(b"/*") {
             let mut depth = 0;
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            let mut j = 0;
+            while j < rest.len() {
+                if rest[j] == b'/' && rest.get(j + 1) == Some(&b'*') {
                     depth += 1;
-                    i += 2;
-                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                    j += 2;
+                } else if rest[j] == b'*' && rest.get(j + 1) == Some(&b'/') {
                     depth -= 1;
-                    i += 2;
+                    j += 2;
                     if depth == 0 {
                         break;
                     }
                 } else {
-                    i += 1;
+                    j += 1;
                 }
             }
-            s = &s[i.min(s.len())..];
+            i += j.min(rest.len());
         } else {
-            return s;
+            return i;
         }
     }
 }
@@ -219,18 +228,22 @@ pub fn leading_keywords(statement: &str) -> Keywords<'_> {
 /// about 220 instructions per simple-protocol transaction, 2 % of transaction mode's): the
 /// server's reply tells it (a `SELECT n` completion without rows, see `txn.rs`), and a named
 /// protocol statement is checked once, at its Parse ([`selects_into_temp`]).
-pub fn may_touch_session_state(text: &str) -> bool {
+pub fn may_touch_session_state(text: &[u8]) -> bool {
     if mentions_state_function(text) {
         return true;
     }
     // No `;` with more behind it: one statement, no need to split (a `;` inside a literal or
-    // comment leaves more text behind it).
-    let single = memchr::memchr(b';', text.as_bytes())
-        .is_none_or(|at| !more_after_semicolon(text.as_bytes(), at));
+    // comment leaves more text behind it). Judged on the bytes: keywords, quotes and
+    // semicolons are ASCII in every client encoding, and a query in the usual case is never
+    // converted to text.
+    let single = memchr::memchr(b';', text).is_none_or(|at| !more_after_semicolon(text, at));
     if single {
         return statement_touches_state(text);
     }
-    split_statements(text).any(statement_touches_state)
+    // In a client encoding other than UTF-8 (LATIN1, ...) the bytes need not be UTF-8: the
+    // invalid ones read as replacement characters, which leaves keywords, quotes and
+    // semicolons where they were.
+    split_statements(&String::from_utf8_lossy(text)).any(|s| statement_touches_state(s.as_bytes()))
 }
 
 /// Whether a statement of `text` is `SELECT ... INTO TEMP[ORARY] ...` (also after WITH),
@@ -259,23 +272,24 @@ pub fn selects_into_temp(text: &str) -> bool {
 
 /// [`may_touch_session_state`] for one statement, from its leading keywords (read only as
 /// far as needed).
-fn statement_touches_state(statement: &str) -> bool {
-    let (first, rest) = next_keyword(statement);
-    let is = |word: &str, w: &str| word.eq_ignore_ascii_case(w);
+fn statement_touches_state(statement: &[u8]) -> bool {
+    let (first, rest) = next_keyword_bytes(statement);
+    let is = |word: &[u8], w: &str| word.eq_ignore_ascii_case(w.as_bytes());
     // Dispatched on the first letter: most statements (SELECT, INSERT, UPDATE, ...) are
     // ruled out by one comparison.
-    match first.as_bytes().first().map(u8::to_ascii_uppercase) {
+    match first.first().map(u8::to_ascii_uppercase) {
         Some(b'S') if is(first, "SET") => {
-            let second = next_keyword(rest).0;
+            let second = next_keyword_bytes(rest).0;
             !["LOCAL", "TRANSACTION", "CONSTRAINTS"]
                 .iter()
                 .any(|w| is(second, w))
         }
         Some(b'C') if is(first, "CREATE") => {
-            let (second, rest) = next_keyword(rest);
-            let temp = |w: &str| is(w, "TEMP") || is(w, "TEMPORARY");
+            let (second, rest) = next_keyword_bytes(rest);
+            let temp = |w: &[u8]| is(w, "TEMP") || is(w, "TEMPORARY");
             temp(second)
-                || ((is(second, "LOCAL") || is(second, "GLOBAL")) && temp(next_keyword(rest).0))
+                || ((is(second, "LOCAL") || is(second, "GLOBAL"))
+                    && temp(next_keyword_bytes(rest).0))
         }
         Some(b'C') => is(first, "CLOSE"),
         Some(b'R') => is(first, "RESET"),
@@ -292,20 +306,33 @@ fn statement_touches_state(statement: &str) -> bool {
 /// The keyword (identifier characters) at the start of `s` after whitespace and comments,
 /// and what follows it; empty if something else comes first.
 fn next_keyword(s: &str) -> (&str, &str) {
-    let s = strip_comments_prefix(s);
-    let end = s
-        .bytes()
-        .position(|c| !(c.is_ascii_alphanumeric() || c == b'_'))
-        .unwrap_or(s.len());
-    s.split_at(end)
+    let (word, rest) = next_keyword_bytes(s.as_bytes());
+    // Both ends are next to ASCII bytes (or the ends of `s`): character boundaries.
+    let end = s.len() - rest.len();
+    (&s[end - word.len()..end], &s[end..])
+}
+
+/// [`next_keyword`] on bytes.
+fn next_keyword_bytes(b: &[u8]) -> (&[u8], &[u8]) {
+    let b = &b[comments_prefix_len(b)..];
+    let end = b
+        .iter()
+        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
+        .unwrap_or(b.len());
+    b.split_at(end)
 }
 
 /// Whether `text` contains `set_config`, `advisory_lock`, `advisory_unlock` or `pg_temp`
 /// (any case). Each holds an underscore at a known place, so only underscores are looked at:
 /// a query without one costs one byte scan instead of a scan per name.
-fn mentions_state_function(text: &str) -> bool {
-    let b = text.as_bytes();
+fn mentions_state_function(b: &[u8]) -> bool {
     memchr::memchr_iter(b'_', b).any(|i| {
+        // The byte before the underscore rules out most (`user_id`, `pgbench_accounts`): a
+        // name needs `t` (set_), `y` (advisory_) or `g` (pg_).
+        let before = i.checked_sub(1).map_or(0, |j| b[j].to_ascii_lowercase());
+        if !matches!(before, b't' | b'y' | b'g') {
+            return false;
+        }
         set_config_at(b, i)
             || word_around(b, i, 8, b"advisory_lock")
             || word_around(b, i, 8, b"advisory_unlock")
@@ -490,6 +517,10 @@ fn prepared_name(statement: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn touches(text: &str) -> bool {
+        may_touch_session_state(text.as_bytes())
+    }
+
     #[test]
     fn select_into_temp_is_found_in_named_statements() {
         for yes in [
@@ -616,75 +647,63 @@ mod tests {
 
     #[test]
     fn session_state_scan() {
-        assert!(may_touch_session_state("SET work_mem = '8MB'"));
-        assert!(may_touch_session_state("select set_config('a','b',false)"));
-        assert!(may_touch_session_state("LISTEN x"));
-        assert!(may_touch_session_state("create TEMP table t(a int)"));
-        assert!(!may_touch_session_state("select 1"));
-        assert!(!may_touch_session_state(
+        assert!(touches("SET work_mem = '8MB'"));
+        assert!(touches("select set_config('a','b',false)"));
+        assert!(touches("LISTEN x"));
+        assert!(touches("create TEMP table t(a int)"));
+        assert!(!touches("select 1"));
+        assert!(!touches(
             "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
         ));
-        assert!(!may_touch_session_state(
+        assert!(!touches(
             "UPDATE pgbench_accounts SET abalance = 1; SET LOCAL a = 1"
         ));
-        assert!(may_touch_session_state(
+        assert!(touches(
             "begin; create local temporary table t(a int); commit"
         ));
-        assert!(may_touch_session_state("select pg_advisory_lock(1)"));
-        assert!(may_touch_session_state("SELECT PG_TRY_ADVISORY_LOCK(1)"));
-        assert!(may_touch_session_state("select pg_advisory_unlock_all()"));
-        assert!(may_touch_session_state(
-            "select Set_Config('a', 'b', false)"
-        ));
-        assert!(may_touch_session_state("select set_config"));
+        assert!(touches("select pg_advisory_lock(1)"));
+        assert!(touches("SELECT PG_TRY_ADVISORY_LOCK(1)"));
+        assert!(touches("select pg_advisory_unlock_all()"));
+        assert!(touches("select Set_Config('a', 'b', false)"));
+        assert!(touches("select set_config"));
         // Transaction-level advisory locks end with the transaction: nothing to track.
-        assert!(!may_touch_session_state("select pg_advisory_xact_lock(1)"));
-        assert!(!may_touch_session_state(
-            "select _config, set_conf, advisory_loc"
-        ));
-        assert!(!may_touch_session_state("_"));
-        assert!(may_touch_session_state(
-            "declare c cursor with hold for select 1"
-        ));
+        assert!(!touches("select pg_advisory_xact_lock(1)"));
+        assert!(!touches("select _config, set_conf, advisory_loc"));
+        assert!(!touches("_"));
+        assert!(touches("declare c cursor with hold for select 1"));
     }
 
     #[test]
     fn temporary_tables_in_schema_pg_temp() {
-        assert!(may_touch_session_state("CREATE TABLE pg_temp.t (a int)"));
-        assert!(may_touch_session_state(
-            "create unlogged table PG_TEMP.t (a int)"
-        ));
-        assert!(may_touch_session_state("SELECT 1 INTO pg_temp.t"));
-        assert!(may_touch_session_state(
-            "select 1; create table pg_temp.t as select 2"
-        ));
-        assert!(!may_touch_session_state("SELECT 1 INTO t"));
-        assert!(!may_touch_session_state(
+        assert!(touches("CREATE TABLE pg_temp.t (a int)"));
+        assert!(touches("create unlogged table PG_TEMP.t (a int)"));
+        assert!(touches("SELECT 1 INTO pg_temp.t"));
+        assert!(touches("select 1; create table pg_temp.t as select 2"));
+        assert!(!touches("SELECT 1 INTO t"));
+        assert!(!touches(
             "SELECT abalance FROM pgbench_accounts WHERE aid = 7"
         ));
         // Not looked for in the text of every query: the server's reply tells it (txn.rs),
         // and a named statement's text is checked with `selects_into_temp`.
-        assert!(!may_touch_session_state("SELECT 1 AS x INTO TEMP t"));
+        assert!(!touches("SELECT 1 AS x INTO TEMP t"));
     }
 
     #[test]
     fn session_state_scan_with_semicolons() {
         // One statement with trailing semicolons and whitespace: judged without a split.
-        assert!(!may_touch_session_state("SELECT 1;"));
-        assert!(may_touch_session_state(" /* c */ SET a = 1 ;; \n"));
-        assert!(!may_touch_session_state("SET LOCAL a = 1;"));
-        assert!(may_touch_session_state(
-            "CREATE GLOBAL TEMP TABLE t(a int);"
-        ));
-        assert!(!may_touch_session_state("CREATE TABLE t(a int);"));
+        assert!(!touches("SELECT 1;"));
+        assert!(touches(" /* c */ SET a = 1 ;; \n"));
+        assert!(!touches("SET LOCAL a = 1;"));
+        assert!(touches("CREATE GLOBAL TEMP TABLE t(a int);"));
+        assert!(!touches("CREATE TABLE t(a int);"));
         // A `;` inside a literal, a comment or a dollar quote does not end the statement.
-        assert!(!may_touch_session_state("SELECT ';SET a = 1'"));
-        assert!(may_touch_session_state("SELECT ';'; SET a = 1"));
-        assert!(!may_touch_session_state("SELECT 1 -- ; SET a = 1"));
-        assert!(may_touch_session_state("SELECT $$;$$; LISTEN x;"));
-        assert!(may_touch_session_state("SELECT 1; /* x */ RESET ALL"));
-        assert!(!may_touch_session_state(";;"));
-        assert!(!may_touch_session_state(""));
+        assert!(!touches("SELECT ';SET a = 1'"));
+        assert!(touches("SELECT ';'; SET a = 1"));
+        assert!(!touches("SELECT 1 -- ; SET a = 1"));
+        assert!(touches("SELECT $$;$$; LISTEN x;"));
+        assert!(touches("SELECT 1; /* x */ RESET ALL"));
+        assert!(!touches(";;"));
+        assert!(!touches(""));
         // Every leading keyword that may change session state, any case; and look-alikes.
         for text in [
             "set a = 1",
@@ -702,7 +721,7 @@ mod tests {
             "CREATE LOCAL TEMP TABLE t (a int)",
             "create global temporary table t (a int)",
         ] {
-            assert!(may_touch_session_state(text), "{text}");
+            assert!(touches(text), "{text}");
         }
         for text in [
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
@@ -716,7 +735,7 @@ mod tests {
             "UPDATE t SET a = 1",
             "INSERT INTO t VALUES (1)",
         ] {
-            assert!(!may_touch_session_state(text), "{text}");
+            assert!(!touches(text), "{text}");
         }
     }
 }
