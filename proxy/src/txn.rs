@@ -1380,11 +1380,15 @@ fn server_messages(
                 // `SELECT n` without a row: a table made from a query (SELECT ... INTO,
                 // CREATE TABLE ... AS), which may be temporary: ask the server afterwards. A
                 // simple query's SELECT always sends its RowDescription, so does an extended
-                // one whose portal was described (NoData says it returns none); an execution
-                // without a Describe says nothing, and its statement was checked at its Parse.
+                // one whose portal was described (NoData says it returns none). An execution
+                // without a Describe sends its rows, so `SELECT n` with n > 0 and none before
+                // it made a table; `SELECT 0` there says nothing (a named statement was
+                // checked at its Parse; an unnamed one making an empty table is missed).
                 if !sh.rows
                     && tag_text.starts_with(b"SELECT ")
-                    && (sh.no_data || matches!(sh.queue.front(), Some(Expect::Simple)))
+                    && (sh.no_data
+                        || matches!(sh.queue.front(), Some(Expect::Simple))
+                        || tag_text != b"SELECT 0")
                 {
                     sh.recheck = true;
                 }
