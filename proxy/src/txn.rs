@@ -471,6 +471,7 @@ where
         delivered: 0,
         passthrough: 0,
         progressed: false,
+        c2s_moved: false,
         wake: false,
         end_at_safe_point: config.end_at_safe_point,
     };
@@ -560,6 +561,8 @@ struct Round<'a, 'r, C, S> {
     passthrough: usize,
     /// The server side took or produced a message this round.
     progressed: bool,
+    /// The client side took bytes since the server side last looked.
+    c2s_moved: bool,
     /// The client side queued something the server side must look at (a synthetic reply,
     /// Terminate) or the stop signal changed what counts as the end.
     wake: bool,
@@ -578,11 +581,30 @@ where
         mut signal: Option<&mut MoveSignal>,
     ) -> Poll<RoundEnd> {
         loop {
-            if let Poll::Ready(end) = self.poll_c2s(cx) {
-                return Poll::Ready(end);
-            }
-            if let Poll::Ready(end) = self.poll_s2c(cx) {
-                return Poll::Ready(end);
+            if matches!(self.c2s, C2s::Read) {
+                // The client side waits for its socket: woken, most likely, by the server. Its
+                // side first, so a reply that ends the round ends it without polling the
+                // client again (one readiness poll, about 160 instructions per transaction);
+                // the server side again if the client side then moved.
+                if let Poll::Ready(end) = self.poll_s2c(cx) {
+                    return Poll::Ready(end);
+                }
+                self.c2s_moved = false;
+                if let Poll::Ready(end) = self.poll_c2s(cx) {
+                    return Poll::Ready(end);
+                }
+                if self.c2s_moved
+                    && let Poll::Ready(end) = self.poll_s2c(cx)
+                {
+                    return Poll::Ready(end);
+                }
+            } else {
+                if let Poll::Ready(end) = self.poll_c2s(cx) {
+                    return Poll::Ready(end);
+                }
+                if let Poll::Ready(end) = self.poll_s2c(cx) {
+                    return Poll::Ready(end);
+                }
             }
             let Some(Poll::Ready(kind)) = signal.as_deref_mut().map(|s| s.poll_stop(cx)) else {
                 return Poll::Pending;
@@ -607,6 +629,7 @@ where
         loop {
             match std::mem::replace(&mut self.c2s, C2s::Read) {
                 C2s::Process => {
+                    self.c2s_moved = true;
                     let verdict =
                         process_client(&mut self.sh, self.cbuf, &mut self.to_server, self.config);
                     if !self.to_server.is_empty() {
