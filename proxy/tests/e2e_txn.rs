@@ -2370,3 +2370,58 @@ async fn idle_clients_park_and_resume_with_their_session() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// Rows far larger than the 64 KiB above which a server message passes through in pieces,
+/// between small ones, in both protocols: every byte arrives in order, and the next client on
+/// the same (only) server connection gets its own answer, so each transaction ended at a
+/// message boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn big_rows_pass_through_between_small_ones() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let port = proxy.port();
+    let (a, b) = (connect(port, "big").await?, connect(port, "small").await?);
+    // Row i: a letter repeated (i % 2 == 0: 10 bytes, else 300 kB + i).
+    let sql = "SELECT i, repeat(chr(97 + i % 26), CASE WHEN i % 2 = 0 THEN 10 ELSE 300000 + i END) \
+               FROM generate_series(1, 7) i ORDER BY i";
+    let check = |i: i32, text: &str| -> anyhow::Result<()> {
+        let want_len = if i % 2 == 0 { 10 } else { 300_000 + i as usize };
+        let letter = b'a' + (i % 26) as u8;
+        ensure!(
+            text.len() == want_len && text.bytes().all(|c| c == letter),
+            "row {i}: {} bytes, want {want_len} of {:?}",
+            text.len(),
+            char::from(letter)
+        );
+        Ok(())
+    };
+    for round in 0..3 {
+        // Extended protocol.
+        let rows = tokio::time::timeout(CLIENT_OP_TIMEOUT, a.query(sql, &[]))
+            .await
+            .context("extended query hung")??;
+        ensure!(rows.len() == 7, "round {round}: {} rows", rows.len());
+        for row in &rows {
+            check(row.get(0), row.get(1))?;
+        }
+        // Simple protocol.
+        let messages = tokio::time::timeout(CLIENT_OP_TIMEOUT, a.simple_query(sql))
+            .await
+            .context("simple query hung")??;
+        let mut seen = 0;
+        for m in &messages {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                let i: i32 = r.get(0).unwrap_or_default().parse()?;
+                check(i, r.get(1).unwrap_or_default())?;
+                seen += 1;
+            }
+        }
+        ensure!(seen == 7, "round {round}: {seen} rows (simple)");
+        // The other client, on the same server connection.
+        let v = simple_value(&b, &format!("SELECT 'after {round}'")).await?;
+        ensure!(
+            v == format!("after {round}"),
+            "round {round}: the next client got {v:?}"
+        );
+    }
+    Ok(())
+}
