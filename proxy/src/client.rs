@@ -1519,7 +1519,8 @@ fn give_back_now(
     {
         return Some(server);
     }
-    ctx.pool.release_unless_reset(server, clean, false)
+    ctx.pool.release_now(server, clean);
+    None
 }
 
 /// The end of a [`give_back`] that must wait.

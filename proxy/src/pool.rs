@@ -576,45 +576,39 @@ impl Pool {
 
     /// Like [`Pool::release`]; `reset: false` keeps the session state (transaction pooling
     /// carries prepared statements and settings on the connection and syncs them per client).
-    pub async fn release_with(&self, server: Box<ServerConnection>, clean: bool, reset: bool) {
-        if let Some(server) = self.release_unless_reset(server, clean, reset) {
-            self.reset_and_release(server).await;
+    pub async fn release_with(&self, mut server: Box<ServerConnection>, clean: bool, reset: bool) {
+        if !reset {
+            self.release_now(server, clean);
+            return;
         }
-    }
-
-    /// [`Pool::release_with`] without an await, unless the connection is kept and must be
-    /// reset first: then it comes back, for [`Pool::reset_and_release`]. (Transaction mode
-    /// releases once per transaction, almost never with a reset.)
-    pub fn release_unless_reset(
-        &self,
-        server: Box<ServerConnection>,
-        clean: bool,
-        reset: bool,
-    ) -> Option<Box<ServerConnection>> {
         self.stats.clients_active.decrement();
-        let now = Instant::now();
-        let keep = clean
-            && server.generation == self.credentials.current_number()
-            && now.saturating_duration_since(server.created) < self.config.lifetime
-            && !self.retired(&server);
-        if !keep {
-            self.close_counted(server);
-        } else if reset {
-            return Some(server);
-        } else {
-            self.add_idle(server, now);
-        }
-        None
-    }
-
-    /// The end of a release that needs a reset (after [`Pool::release_unless_reset`]).
-    pub async fn reset_and_release(&self, mut server: Box<ServerConnection>) {
-        if Box::pin(server.reset()).await.is_ok() {
+        if self.keeps(&server, clean, Instant::now()) && Box::pin(server.reset()).await.is_ok() {
             // (The generation may have changed during the reset: checked there.)
             self.add_idle(server, Instant::now());
         } else {
             self.close_counted(server);
         }
+    }
+
+    /// [`Pool::release_with`] without a reset: no await. (Transaction mode releases once per
+    /// transaction, almost never with a reset.)
+    pub fn release_now(&self, server: Box<ServerConnection>, clean: bool) {
+        self.stats.clients_active.decrement();
+        let now = Instant::now();
+        if self.keeps(&server, clean, now) {
+            self.add_idle(server, now);
+        } else {
+            self.close_counted(server);
+        }
+    }
+
+    /// Whether a released connection goes back to the pool: clean, of the current generation,
+    /// within its lifetime, not retired.
+    fn keeps(&self, server: &ServerConnection, clean: bool, now: Instant) -> bool {
+        clean
+            && server.generation == self.credentials.current_number()
+            && now.saturating_duration_since(server.created) < self.config.lifetime
+            && !self.retired(server)
     }
 
     /// Closes a connection that holds a slot, and gives the slot back.
