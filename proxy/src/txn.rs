@@ -869,6 +869,10 @@ fn client_messages(
     config: &RoundConfig<'_>,
 ) -> ClientVerdict {
     let hot = hot();
+    // The unnamed portal was bound from the unnamed statement and not described since (see
+    // the Execute arm), and where that statement's text is in `buf` if it was parsed there.
+    let mut undescribed_unnamed = false;
+    let mut unnamed_sql: Option<std::ops::Range<usize>> = None;
     loop {
         let rest = &buf[*at..];
         if rest.len() < 5 {
@@ -891,6 +895,7 @@ fn client_messages(
         }
         let msg = &rest[..len + 1];
         let body = &msg[5..];
+        let body_at = *at + 5;
         *at += len + 1;
         if sh.skipping {
             if tag != b'S' {
@@ -940,6 +945,8 @@ fn client_messages(
                     sh.server.custom.note(&String::from_utf8_lossy(sql));
                 }
                 if name.is_empty() {
+                    let start = body_at + name.len() + 1;
+                    unnamed_sql = cstr_bytes(rest).map(|sql| start..start + sql.len());
                     sh.queue.push_back(Expect::Parse {
                         key: None,
                         swallow: false,
@@ -963,6 +970,12 @@ fn client_messages(
             }
             b'B' | b'D' => {
                 sh.unsynced = true;
+                if tag == b'B' {
+                    // Portal "" from statement "".
+                    undescribed_unnamed = body.starts_with(&[0, 0]);
+                } else if body.starts_with(b"P\0") {
+                    undescribed_unnamed = false;
+                }
                 sh.queue.push_back(if tag == b'B' {
                     Expect::Bind
                 } else {
@@ -1024,6 +1037,18 @@ fn client_messages(
             }
             b'E' => {
                 sh.unsynced = true;
+                if undescribed_unnamed && body.first() == Some(&0) {
+                    // An unnamed statement executed without a Describe of its portal (pgjdbc
+                    // does that once it knows the columns): its reply has no row description
+                    // whose absence would tell `SELECT ... INTO TEMP` (an empty table made
+                    // says only `SELECT 0`), so its text is looked at, only here.
+                    undescribed_unnamed = false;
+                    if let Some(sql) = unnamed_sql.clone().and_then(|r| buf.get(r))
+                        && crate::sql::selects_into_temp(&String::from_utf8_lossy(sql))
+                    {
+                        sh.recheck = true;
+                    }
+                }
                 sh.queue.push_back(Expect::Execute);
                 out.extend_from_slice(msg);
             }
