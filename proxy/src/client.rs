@@ -1426,10 +1426,8 @@ async fn transaction_step(
         RoundEnd::SafePoint => {
             if !client.is_pinned() {
                 *signal = None;
-                if let Some(server) = held.take()
-                    && let Some(server) = give_back_now(ctx, cancel_key, server, true, false)
-                {
-                    Box::pin(give_back_rest(ctx, server, true, false)).await;
+                if let Some(server) = held.take() {
+                    give_back(ctx, cancel_key, server, true, false).await;
                 }
                 *assigned = false;
             } else if let Some(sig) = signal.as_mut()
@@ -1488,7 +1486,8 @@ async fn transaction_step(
 }
 
 /// The client leaves `server` for good (transaction mode): unassign, then back to the pool
-/// (reset only when `reset`).
+/// (reset only when `reset`). The usual case, once per transaction, takes no await; the rest
+/// (a cancel on its way, a reset) is boxed, so this future stays small.
 async fn give_back(
     ctx: &ClientContext,
     cancel_key: &CancelKey,
@@ -1497,13 +1496,12 @@ async fn give_back(
     reset: bool,
 ) {
     if let Some(server) = give_back_now(ctx, cancel_key, server, clean, reset) {
-        give_back_rest(ctx, server, clean, reset).await;
+        Box::pin(give_back_rest(ctx, server, clean, reset)).await;
     }
 }
 
-/// [`give_back`] without an await, the usual case at the end of a transaction; the server
-/// comes back when the rest must wait (a cancel on its way to it, or a reset): then
-/// [`give_back_rest`].
+/// [`give_back`] up to its first await; the server comes back when the rest must wait (a
+/// cancel on its way to it, or a reset): then [`give_back_rest`].
 fn give_back_now(
     ctx: &ClientContext,
     cancel_key: &CancelKey,

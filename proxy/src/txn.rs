@@ -997,9 +997,10 @@ fn client_messages(
                     (Some(statement), Some(name)) => {
                         if tag == b'B' && statement.touches_state {
                             sh.recheck = true;
-                            sh.server
-                                .custom
-                                .note(&sql_text(&statement.rest).unwrap_or_default());
+                            sh.server.custom.note(
+                                &cstr_bytes(&statement.rest)
+                                    .map_or_else(Default::default, String::from_utf8_lossy),
+                            );
                         }
                         // The queue entry for this message must come after the injected Parse.
                         let expect = sh.queue.pop_back();
@@ -1502,18 +1503,6 @@ fn cstr_bytes(b: &[u8]) -> Option<&[u8]> {
     memchr::memchr(0, b).map(|p| &b[..p])
 }
 
-/// The SQL text of a NUL-terminated string at the start of `b`, for the keyword checks. In a
-/// client encoding other than UTF-8 (LATIN1, ...) the bytes need not be UTF-8: the invalid
-/// ones read as replacement characters, which leaves keywords, quotes and semicolons (all
-/// ASCII) where they were.
-fn sql_text(b: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
-    // UTF-8 checked first: from_utf8_lossy's chunked walk costs more on the common case.
-    cstr_bytes(b).map(|s| match std::str::from_utf8(s) {
-        Ok(text) => std::borrow::Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(s),
-    })
-}
-
 /// The statement name of a query that is exactly `DEALLOCATE [PREPARE] name`.
 fn deallocate_target(text: &str) -> Option<String> {
     let mut statements = crate::sql::split_statements(text);
@@ -1591,8 +1580,9 @@ mod tests {
         assert!(judged(b"PREPARE p AS SELECT 'n\xe9'\0"));
         assert!(!judged(b"SELECT 'caf\xe9; SET a = 1'\0"));
         assert!(!judged(b"SET a = 1"), "no terminator");
+        // Text in UTF-8 is judged and noted in place, not copied.
         assert!(matches!(
-            sql_text(b"SELECT 1\0"),
+            cstr_bytes(b"SELECT 1\0").map(String::from_utf8_lossy),
             Some(std::borrow::Cow::Borrowed(_))
         ));
     }
