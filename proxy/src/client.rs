@@ -26,6 +26,7 @@ use crate::protocol::framing::read_message;
 use crate::protocol::frontend::parse_sasl_initial_response;
 use crate::protocol::startup::{StartupParams, StartupRequest, parse_startup, read_startup_packet};
 use crate::proxy::{SessionEnd, run_session};
+use crate::ready::ReadWatch;
 use crate::server::ServerConnection;
 use crate::server::send_cancel;
 use crate::shutdown::Shutdown;
@@ -1212,6 +1213,9 @@ async fn transaction_session(
     // One wait for the whole session: registered once, then a flag check per poll.
     let mut stop = shutdown.recv();
     let mut idle_wait = idle_wait(ctx, socket);
+    // Whether the client's read waits registered: set by a round's last read, so the idle
+    // wait after the round does not poll the socket again while nothing arrived.
+    let mut watch = ReadWatch::default();
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
             st.session.tracked.clear_server();
@@ -1227,7 +1231,7 @@ async fn transaction_session(
                 wait.quiet_from_now();
             }
             let idle = std::future::poll_fn(|cx| {
-                st.poll_idle(socket, &mut stop, idle_wait.as_deref_mut(), cx)
+                st.poll_idle(socket, &mut stop, idle_wait.as_deref_mut(), &mut watch, cx)
             })
             .await;
             match idle {
@@ -1240,7 +1244,10 @@ async fn transaction_session(
                 wait.spoke();
             }
         }
-        let step = Box::pin(transaction_step(socket, ctx, &mut st, out, &mut stop)).await?;
+        let step = Box::pin(transaction_step(
+            socket, ctx, &mut st, out, &mut stop, &mut watch,
+        ))
+        .await?;
         if step == Step::Done {
             return Ok(TxExit::Done);
         }
@@ -1254,12 +1261,17 @@ impl TxClient {
         socket: &mut ClientStream,
         stop: &mut crate::shutdown::Recv<'_>,
         idle_wait: Option<&mut crate::park::IdleWait>,
+        watch: &mut ReadWatch,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Idle> {
         // The read first: the shutdown signal is only looked at while the client is idle (its
         // next request not already here), which is when it applies.
-        if let Poll::Ready(read) = crate::txn::poll_read_appending(socket, cx, &mut self.cbuf) {
-            return Poll::Ready(Idle::Read(read));
+        if !watch.waiting(socket, cx) {
+            let read = crate::txn::poll_read_appending(socket, cx, &mut self.cbuf);
+            watch.polled(&read, cx);
+            if let Poll::Ready(read) = read {
+                return Poll::Ready(Idle::Read(read));
+            }
         }
         if Pin::new(stop).poll(cx).is_ready() {
             return Poll::Ready(Idle::Stop);
@@ -1307,7 +1319,10 @@ async fn transaction_step(
     st: &mut TxClient,
     out: &mut BytesMut,
     stop: &mut crate::shutdown::Recv<'_>,
+    watch: &mut ReadWatch,
 ) -> Result<Step> {
+    // Armed again by the round's reads, if there is a round.
+    watch.disarm();
     let TxClient {
         session:
             TxSession {
@@ -1408,6 +1423,7 @@ async fn transaction_step(
         cbuf,
         &config(pinned),
         if pinned { signal.as_deref_mut() } else { None },
+        watch,
     )
     .await;
     if outcome.end == RoundEnd::SafePoint && outcome.recheck {

@@ -36,6 +36,8 @@ pub mod pool;
 pub mod protocol;
 /// The forwarding loop between a client and its server.
 pub mod proxy;
+/// Read polls skipped while a socket's waker is registered and nothing arrived.
+pub mod ready;
 /// Logging in to PostgreSQL, resetting and cancelling server connections.
 pub mod server;
 /// Startup and shutdown of the whole proxy.

@@ -17,6 +17,7 @@ use crate::migrate::MoveSignal;
 use crate::park::IdleWait;
 use crate::protocol::framing::{Event, MessageWalker, WalkEnd};
 use crate::protocol::frontend::{expects_ready_for_query, opens_extended_sequence};
+use crate::ready::{ReadHint, ReadWatch};
 use crate::stats::{HotStats, hot};
 
 /// Size of the on-stack read buffer; nothing is kept per idle session.
@@ -222,8 +223,8 @@ pub fn run_session<'a, C, S>(
     custom: &'a mut Option<Box<SessionCustom>>,
 ) -> Pump<'a, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
 {
     let mut pump = Pump {
         client,
@@ -241,6 +242,8 @@ where
         idle,
         custom,
         drain: None,
+        client_watch: ReadWatch::default(),
+        server_watch: ReadWatch::default(),
     };
     if !initial.is_empty() {
         // Bytes the client sent right behind its startup packet (pipelining clients).
@@ -300,6 +303,9 @@ pub struct Pump<'a, C, S> {
     custom: &'a mut Option<Box<SessionCustom>>,
     /// After Terminate, replies still owed are delivered until this fires.
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether each side's read waits registered: a wake by the other side skips it.
+    client_watch: ReadWatch,
+    server_watch: ReadWatch,
 }
 
 /// Which side of a forwarding step failed.
@@ -392,8 +398,8 @@ where
 
 impl<C, S> Pump<'_, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + ReadHint + Unpin,
+    S: AsyncRead + AsyncWrite + ReadHint + Unpin,
 {
     /// Bytes came from either side: the session is not idle.
     fn spoke(&mut self) {
@@ -428,6 +434,7 @@ where
     /// Client to server until the client has nothing more or the server takes no more.
     /// Partial writes are finished before the next read: backpressure.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        self.client_watch.disarm();
         loop {
             if !self.to_server.bytes.is_empty() || self.to_server.flush {
                 self.state.c2s_writing.store(true, Relaxed);
@@ -455,7 +462,10 @@ where
                 |data| inspect_client(walker, state, max, verdict, custom, data),
             );
             match read {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.client_watch.polled(&read, cx);
+                    return Poll::Pending;
+                }
                 Poll::Ready(Ok(Some(stop))) => {
                     self.state
                         .client_partial
@@ -480,6 +490,7 @@ where
     /// Server to client, with the end checks after each chunk delivered.
     fn poll_server(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
         let hot = hot();
+        self.server_watch.disarm();
         loop {
             if !self.to_client.bytes.is_empty() || self.to_client.flush {
                 self.state.s2c_writing.store(true, Relaxed);
@@ -510,7 +521,10 @@ where
                 },
             );
             match read {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.server_watch.polled(&read, cx);
+                    return Poll::Pending;
+                }
                 Poll::Ready(Ok(Some(_))) => {
                     self.state
                         .server_partial
@@ -553,7 +567,15 @@ where
                 None => Poll::Pending,
             };
         }
-        match self.poll_client(cx) {
+        // A side whose read waits registered, with nothing new on its socket, has nothing to
+        // do: its writes are done (the read comes after them) and a stop is looked at by the
+        // server side only, which is then always polled.
+        let client = if self.client_watch.waiting(&*self.client, cx) {
+            Poll::Pending
+        } else {
+            self.poll_client(cx)
+        };
+        match client {
             Poll::Ready(SessionEnd::ClientTerminated) if self.state.pending.load(Relaxed) > 0 => {
                 // The client sent Terminate right behind queries (it may not read the
                 // answers, but PostgreSQL would have sent them): deliver them, briefly.
@@ -564,7 +586,9 @@ where
             Poll::Ready(end) => return Poll::Ready(end),
             Poll::Pending => {}
         }
-        if let Poll::Ready(end) = self.poll_server(cx) {
+        let skip_server =
+            self.state.stop.load(Relaxed) == 0 && self.server_watch.waiting(&*self.server, cx);
+        if !skip_server && let Poll::Ready(end) = self.poll_server(cx) {
             return Poll::Ready(end);
         }
         if let Poll::Ready(end) = self.poll_stop(cx) {
@@ -579,8 +603,8 @@ where
 
 impl<C, S> Future for Pump<'_, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + ReadHint + Unpin,
+    S: AsyncRead + AsyncWrite + ReadHint + Unpin,
 {
     type Output = SessionOutcome;
 

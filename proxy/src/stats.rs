@@ -291,7 +291,7 @@ pub struct HotStats {
     pub transaction_seconds: LatencyHistogram,
     /// Time clients waited for a server connection (0 when one was idle).
     pub pool_wait: LatencyHistogram,
-    /// Origin of the nanosecond timestamps sessions keep in atomics.
+    /// Origin of the pool's RECONNECT stamps (nanoseconds since then).
     pub epoch: Instant,
 }
 
@@ -313,9 +313,21 @@ pub fn hot() -> &'static HotStats {
 }
 
 impl HotStats {
-    /// Nanoseconds since `epoch` (never 0, so 0 can mean "not started").
+    /// Nanoseconds on the monotonic clock (`Instant`'s clock, never 0, so 0 can mean "not
+    /// started"), for the latency histograms' start and end stamps. Read directly: through
+    /// `Instant::elapsed`, the checked `Timespec` subtraction and the 128-bit `as_nanos`
+    /// cost about 90 instructions per stamp, two stamps per query.
+    #[inline]
     pub fn now_ns(&self) -> u64 {
-        (self.epoch.elapsed().as_nanos() as u64).max(1)
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime only writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+        let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+        secs.wrapping_mul(1_000_000_000).wrapping_add(nanos).max(1)
     }
 }
 

@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::migrate::MoveSignal;
 use crate::protocol::backend;
 use crate::proxy::{DRAIN_TIMEOUT, TransactionClock};
+use crate::ready::{ReadHint, ReadWatch};
 use crate::sql::may_touch_session_state;
 use crate::stats::hot;
 
@@ -425,10 +426,11 @@ pub async fn run_round<C, S>(
     cbuf: &mut BytesMut,
     config: &RoundConfig<'_>,
     mut signal: Option<&mut MoveSignal>,
+    client_watch: &mut ReadWatch,
 ) -> RoundOutcome
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + ReadHint + Unpin,
+    S: AsyncRead + AsyncWrite + ReadHint + Unpin,
 {
     let RoundBuffers {
         queue,
@@ -474,6 +476,8 @@ where
         c2s_moved: false,
         wake: false,
         end_at_safe_point: config.end_at_safe_point,
+        client_watch,
+        server_watch: ReadWatch::default(),
     };
     let mut end = std::future::poll_fn(|cx| round.poll(cx, signal.as_deref_mut())).await;
     if end == RoundEnd::ClientTerminated && !round.sh.queue.is_empty() {
@@ -567,12 +571,16 @@ struct Round<'a, 'r, C, S> {
     /// Terminate) or the stop signal changed what counts as the end.
     wake: bool,
     end_at_safe_point: bool,
+    /// Whether each side's read waits registered (the client's outlives the round: the idle
+    /// wait after it uses it too).
+    client_watch: &'r mut ReadWatch,
+    server_watch: ReadWatch,
 }
 
 impl<C, S> Round<'_, '_, C, S>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + ReadHint + Unpin,
+    S: AsyncRead + AsyncWrite + ReadHint + Unpin,
 {
     /// Both directions until neither can move, then the stop signal (pinned clients only).
     fn poll(
@@ -675,14 +683,21 @@ where
                         }
                     }
                 }
-                C2s::Read => match poll_read_appending(self.client, cx, self.cbuf) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(RoundEnd::ClientGone),
-                    Poll::Ready(Ok(n)) => {
-                        crate::proxy::count_client_bytes(n);
-                        self.c2s = C2s::Process;
+                C2s::Read => {
+                    if self.client_watch.waiting(&*self.client, cx) {
+                        return Poll::Pending;
                     }
-                },
+                    let read = poll_read_appending(self.client, cx, self.cbuf);
+                    self.client_watch.polled(&read, cx);
+                    match read {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(RoundEnd::ClientGone),
+                        Poll::Ready(Ok(n)) => {
+                            crate::proxy::count_client_bytes(n);
+                            self.c2s = C2s::Process;
+                        }
+                    }
+                }
             }
         }
     }
@@ -752,11 +767,18 @@ where
                     self.s2c = S2c::Read;
                 }
                 S2c::Read => {
-                    match tokio_util::io::poll_read_buf(
+                    // Registered and nothing new: only the other side's synthetic reply can
+                    // move this side.
+                    if !self.wake && self.server_watch.waiting(&*self.server, cx) {
+                        return Poll::Pending;
+                    }
+                    let read = tokio_util::io::poll_read_buf(
                         Pin::new(&mut *self.server),
                         cx,
                         &mut self.sbuf,
-                    ) {
+                    );
+                    self.server_watch.polled(&read, cx);
+                    match read {
                         Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(RoundEnd::ServerGone),
                         Poll::Ready(Ok(_)) => {}
                         Poll::Pending if self.wake => self.wake = false,

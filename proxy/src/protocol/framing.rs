@@ -35,7 +35,8 @@ pub enum WalkEnd {
 #[derive(Debug, Default, Clone)]
 pub struct MessageWalker {
     header: [u8; 5],
-    header_len: usize,
+    /// Header bytes held (0 to 4); a byte, so the walker is 16 bytes (two per session).
+    header_len: u8,
     body_left: usize,
     want_status: bool,
 }
@@ -76,9 +77,11 @@ impl MessageWalker {
                     return Ok(WalkEnd::Stopped(i));
                 }
             }
-            let n = (5 - self.header_len).min(chunk.len() - i);
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[i..i + n]);
-            self.header_len += n;
+            let held = usize::from(self.header_len);
+            let n = (5 - held).min(chunk.len() - i);
+            self.header[held..held + n].copy_from_slice(&chunk[i..i + n]);
+            // At most 5.
+            self.header_len += n as u8;
             i += n;
             if self.header_len == 5 {
                 self.header_len = 0;
