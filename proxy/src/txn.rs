@@ -246,7 +246,11 @@ enum Expect {
     },
     Bind,
     Describe,
-    Execute,
+    /// `blind`: the unnamed statement, parsed in an earlier batch, executed without a Describe
+    /// of its portal: nothing in the reply or at hand tells whether a `SELECT 0` made a table.
+    Execute {
+        blind: bool,
+    },
     Close {
         swallow: bool,
     },
@@ -1060,19 +1064,26 @@ fn client_messages(
             }
             b'E' => {
                 sh.unsynced = true;
+                let mut blind = false;
                 if undescribed_unnamed && body.first() == Some(&0) {
                     // An unnamed statement executed without a Describe of its portal (pgjdbc
                     // does that once it knows the columns): its reply has no row description
                     // whose absence would tell `SELECT ... INTO TEMP` (an empty table made
                     // says only `SELECT 0`), so its text is looked at, only here.
+                    // Parsed in an earlier batch (inside a transaction: unnamed statements do
+                    // not outlive one here), the text is gone: a `SELECT 0` completion asks
+                    // the server.
                     undescribed_unnamed = false;
-                    if let Some(sql) = unnamed_sql.clone().and_then(|r| buf.get(r))
-                        && crate::sql::selects_into_temp(&String::from_utf8_lossy(sql))
-                    {
-                        sh.recheck = true;
+                    match unnamed_sql.clone().and_then(|r| buf.get(r)) {
+                        Some(sql) => {
+                            if crate::sql::selects_into_temp(&String::from_utf8_lossy(sql)) {
+                                sh.recheck = true;
+                            }
+                        }
+                        None => blind = true,
                     }
                 }
-                sh.queue.push_back(Expect::Execute);
+                sh.queue.push_back(Expect::Execute { blind });
                 out.extend_from_slice(msg);
             }
             b'S' => {
@@ -1182,7 +1193,7 @@ impl Shared<'_> {
         let Some(last) = self
             .queue
             .iter()
-            .rposition(|e| matches!(e, Expect::Execute | Expect::Simple))
+            .rposition(|e| matches!(e, Expect::Execute { .. } | Expect::Simple))
         else {
             return;
         };
@@ -1454,11 +1465,15 @@ fn server_messages(
                 // one whose portal was described (NoData says it returns none). An execution
                 // without a Describe sends its rows, so `SELECT n` with n > 0 and none before
                 // it made a table; `SELECT 0` there says nothing (a named statement was
-                // checked at its Parse; an unnamed one making an empty table is missed).
+                // checked at its Parse, an unnamed one at its Execute when parsed in the same
+                // batch; one parsed earlier is `blind`: the server is asked).
                 if !sh.rows
                     && tag_text.starts_with(b"SELECT ")
                     && (sh.no_data
-                        || matches!(sh.queue.front(), Some(Expect::Simple))
+                        || matches!(
+                            sh.queue.front(),
+                            Some(Expect::Simple | Expect::Execute { blind: true })
+                        )
                         || tag_text != b"SELECT 0")
                 {
                     sh.recheck = true;
@@ -1512,7 +1527,7 @@ impl Shared<'_> {
             (tag, self.queue.front()),
             (b'2', Some(Expect::Bind))
                 | (b'T' | b'n', Some(Expect::Describe))
-                | (b'C' | b'I' | b's', Some(Expect::Execute))
+                | (b'C' | b'I' | b's', Some(Expect::Execute { .. }))
         );
         if done {
             self.queue.pop_front();

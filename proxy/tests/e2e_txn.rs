@@ -1243,6 +1243,10 @@ async fn select_into_temp_pins_too() -> anyhow::Result<()> {
         "unnamed statement, no Describe",
         // ... and an empty table says only `SELECT 0`: its Parse in the same batch tells.
         "unnamed statement, no Describe, empty table",
+        // Parsed (and its statement described) in an earlier batch of the transaction, as
+        // pgjdbc does when it must learn the parameter types first: nothing at hand tells, so
+        // the `SELECT 0` completion makes dbproxy ask the server.
+        "unnamed statement parsed in an earlier batch, no Describe, empty table",
     ];
     for form in forms {
         let rows = if form.ends_with("empty table") { 0 } else { 3 };
@@ -1256,6 +1260,26 @@ async fn select_into_temp_pins_too() -> anyhow::Result<()> {
             }
             "named statement" => {
                 t.execute(make, &[]).await?;
+            }
+            _ if form.contains("earlier batch") => {
+                let mut r = RawSession::connect(port, "raw").await?;
+                r.run_all_ok(&[b"BEGIN"]).await?;
+                let batches = [
+                    vec![
+                        msg::parse("", make),
+                        msg::describe_statement(""),
+                        msg::sync(),
+                    ],
+                    vec![msg::bind("", "", &[]), msg::execute(""), msg::sync()],
+                ];
+                for batch in batches {
+                    r.send(&batch).await?;
+                    let replies = r.until_ready().await?;
+                    ensure!(error_codes(&replies).is_empty(), "{form}: {replies:?}");
+                }
+                r.run_all_ok(&[b"COMMIT"]).await?;
+                raw = Some(r);
+                holder = Some(RawSession::connect(port, "raw").await?);
             }
             _ => {
                 let mut r = RawSession::connect(port, "raw").await?;
