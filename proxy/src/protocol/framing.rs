@@ -72,10 +72,18 @@ impl MessageWalker {
             }
             if self.header_len == 0 {
                 let tag = chunk[i];
-                self.header[0] = tag;
                 if f(Event::Start { tag, offset: i }).is_break() {
                     return Ok(WalkEnd::Stopped(i));
                 }
+                // The whole header in this chunk (almost always): read in place.
+                if let Some(&[a, b, c, d]) = chunk.get(i + 1..i + 5) {
+                    i += 5;
+                    if self.header_done(tag, i32::from_be_bytes([a, b, c, d]), i, &mut f)? {
+                        return Ok(WalkEnd::Stopped(i));
+                    }
+                    continue;
+                }
+                self.header[0] = tag;
             }
             let held = usize::from(self.header_len);
             let n = (5 - held).min(chunk.len() - i);
@@ -85,34 +93,31 @@ impl MessageWalker {
             i += n;
             if self.header_len == 5 {
                 self.header_len = 0;
-                let tag = self.header[0];
-                let len = i32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                if len < 4 {
-                    return Err(ProxyError::Protocol(format!(
-                        "invalid message length {len} for message type {:?}",
-                        char::from(tag)
-                    )));
-                }
-                let len = len as usize;
-                self.body_left = len - 4;
-                self.want_status = tag == b'Z' && self.body_left > 0;
-                if f(Event::Length {
-                    tag,
-                    len,
-                    body_at: i,
-                })
-                .is_break()
-                {
+                let [tag, a, b, c, d] = self.header;
+                if self.header_done(tag, i32::from_be_bytes([a, b, c, d]), i, &mut f)? {
                     return Ok(WalkEnd::Stopped(i));
                 }
             }
         }
         Ok(WalkEnd::Complete)
+    }
+
+    /// A message's header is complete (its body starts at `body_at`): whether `f` stops.
+    #[inline]
+    fn header_done<F>(&mut self, tag: u8, len: i32, body_at: usize, f: &mut F) -> Result<bool>
+    where
+        F: FnMut(Event) -> ControlFlow<()>,
+    {
+        if len < 4 {
+            return Err(ProxyError::Protocol(format!(
+                "invalid message length {len} for message type {:?}",
+                char::from(tag)
+            )));
+        }
+        let len = len as usize;
+        self.body_left = len - 4;
+        self.want_status = tag == b'Z' && self.body_left > 0;
+        Ok(f(Event::Length { tag, len, body_at }).is_break())
     }
 }
 
@@ -277,6 +282,13 @@ mod tests {
         let mut w = MessageWalker::new();
         let bad = [b'Q', 0, 0, 0, 3];
         assert!(w.walk(&bad, |_| ControlFlow::Continue(())).is_err());
+        // The same with the header split across chunks (the path that copies it).
+        for split in 1..5 {
+            let mut w = MessageWalker::new();
+            let (head, tail) = bad.split_at(split);
+            assert!(w.walk(head, |_| ControlFlow::Continue(())).is_ok());
+            assert!(w.walk(tail, |_| ControlFlow::Continue(())).is_err());
+        }
     }
 
     #[tokio::test]
