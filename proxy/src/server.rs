@@ -668,6 +668,11 @@ impl ServerConnection {
     pub fn is_alive(&self) -> bool {
         match &self.stream {
             PgStream::Plain(tcp) => {
+                // Nothing arrived since its last read ended in WouldBlock: alive, known from
+                // the socket's readiness alone (once per transaction-mode transaction).
+                if !crate::ready::ReadHint::may_read(tcp) {
+                    return true;
+                }
                 let mut probe = [0u8; 1];
                 matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
