@@ -9,7 +9,16 @@
 //! [`ReadWatch::waiting`] looks at the readiness alone (one atomic load) and the poll is
 //! skipped. Plaintext sockets only: a TLS stream may hold decrypted bytes its socket's
 //! readiness does not show, so it is always polled.
+//!
+//! Single-threaded runtimes only (the default, `--worker-threads 0`). With worker threads
+//! the reactor runs beside the tasks, and setting a socket's readiness and taking its waker
+//! are two steps: a task may read the bytes and clear the readiness in between (its next
+//! poll registers its waker again), then the reactor takes that waker and wakes the task,
+//! which finds no readiness, skips the poll, and is never woken again. On one thread the
+//! reactor only runs while no task does. [`allow_skips`] is called by `main` when it builds
+//! a current-thread runtime; until then no watch arms.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
 use dbcred::tls::PgStream;
@@ -17,6 +26,14 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::tls::ClientStream;
+
+/// Whether watches may arm: the runtime is single-threaded (see the module's notes).
+static SKIPS_ALLOWED: AtomicBool = AtomicBool::new(false);
+
+/// Lets watches arm: call once, for a current-thread runtime only.
+pub fn allow_skips() {
+    SKIPS_ALLOWED.store(true, Relaxed);
+}
 
 /// A stream whose readiness to read can be looked at without polling it.
 pub trait ReadHint {
@@ -87,7 +104,10 @@ impl ReadWatch {
     /// the watch.
     #[inline]
     pub fn polled<T>(&mut self, poll: &Poll<T>, cx: &Context<'_>) {
-        self.waker = if poll.is_pending() && tokio::task::coop::has_budget_remaining() {
+        self.waker = if poll.is_pending()
+            && SKIPS_ALLOWED.load(Relaxed)
+            && tokio::task::coop::has_budget_remaining()
+        {
             Self::id(cx)
         } else {
             0
@@ -129,6 +149,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_read_is_skipped_until_bytes_arrive() {
+        // A current-thread runtime, as `main` builds by default.
+        allow_skips();
         let (mut a, mut b) = pair().await;
         let mut watch = ReadWatch::default();
         std::future::poll_fn(|cx| {

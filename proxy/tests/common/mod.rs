@@ -154,6 +154,17 @@ impl ProxyBuilder {
         {
             cmd.arg("--client-park-after-ms").arg(ms);
         }
+        // DBPROXY_TEST_WORKER_THREADS=N the same for `--worker-threads`: every scenario on a
+        // multi-threaded runtime, where a task may be polled on one thread while the reactor
+        // wakes it from another.
+        if let Ok(n) = std::env::var("DBPROXY_TEST_WORKER_THREADS")
+            && !self
+                .args
+                .iter()
+                .any(|a| a == "--worker-threads" || a == "wait")
+        {
+            cmd.arg("--worker-threads").arg(n);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
