@@ -987,6 +987,23 @@ async fn psql_through_transaction_mode() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `pgbench -i -s 1` in the application database, as app_a.
+async fn pgbench_init(db: &AppCluster) -> anyhow::Result<()> {
+    let (host, db_port) = (db.cluster.host().to_string(), db.cluster.port().to_string());
+    let password = db.password("app_a");
+    tokio::task::spawn_blocking(move || {
+        run_pgbench(
+            &[
+                "-i", "-q", "-s", "1", "-h", &host, "-p", &db_port, "-U", "app_a", APP_DB,
+            ]
+            .map(String::from),
+            Some(&password),
+        )
+    })
+    .await??;
+    Ok(())
+}
+
 /// How long a pgbench run may take before it is killed (a proxy that stops answering must
 /// fail the test, not hang it).
 const PGBENCH_LIMIT: &str = "120";
@@ -1040,18 +1057,7 @@ fn pgbench_number(stdout: &str, prefix: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pgbench_prepared_through_transaction_mode() -> anyhow::Result<()> {
     let (db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
-    let (host, db_port) = (db.cluster.host().to_string(), db.cluster.port().to_string());
-    let password = db.password("app_a");
-    tokio::task::spawn_blocking(move || {
-        run_pgbench(
-            &[
-                "-i", "-q", "-s", "1", "-h", &host, "-p", &db_port, "-U", "app_a", APP_DB,
-            ]
-            .map(String::from),
-            Some(&password),
-        )
-    })
-    .await??;
+    pgbench_init(&db).await?;
     let port = proxy.port().to_string();
     for (script, secs) in [(Some("-S"), "8"), (None, "6")] {
         let mut args: Vec<String> = ["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", secs]
@@ -1088,18 +1094,7 @@ async fn pgbench_prepared_through_transaction_mode() -> anyhow::Result<()> {
 async fn pgbench_with_worker_threads() -> anyhow::Result<()> {
     let db = AppCluster::start("one").await?;
     let secret = uri_secret(&db.uri("app_a"))?;
-    let (host, db_port) = (db.cluster.host().to_string(), db.cluster.port().to_string());
-    let password = db.password("app_a");
-    tokio::task::spawn_blocking(move || {
-        run_pgbench(
-            &[
-                "-i", "-q", "-s", "1", "-h", &host, "-p", &db_port, "-U", "app_a", APP_DB,
-            ]
-            .map(String::from),
-            Some(&password),
-        )
-    })
-    .await??;
+    pgbench_init(&db).await?;
     // Transaction mode as in pgbench_prepared_through_transaction_mode (more clients than
     // server connections, select-only then TPC-B-like), where the lost wakeup showed.
     let runs = [

@@ -143,27 +143,21 @@ impl ProxyBuilder {
         }
         cmd.arg("--ops-addr").arg(format!("127.0.0.1:{ops_port}"));
         cmd.args(&self.args);
-        // DBPROXY_TEST_PARK_MS=N runs every proxy of the suite with parking after N ms (unless
-        // the test sets it itself): `DBPROXY_TEST_PARK_MS=1 cargo test -p dbproxy` puts every
-        // end-to-end scenario through parking between its messages.
-        if let Ok(ms) = std::env::var("DBPROXY_TEST_PARK_MS")
-            && !self
-                .args
-                .iter()
-                .any(|a| a == "--client-park-after-ms" || a == "wait")
-        {
-            cmd.arg("--client-park-after-ms").arg(ms);
-        }
-        // DBPROXY_TEST_WORKER_THREADS=N the same for `--worker-threads`: every scenario on a
+        // DBPROXY_TEST_PARK_MS=N runs every proxy of the suite with parking after N ms, and
+        // DBPROXY_TEST_WORKER_THREADS=N on N worker threads (unless the test sets the flag
+        // itself): `DBPROXY_TEST_PARK_MS=1 cargo test -p dbproxy` puts every end-to-end
+        // scenario through parking between its messages, `DBPROXY_TEST_WORKER_THREADS=2` on a
         // multi-threaded runtime, where a task may be polled on one thread while the reactor
         // wakes it from another.
-        if let Ok(n) = std::env::var("DBPROXY_TEST_WORKER_THREADS")
-            && !self
-                .args
-                .iter()
-                .any(|a| a == "--worker-threads" || a == "wait")
-        {
-            cmd.arg("--worker-threads").arg(n);
+        for (var, flag) in [
+            ("DBPROXY_TEST_PARK_MS", "--client-park-after-ms"),
+            ("DBPROXY_TEST_WORKER_THREADS", "--worker-threads"),
+        ] {
+            if let Ok(value) = std::env::var(var)
+                && !self.args.iter().any(|a| a == flag || a == "wait")
+            {
+                cmd.arg(flag).arg(value);
+            }
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
