@@ -1,5 +1,7 @@
 //! Synthetic cancel keys: each client gets its own (pid, key) and a CancelRequest is routed to
-//! whichever backend serves that client now, with the backend's real key.
+//! whichever backend serves that client now, with the backend's real key. Which backend that
+//! is, the registry says ([`crate::stats::ClientGuard::link`]): assigning a server costs the
+//! cancel map nothing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,7 +43,8 @@ pub struct CancelMap {
 struct Entry {
     pid: i32,
     key: i32,
-    target: Option<CancelTarget>,
+    /// The client's registry id.
+    client: u64,
 }
 
 /// Bits of a synthetic pid that hold the entry's index plus one (up to ~2 million clients;
@@ -60,7 +63,7 @@ impl Drop for InFlightCancel<'_> {
         let mut m = crate::lock(&self.map.in_flight);
         if let Some(n) = m.get_mut(&self.backend) {
             *n -= 1;
-            self.map.in_flight_total.fetch_sub(1, Ordering::Release);
+            self.map.in_flight_total.fetch_sub(1, Ordering::SeqCst);
             if *n == 0 {
                 m.remove(&self.backend);
             }
@@ -81,8 +84,8 @@ impl CancelMap {
         Arc::new(Self::default())
     }
 
-    /// A fresh key for a new client.
-    pub fn register(self: &Arc<Self>) -> CancelKey {
+    /// A fresh key for a new client (`client`: its registry id).
+    pub fn register(self: &Arc<Self>, client: u64) -> CancelKey {
         let mut rng = rand::rng();
         let high: i32 = rng.random_range(0..(1 << (31 - INDEX_BITS)));
         let key = rng.random::<i32>();
@@ -99,11 +102,7 @@ impl CancelMap {
             };
         }
         let pid = (high << INDEX_BITS) | (index as i32 + 1);
-        entry.insert(Entry {
-            pid,
-            key,
-            target: None,
-        });
+        entry.insert(Entry { pid, key, client });
         CancelKey {
             map: self.clone(),
             pid,
@@ -113,14 +112,21 @@ impl CancelMap {
 
     /// Where a cancel for this key goes, if the client is connected and has a backend; the
     /// returned guard keeps the backend from being reused until the cancel is sent.
-    pub fn lookup(&self, pid: i32, key: i32) -> Option<(CancelTarget, InFlightCancel<'_>)> {
-        let entries = crate::lock(&self.entries);
-        let target = Self::entry(&entries, pid, key)?.target.clone()?;
+    pub fn lookup(
+        &self,
+        pid: i32,
+        key: i32,
+        registry: &crate::stats::Registry,
+    ) -> Option<(CancelTarget, InFlightCancel<'_>)> {
+        let client = Self::entry(&crate::lock(&self.entries), pid, key)?.client;
+        let (target, live) = registry.cancel_target(client)?;
         let backend = (target.addr(), target.pid);
         *crate::lock(&self.in_flight).entry(backend).or_insert(0) += 1;
-        self.in_flight_total.fetch_add(1, Ordering::Release);
-        drop(entries);
-        Some((target, InFlightCancel { map: self, backend }))
+        self.in_flight_total.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlightCancel { map: self, backend };
+        // Marked in flight first, then the link checked again: if the client left the backend
+        // in between, its release may not have seen the mark (see ClientGuard::unlink).
+        live.serves(client).then_some((target, guard))
     }
 
     /// The live entry `pid` and `key` name, if any.
@@ -134,7 +140,7 @@ impl CancelMap {
     /// Whether a cancel for this backend is being forwarded now (one atomic load when none
     /// is anywhere).
     pub fn cancel_in_flight(&self, addr: SocketAddr, pid: i32) -> bool {
-        if self.in_flight_total.load(Ordering::Acquire) == 0 {
+        if self.in_flight_total.load(Ordering::SeqCst) == 0 {
             return false;
         }
         crate::lock(&self.in_flight).contains_key(&(addr, pid))
@@ -160,24 +166,6 @@ impl CancelMap {
     }
 }
 
-impl CancelKey {
-    /// Points this client's cancels at a backend (or at none between backends).
-    pub fn set_target(&self, target: Option<CancelTarget>) {
-        let old = {
-            let mut entries = crate::lock(&self.map.entries);
-            let index = ((self.pid & INDEX_MASK) - 1) as usize;
-            match entries.get_mut(index) {
-                Some(e) if self.pid > 0 && e.pid == self.pid => {
-                    std::mem::replace(&mut e.target, target)
-                }
-                _ => None,
-            }
-        };
-        // The old route's reference is released outside the lock.
-        drop(old);
-    }
-}
-
 impl Drop for CancelKey {
     fn drop(&mut self) {
         if self.pid <= 0 {
@@ -194,72 +182,153 @@ impl Drop for CancelKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::{
+        ClientEntry, ClientGuard, ClientState, Names, ServerEntry, ServerHandle, ServerState,
+        Stamp, Stats,
+    };
 
-    #[test]
-    fn keys_route_until_dropped() {
-        let map = CancelMap::new();
-        let a = map.register();
-        let b = map.register();
-        assert_ne!((a.pid, a.key), (b.pid, b.key));
-        assert!(map.lookup(a.pid, a.key).is_none());
+    fn route() -> Arc<CancelRoute> {
         let dsn = dbcred::Dsn::parse("host=127.0.0.1 user=u sslmode=disable").unwrap();
-        let route = Arc::new(CancelRoute {
+        Arc::new(CancelRoute {
             addr: "127.0.0.1:5432".parse().unwrap(),
             host: "127.0.0.1".into(),
             policy: dbcred::ServerTlsPolicy::from_dsn(&dsn).unwrap(),
             tls: false,
-        });
+        })
+    }
+
+    fn client(stats: &Arc<Stats>) -> ClientGuard {
+        stats.add_client(ClientEntry {
+            id: stats.registry.next_id(),
+            names: Names::new("u", "d", ""),
+            addr: "127.0.0.1:40000".parse().unwrap(),
+            state: ClientState::Active,
+            connect_time: Stamp::now(),
+            request_time: Stamp::now(),
+        })
+    }
+
+    /// A server connection in the registry, backend `pid` with cancel key `key`.
+    fn server(stats: &Stats, route: &Arc<CancelRoute>, pid: i32, key: i32) -> ServerHandle {
+        let mut handle = ServerHandle::default();
+        handle.slot = stats.registry.add_server(
+            ServerEntry {
+                id: stats.registry.next_id(),
+                generation: 1,
+                names: Names::new("u", "d", ""),
+                addr: route.addr,
+                backend_pid: pid,
+                state: ServerState::Active,
+                connect_time: Stamp::now(),
+                request_time: Stamp::now(),
+                client: None,
+            },
+            CancelTarget {
+                route: route.clone(),
+                pid,
+                key,
+            },
+            handle.live.clone(),
+        );
+        handle
+    }
+
+    #[test]
+    fn keys_route_to_the_linked_backend_until_dropped() {
+        let stats = Arc::new(Stats::new());
+        let registry = &stats.registry;
+        let map = CancelMap::new();
+        let (ca, cb) = (client(&stats), client(&stats));
+        let a = map.register(ca.id());
+        let b = map.register(cb.id());
+        assert_ne!((a.pid, a.key), (b.pid, b.key));
+        let route = route();
         let addr = route.addr;
-        a.set_target(Some(CancelTarget {
-            route: route.clone(),
-            pid: 77,
-            key: 88,
-        }));
+        let s77 = server(&stats, &route, 77, 88);
+        let s78 = server(&stats, &route, 78, 89);
+        assert!(
+            map.lookup(a.pid, a.key, registry).is_none(),
+            "no backend yet"
+        );
+        ca.link(&s77);
+        cb.link(&s78);
         {
-            let (found, _guard) = map.lookup(a.pid, a.key).unwrap();
+            let (found, _guard) = map.lookup(a.pid, a.key, registry).unwrap();
             assert!(Arc::ptr_eq(&found.route, &route));
             assert_eq!((found.pid, found.key), (77, 88));
             assert!(map.cancel_in_flight(addr, 77));
+            assert!(!map.cancel_in_flight(addr, 78));
         }
         assert!(!map.cancel_in_flight(addr, 77));
-        assert!(map.lookup(a.pid, a.key.wrapping_add(1)).is_none());
+        assert_eq!(map.lookup(b.pid, b.key, registry).unwrap().0.pid, 78);
+        assert!(map.lookup(a.pid, a.key.wrapping_add(1), registry).is_none());
+        // SHOW SERVERS links them too.
+        let listed = registry.servers();
+        assert_eq!(listed[0].client, Some(ca.id()));
+        assert_eq!(listed[0].state, ServerState::Active);
+        // Between backends: no route, and the server is active with no client.
+        ca.unlink(&s77);
+        assert!(map.lookup(a.pid, a.key, registry).is_none());
+        assert_eq!(registry.servers()[0].client, None);
+        s77.live.release();
+        assert_eq!(registry.servers()[0].state, ServerState::Idle);
+        // Client a takes the other backend (b left it).
+        cb.unlink(&s78);
+        ca.link(&s78);
+        assert_eq!(map.lookup(a.pid, a.key, registry).unwrap().0.pid, 78);
+        assert!(map.lookup(b.pid, b.key, registry).is_none());
         let (pid, key) = (a.pid, a.key);
         drop(a);
-        assert!(map.lookup(pid, key).is_none());
+        assert!(map.lookup(pid, key, registry).is_none());
         assert_eq!(map.len(), 1);
         drop(b);
         assert!(map.is_empty());
     }
 
+    /// The release of a backend checks for cancels in flight after the unlink; a cancel
+    /// marked before it is seen, one looked up after it finds nothing and leaves no mark.
+    #[test]
+    fn a_cancel_in_flight_holds_the_backend_and_none_starts_after_the_unlink() {
+        let stats = Arc::new(Stats::new());
+        let registry = &stats.registry;
+        let map = CancelMap::new();
+        let c = client(&stats);
+        let key = map.register(c.id());
+        let route = route();
+        let s = server(&stats, &route, 5, 6);
+        c.link(&s);
+        let (_, in_flight) = map.lookup(key.pid, key.key, registry).unwrap();
+        c.unlink(&s);
+        assert!(map.cancel_in_flight(route.addr, 5), "the release must wait");
+        drop(in_flight);
+        assert!(!map.cancel_in_flight(route.addr, 5));
+        assert!(map.lookup(key.pid, key.key, registry).is_none());
+        assert!(!map.cancel_in_flight(route.addr, 5));
+        assert_eq!(map.in_flight_total.load(Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn a_reused_slot_does_not_route_the_old_key() {
+        let stats = Arc::new(Stats::new());
+        let registry = &stats.registry;
         let map = CancelMap::new();
-        let dsn = dbcred::Dsn::parse("host=127.0.0.1 user=u sslmode=disable").unwrap();
-        let route = Arc::new(CancelRoute {
-            addr: "127.0.0.1:5432".parse().unwrap(),
-            host: "127.0.0.1".into(),
-            policy: dbcred::ServerTlsPolicy::from_dsn(&dsn).unwrap(),
-            tls: false,
-        });
-        let target = |pid| CancelTarget {
-            route: route.clone(),
-            pid,
-            key: 1,
-        };
-        let old = map.register();
+        let route = route();
+        let c = client(&stats);
+        let old = map.register(c.id());
         let (old_pid, old_key) = (old.pid, old.key);
         drop(old);
-        let new = map.register();
+        let new = map.register(c.id());
         // The slab hands out the freed slot again: same index, new random bits and key.
         assert_eq!(new.pid & INDEX_MASK, old_pid & INDEX_MASK);
-        new.set_target(Some(target(5)));
-        assert!(map.lookup(old_pid, old_key).is_none());
-        assert_eq!(map.lookup(new.pid, new.key).unwrap().0.pid, 5);
+        let s = server(&stats, &route, 5, 1);
+        c.link(&s);
+        assert!(map.lookup(old_pid, old_key, registry).is_none());
+        assert_eq!(map.lookup(new.pid, new.key, registry).unwrap().0.pid, 5);
         // Made-up pids (zero, negative, an index never handed out) find nothing.
-        assert!(map.lookup(0, new.key).is_none());
-        assert!(map.lookup(-1, new.key).is_none());
-        assert!(map.lookup(new.pid + 1, new.key).is_none());
-        let many: Vec<_> = (0..100).map(|_| map.register()).collect();
+        assert!(map.lookup(0, new.key, registry).is_none());
+        assert!(map.lookup(-1, new.key, registry).is_none());
+        assert!(map.lookup(new.pid + 1, new.key, registry).is_none());
+        let many: Vec<_> = (0..100).map(|i| map.register(i)).collect();
         assert!(many.iter().all(|k| k.pid > 0));
         let mut pids: Vec<_> = many.iter().map(|k| k.pid & INDEX_MASK).collect();
         pids.sort_unstable();

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram_server::ScramVerifier;
-use crate::cancel::{CancelKey, CancelMap, CancelTarget};
+use crate::cancel::{CancelKey, CancelMap};
 use crate::error::{ProxyError, Result};
 use crate::migrate::{MigratePolicy, MoveSignal, Snapshot};
 use crate::pool::Pool;
@@ -566,7 +566,8 @@ async fn login(
                 *socket = ClientStream::Tls(Box::new(tls));
             }
             StartupRequest::Cancel { pid, key } => {
-                if let Some((target, _in_flight)) = ctx.cancels.lookup(pid, key)
+                if let Some((target, _in_flight)) =
+                    ctx.cancels.lookup(pid, key, &ctx.pool.stats().registry)
                     && let Err(e) = send_cancel(&target.route, target.pid, target.key).await
                 {
                     tracing::debug!(backend_pid = target.pid, error = %e, "forwarding a cancel request failed");
@@ -688,19 +689,14 @@ async fn authenticate(
     }
 }
 
-/// A server assigned to a client: cancel routing and SHOW CLIENTS follow it.
-fn assign(cancel_key: &CancelKey, server: &ServerConnection) {
-    cancel_key.set_target(Some(CancelTarget {
-        route: server.cancel_route.clone(),
-        pid: server.backend_pid,
-        key: server.backend_key,
-    }));
-}
-
 /// The client leaves `server`: cancels for it are no longer routed there, and any already on
 /// their way land before the server may serve someone else.
-async fn unassign(ctx: &ClientContext, cancel_key: &CancelKey, server: &ServerConnection) {
-    cancel_key.set_target(None);
+async fn unassign(
+    ctx: &ClientContext,
+    tracked: &crate::stats::ClientGuard,
+    server: &ServerConnection,
+) {
+    tracked.unlink(&server.registry);
     ctx.cancels
         .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
         .await;
@@ -766,11 +762,10 @@ async fn session_login(
     };
     // Only the pool needed these; the server holds its own copy (moves use that).
     drop(server_params);
-    tracked.set_server(Some(server.backend_pid));
     // If this task panics or is dropped before the release below, the slot is given back.
     let slot = ctx.pool.owned_slot_guard();
-    let cancel_key = ctx.cancels.register();
-    assign(&cancel_key, &server);
+    let cancel_key = ctx.cancels.register(tracked.id());
+    tracked.link(&server.registry);
 
     if let Err(e) = Box::pin(replay_login(
         socket,
@@ -780,7 +775,7 @@ async fn session_login(
     ))
     .await
     {
-        Box::pin(unassign(ctx, &cancel_key, &server)).await;
+        Box::pin(unassign(ctx, &tracked, &server)).await;
         slot.disarm();
         Box::pin(ctx.pool.release(server, true)).await;
         return Err(e.into());
@@ -913,7 +908,6 @@ async fn after_forwarding(
 ) -> ControlFlow<Result<crate::proxy::SessionOutcome>> {
     let SessClient {
         tracked,
-        cancel_key,
         server,
         custom,
         ..
@@ -927,7 +921,7 @@ async fn after_forwarding(
             };
             match Box::pin(try_move(ctx, server, custom, socket, out)).await {
                 Ok(Moved::To(new)) => {
-                    Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
+                    Box::pin(adopt(ctx, peer, tracked, server, new)).await;
                     sig.rebase(server);
                     pins.clear();
                 }
@@ -952,7 +946,7 @@ async fn after_forwarding(
                     Box::pin(try_move(ctx, server, custom, socket, out)).await
             {
                 // Idle and no longer pinned at the last moment: move after all.
-                Box::pin(adopt(ctx, peer, tracked, cancel_key, server, new)).await;
+                Box::pin(adopt(ctx, peer, tracked, server, new)).await;
                 if let Some(sig) = signal.as_mut() {
                     sig.rebase(server);
                 }
@@ -994,14 +988,12 @@ async fn adopt(
     ctx: &ClientContext,
     peer: SocketAddr,
     tracked: &crate::stats::ClientGuard,
-    cancel_key: &CancelKey,
     server: &mut ServerConnection,
     new: Box<ServerConnection>,
 ) {
     let old = std::mem::replace(server, *new);
-    tracked.set_server(Some(server.backend_pid));
-    unassign(ctx, cancel_key, &old).await;
-    assign(cancel_key, server);
+    unassign(ctx, tracked, &old).await;
+    tracked.link(&server.registry);
     tracing::info!(client = tracked.id(), %peer, from = %old.target, to = %server.target, "session moved to a new server connection");
     metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
     ctx.pool.release(Box::new(old), true).await;
@@ -1023,7 +1015,7 @@ async fn finish_session(
     } = *st;
     // Unregister first, then let cancels already on their way land: a cancel must never
     // reach the backend once it may serve someone else.
-    unassign(ctx, &cancel_key, &server).await;
+    unassign(ctx, &tracked, &server).await;
     drop(cancel_key);
     slot.disarm();
     let result = match ended {
@@ -1123,7 +1115,8 @@ struct TxClient {
 struct TxSession {
     tracked: crate::stats::ClientGuard,
     server_params: crate::server::ServerParams,
-    cancel_key: CancelKey,
+    /// Kept for its registration: the client's cancels are routed while it lives.
+    _cancel_key: CancelKey,
     client: ClientSession,
 }
 
@@ -1160,7 +1153,7 @@ async fn transaction_login(
 ) -> Result<Box<TxClient>> {
     let tracked = crate::admin::track_client(ctx, peer, &params);
     let server_params = ctx.pool.intern_params(params.forwarded);
-    let cancel_key = ctx.cancels.register();
+    let cancel_key = ctx.cancels.register(tracked.id());
     let (welcome, first) = match ctx.pool.welcome(&server_params) {
         Some(welcome) => (welcome.to_vec(), None),
         None => {
@@ -1179,11 +1172,14 @@ async fn transaction_login(
         }
         return Err(e.into());
     }
+    // Logged in, holding no server: active in pgbouncer's words (a transaction-mode client
+    // between transactions stays so; linking a server sets it again).
+    tracked.set_active();
     Ok(Box::new(TxClient {
         session: TxSession {
             tracked,
             server_params,
-            cancel_key,
+            _cancel_key: cancel_key,
             client: ClientSession::new(crate::server::share_parameter_status(welcome)),
         },
         cbuf: early,
@@ -1218,7 +1214,6 @@ async fn transaction_session(
     let mut watch = ReadWatch::default();
     loop {
         if st.held.is_none() && st.cbuf.is_empty() {
-            st.session.tracked.clear_server();
             // An idle client keeps a small request buffer (the next request is read into a
             // stack buffer and copied into it): reusing it saves an allocation, a free and a
             // growth per transaction, about 230 instructions. A big one goes, and a parked
@@ -1328,8 +1323,8 @@ async fn transaction_step(
             TxSession {
                 tracked,
                 server_params,
-                cancel_key,
                 client,
+                ..
             },
         cbuf,
         held,
@@ -1378,8 +1373,7 @@ async fn transaction_step(
         return Ok(Step::Again);
     };
     if !*assigned {
-        assign(cancel_key, server);
-        tracked.set_server(Some(server.backend_pid));
+        tracked.link(&server.registry);
         *assigned = true;
         // The client's registry id (from 1 up) tells clients apart.
         let owner = ctx.reset_settings_between_clients.then(|| tracked.id());
@@ -1391,7 +1385,7 @@ async fn transaction_step(
         if let Err(e) = synced {
             // The server's state is unknown now: it is closed, never reused.
             if let Some(server) = held.take() {
-                give_back(ctx, cancel_key, server, false, false).await;
+                give_back(ctx, tracked, server, false, false).await;
             }
             *assigned = false;
             if matches!(e, ProxyError::Canceled(_)) && *sync_failures < SYNC_ATTEMPTS {
@@ -1431,7 +1425,7 @@ async fn transaction_step(
             Ok(()) => {}
             Err(e) => {
                 if let Some(server) = held.take() {
-                    give_back(ctx, cancel_key, server, false, false).await;
+                    give_back(ctx, tracked, server, false, false).await;
                 }
 
                 return Err(e);
@@ -1443,7 +1437,7 @@ async fn transaction_step(
             if !client.is_pinned() {
                 *signal = None;
                 if let Some(server) = held.take() {
-                    give_back(ctx, cancel_key, server, true, false).await;
+                    give_back(ctx, tracked, server, true, false).await;
                 }
                 *assigned = false;
             } else if let Some(sig) = signal.as_mut()
@@ -1460,7 +1454,7 @@ async fn transaction_step(
             {
                 *signal = None;
                 if let Some(server) = held.take() {
-                    give_back(ctx, cancel_key, server, true, false).await;
+                    give_back(ctx, tracked, server, true, false).await;
                 }
                 *assigned = false;
 
@@ -1471,7 +1465,7 @@ async fn transaction_step(
                 if !outcome.clean {
                     cancel_running(&server);
                 }
-                give_back(ctx, cancel_key, server, false, false).await;
+                give_back(ctx, tracked, server, false, false).await;
             }
 
             return Err(ProxyError::Unmovable(crate::migrate::pinned_message(
@@ -1486,7 +1480,7 @@ async fn transaction_step(
             // next client: reset then.
             let reset = client.is_pinned();
             if let Some(server) = held.take() {
-                give_back(ctx, cancel_key, server, clean, reset).await;
+                give_back(ctx, tracked, server, clean, reset).await;
             }
             return match end {
                 RoundEnd::ClientMessageTooLarge(len) => Err(ProxyError::Protocol(format!(
@@ -1506,12 +1500,12 @@ async fn transaction_step(
 /// (a cancel on its way, a reset) is boxed, so this future stays small.
 async fn give_back(
     ctx: &ClientContext,
-    cancel_key: &CancelKey,
+    tracked: &crate::stats::ClientGuard,
     server: Box<ServerConnection>,
     clean: bool,
     reset: bool,
 ) {
-    if let Some(server) = give_back_now(ctx, cancel_key, server, clean, reset) {
+    if let Some(server) = give_back_now(ctx, tracked, server, clean, reset) {
         Box::pin(give_back_rest(ctx, server, clean, reset)).await;
     }
 }
@@ -1520,12 +1514,12 @@ async fn give_back(
 /// cancel on its way to it, or a reset): then [`give_back_rest`].
 fn give_back_now(
     ctx: &ClientContext,
-    cancel_key: &CancelKey,
+    tracked: &crate::stats::ClientGuard,
     server: Box<ServerConnection>,
     clean: bool,
     reset: bool,
 ) -> Option<Box<ServerConnection>> {
-    cancel_key.set_target(None);
+    tracked.unlink(&server.registry);
     if reset
         || ctx
             .cancels

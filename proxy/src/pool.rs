@@ -235,7 +235,7 @@ impl Pool {
 
     /// Forgets a server in the registry as it closes.
     fn forget(&self, server: &ServerConnection) {
-        self.stats.registry.remove_server(server.registry);
+        self.stats.registry.remove_server(server.registry.slot);
     }
 
     /// Waits while the pool is paused; an error once `deadline` passes.
@@ -361,9 +361,7 @@ impl Pool {
                 .fetch_add(waited_us, std::sync::atomic::Ordering::Relaxed);
         }
         self.stats.clients_active.increment();
-        self.stats
-            .registry
-            .set_server_state(server.registry, ServerState::Active);
+        server.registry.live.hold();
     }
 
     async fn acquire_inner(
@@ -489,24 +487,34 @@ impl Pool {
                 Ok(mut server) => {
                     let now = crate::stats::Stamp::now();
                     tracing::debug!(server.id = id, generation = server.generation, peer = %server.peer(), backend_pid = server.backend_pid, "server connection opened");
-                    server.registry = self.stats.registry.add_server(ServerEntry {
-                        id,
-                        generation: server.generation,
-                        names: Names::new(
-                            generation.dsn.user().unwrap_or(""),
-                            generation
-                                .dsn
-                                .dbname()
-                                .or(generation.dsn.user())
-                                .unwrap_or(""),
-                            "",
-                        ),
-                        addr: server.peer(),
-                        backend_pid: server.backend_pid,
-                        state: ServerState::Active,
-                        connect_time: now,
-                        request_time: now,
-                    });
+                    let cancel = crate::cancel::CancelTarget {
+                        route: server.cancel_route.clone(),
+                        pid: server.backend_pid,
+                        key: server.backend_key,
+                    };
+                    server.registry.slot = self.stats.registry.add_server(
+                        ServerEntry {
+                            id,
+                            generation: server.generation,
+                            names: Names::new(
+                                generation.dsn.user().unwrap_or(""),
+                                generation
+                                    .dsn
+                                    .dbname()
+                                    .or(generation.dsn.user())
+                                    .unwrap_or(""),
+                                "",
+                            ),
+                            addr: server.peer(),
+                            backend_pid: server.backend_pid,
+                            state: ServerState::Active,
+                            connect_time: now,
+                            request_time: now,
+                            client: None,
+                        },
+                        cancel,
+                        server.registry.live.clone(),
+                    );
                     self.remember_welcome(&server);
                     if self.config.min > 0 {
                         *crate::lock(&self.last_params) = Some(params.clone());
@@ -769,9 +777,7 @@ impl Pool {
         server.idle_since = since;
         let mut state = self.lock();
         if server.generation == self.credentials.current_number() {
-            self.stats
-                .registry
-                .set_server_state(server.registry, ServerState::Idle);
+            server.registry.live.release();
             state.idle.push(server);
             drop(state);
             self.changed.notify_one();

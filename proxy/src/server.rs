@@ -114,8 +114,9 @@ pub struct ServerConnection {
     /// What transaction pooling left on this connection (prepared statements, settings);
     /// allocated on first use, so session-mode connections do not carry it.
     pub txn: Option<Box<crate::txn::ServerSession>>,
-    /// Its entry in the registry (SHOW SERVERS), set by the pool that opened it.
-    pub registry: crate::stats::Slot,
+    /// Its entry in the registry (SHOW SERVERS; set by the pool that opened it) and its live
+    /// state there.
+    pub registry: crate::stats::ServerHandle,
 }
 
 impl std::fmt::Debug for ServerConnection {

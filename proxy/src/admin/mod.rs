@@ -107,7 +107,6 @@ fn client_entry(
         state,
         connect_time: now,
         request_time: now,
-        server_pid: None,
     }
 }
 

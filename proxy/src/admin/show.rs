@@ -150,9 +150,9 @@ fn clients(ctx: &ClientContext, out: &mut BytesMut) {
             } else {
                 (0, 0)
             };
-            let link = c
-                .server_pid
-                .and_then(|pid| servers.iter().find(|s| s.backend_pid == pid.get()))
+            let link = servers
+                .iter()
+                .find(|s| s.client == Some(c.id))
                 .map(|s| format!("{:x}", s.id))
                 .unwrap_or_default();
             vec![
@@ -185,7 +185,6 @@ fn clients(ctx: &ClientContext, out: &mut BytesMut) {
 
 fn servers(ctx: &ClientContext, out: &mut BytesMut) {
     let registry = &ctx.pool.stats().registry;
-    let clients = registry.clients();
     let current = ctx.pool.credentials().current_number();
     let mut columns = CONNECTION_COLUMNS.to_vec();
     columns.push(("generation", INT8));
@@ -193,11 +192,7 @@ fn servers(ctx: &ClientContext, out: &mut BytesMut) {
         .servers()
         .into_iter()
         .map(|s| {
-            let link = clients
-                .iter()
-                .find(|c| c.server_pid.map(|p| p.get()) == Some(s.backend_pid))
-                .map(|c| format!("{:x}", c.id))
-                .unwrap_or_default();
+            let link = s.client.map(|id| format!("{id:x}")).unwrap_or_default();
             vec![
                 "S".into(),
                 s.names.user().to_owned(),
