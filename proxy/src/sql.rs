@@ -426,14 +426,14 @@ pub fn may_set_custom(text: &[u8]) -> bool {
     if t.starts_with(b"/*") || t.starts_with(b"--") || keyword(b"set") || keyword(b"reset") {
         return true;
     }
-    // One pass for both: `set_config`, and a `;` with more behind it (anything may follow).
-    memchr::memchr2_iter(b';', b'_', text).any(|i| {
-        if text[i] == b';' {
-            more_after_semicolon(text, i)
-        } else {
-            set_config_at(text, i)
-        }
-    })
+    // The usual trailing `;` (and blanks) first, so that one pass finds both a `set_config`
+    // and a `;` with another statement behind it (any `;` left has something after it).
+    let end = text
+        .iter()
+        .rposition(|&c| c != b';' && !c.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    let text = &text[..end];
+    memchr::memchr2_iter(b';', b'_', text).any(|i| text[i] == b';' || set_config_at(text, i))
 }
 
 /// A dotted setting name at the start of `s` (`app.x`, `"App".x`), lowercased; None without a
