@@ -146,15 +146,24 @@ impl CancelMap {
         crate::lock(&self.in_flight).contains_key(&(addr, pid))
     }
 
-    /// Waits (briefly) until no cancel for this backend is being forwarded, so a late cancel
-    /// cannot hit the next client's query.
-    pub async fn wait_no_cancel_in_flight(&self, addr: SocketAddr, pid: i32) {
-        for _ in 0..200 {
-            if !self.cancel_in_flight(addr, pid) {
-                return;
+    /// Waits until no cancel for this backend is being forwarded, so a late cancel cannot hit
+    /// the next client's query. False if one still is after the longest a forward may take
+    /// (it cannot, unless the forwarding task is stuck): the backend must not be reused then.
+    pub async fn wait_no_cancel_in_flight(&self, addr: SocketAddr, pid: i32) -> bool {
+        let give_up = tokio::time::Instant::now()
+            + crate::server::CANCEL_TIMEOUT
+            + std::time::Duration::from_secs(1);
+        while self.cancel_in_flight(addr, pid) {
+            if tokio::time::Instant::now() >= give_up {
+                tracing::warn!(
+                    backend_pid = pid,
+                    "a cancel request to this backend is still being forwarded; its server connection is closed instead of reused"
+                );
+                return false;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        true
     }
 
     pub fn len(&self) -> usize {

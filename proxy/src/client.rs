@@ -690,16 +690,18 @@ async fn authenticate(
 }
 
 /// The client leaves `server`: cancels for it are no longer routed there, and any already on
-/// their way land before the server may serve someone else.
+/// their way land before the server may serve someone else. False when one did not: the
+/// server must be closed, not reused.
+#[must_use]
 async fn unassign(
     ctx: &ClientContext,
     tracked: &crate::stats::ClientGuard,
     server: &ServerConnection,
-) {
+) -> bool {
     tracked.unlink(&server.registry);
     ctx.cancels
         .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
-        .await;
+        .await
 }
 
 /// AuthenticationOk, the server's parameters, our cancel key and ReadyForQuery.
@@ -775,9 +777,9 @@ async fn session_login(
     ))
     .await
     {
-        Box::pin(unassign(ctx, &tracked, &server)).await;
+        let landed = Box::pin(unassign(ctx, &tracked, &server)).await;
         slot.disarm();
-        Box::pin(ctx.pool.release(server, true)).await;
+        Box::pin(ctx.pool.release(server, landed)).await;
         return Err(e.into());
     }
     // Nothing is kept per idle session: the forwarding loop reads into stack buffers.
@@ -992,11 +994,11 @@ async fn adopt(
     new: Box<ServerConnection>,
 ) {
     let old = std::mem::replace(server, *new);
-    unassign(ctx, tracked, &old).await;
+    let landed = unassign(ctx, tracked, &old).await;
     tracked.link(&server.registry);
     tracing::info!(client = tracked.id(), %peer, from = %old.target, to = %server.target, "session moved to a new server connection");
     metrics::counter!("dbproxy_migrations_total", "result" => "moved").increment(1);
-    ctx.pool.release(Box::new(old), true).await;
+    ctx.pool.release(Box::new(old), landed).await;
 }
 
 /// The session is over: its server goes back to the pool (reset and reused when clean).
@@ -1015,14 +1017,14 @@ async fn finish_session(
     } = *st;
     // Unregister first, then let cancels already on their way land: a cancel must never
     // reach the backend once it may serve someone else.
-    unassign(ctx, &tracked, &server).await;
+    let landed = unassign(ctx, &tracked, &server).await;
     drop(cancel_key);
     slot.disarm();
     let result = match ended {
         Ok(outcome) => {
             tracing::trace!(client = tracked.id(), %peer, end = ?outcome.end, clean = outcome.server_clean, "session ended");
             ctx.pool
-                .release(Box::new(server), outcome.server_clean)
+                .release(Box::new(server), outcome.server_clean && landed)
                 .await;
             session_result(outcome.end, ctx)
         }
@@ -1538,10 +1540,11 @@ async fn give_back_rest(
     clean: bool,
     reset: bool,
 ) {
-    ctx.cancels
+    let landed = ctx
+        .cancels
         .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
         .await;
-    ctx.pool.release_with(server, clean, reset).await;
+    ctx.pool.release_with(server, clean && landed, reset).await;
 }
 
 /// Whether `server`, just assigned, certainly has nothing to bring in line (the usual case in

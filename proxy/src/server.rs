@@ -13,7 +13,7 @@ use dbcred::tls::{
 };
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::scram_client::{Gs2Binding, ScramClient};
@@ -739,8 +739,17 @@ fn choose_binding(
     }
 }
 
+/// How long forwarding a cancel may take, from connecting to PostgreSQL to its closing the
+/// connection (pgbouncer's `cancel_wait_timeout` is 10 s too).
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends a CancelRequest for a backend over a fresh connection, as PostgreSQL requires, with
-/// the same TLS as the backend's own session.
+/// the same TLS as the backend's own session, and waits until PostgreSQL closes it.
+///
+/// PostgreSQL answers a cancel with nothing and closes the connection once it has signaled
+/// the backend. Until then the signal may still be on its way, and a backend given to another
+/// client in the meantime would cancel that client's query (pgbouncer#717's second race): the
+/// caller keeps the backend marked as canceled until this returns.
 pub async fn send_cancel(route: &CancelRoute, pid: i32, key: i32) -> Result<()> {
     let mut out = BytesMut::with_capacity(16);
     frontend::cancel_request(pid, key, &mut out);
@@ -762,10 +771,13 @@ pub async fn send_cancel(route: &CancelRoute, pid: i32, key: i32) -> Result<()> 
             })?;
         stream.write_all(&out).await?;
         stream.flush().await?;
-        stream.shutdown().await?;
+        // PostgreSQL sends nothing back: any bytes, the end of the stream, or a TLS session
+        // cut without close_notify all mean it is done with the request.
+        let mut byte = [0u8; 1];
+        let _ = stream.read(&mut byte).await;
         Ok::<_, ProxyError>(())
     };
-    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+    match tokio::time::timeout(CANCEL_TIMEOUT, fut).await {
         Ok(r) => r,
         Err(_) => Err(ProxyError::Timeout("sending a cancel request")),
     }

@@ -1662,6 +1662,54 @@ async fn cancel_from_idle_client_cancels_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cancels racing the release of their backend: one client sends a cancel with every short
+/// query it runs, so many arrive while its backend is being given back and taken by one of the
+/// others (pool of two, four busy clients). A cancel must reach the client's own query or
+/// nothing: the others never see 57014.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancels_racing_releases_never_hit_another_client() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "2"]).await?;
+    let port = proxy.port();
+    let mut others = Vec::new();
+    for k in 0..4 {
+        others.push(tokio::spawn(async move {
+            let c = connect(port, &format!("other{k}")).await?;
+            for _ in 0..150 {
+                c.simple_query("SELECT pg_sleep(0.002)").await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let canceler = proxy.connect().await?;
+    let token = canceler.cancel_token();
+    let (mut own_canceled, mut sent) = (0, 0);
+    for i in 0..200 {
+        // From none to 1.5 ms of work: the cancel lands before, during or after the query.
+        let sql = format!("SELECT pg_sleep({})", f64::from(i % 4) * 0.0005);
+        let cancel = token.cancel_query(tokio_postgres::NoTls);
+        let (query, cancel) = tokio::join!(canceler.simple_query(&sql), cancel);
+        cancel?;
+        sent += 1;
+        if let Err(e) = query {
+            ensure!(e.code() == Some(&SqlState::QUERY_CANCELED), "{e:?}");
+            own_canceled += 1;
+        }
+    }
+    println!("{sent} cancels sent, {own_canceled} canceled the client's own query");
+    ensure!(
+        own_canceled > 0,
+        "no cancel reached the client's own query: the cancels did not race anything"
+    );
+    for (k, task) in others.into_iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .with_context(|| format!("client other{k} hung"))??
+            .with_context(|| format!("client other{k} was hit by another client's cancel"))?;
+    }
+    whoami(&canceler).await?;
+    Ok(())
+}
+
 /// tokio-postgres pipelines requests: many in flight on one client at once (several Syncs
 /// outstanding), named and unnamed statements mixed, on three clients sharing two backends;
 /// every answer is right and reaches the request it belongs to.
