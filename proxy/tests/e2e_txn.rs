@@ -1710,6 +1710,127 @@ async fn cancels_racing_releases_never_hit_another_client() -> anyhow::Result<()
     Ok(())
 }
 
+/// Eight clients on three backends, each running a random mix (fixed seed per client) of what
+/// transaction pooling must keep apart: its own settings (a built-in and a custom one, changed
+/// along the way), a named prepared statement, explicit transactions, errors, pipelined
+/// queries and cancels of its own queries. Every answer is checked against what that client
+/// did; a cancel may only ever cancel its sender's query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_clients_keep_their_own_state_under_churn_and_cancels() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "3"]).await?;
+    let port = proxy.port();
+    let mut tasks = Vec::new();
+    for k in 0..8u32 {
+        tasks.push(tokio::spawn(async move {
+            let c = connect(port, &format!("mix{k}")).await?;
+            let token = c.cancel_token();
+            let stmt = c.prepare(&format!("SELECT $1::int4 * 10 + {k}")).await?;
+            let mut work_mem = 64 + k;
+            c.batch_execute(&format!(
+                "SET work_mem = '{work_mem}kB'; SET app.who = 'mix{k}'"
+            ))
+            .await?;
+            let mut seed = 0x9e37_79b9_u32.wrapping_mul(k + 1);
+            let (mut canceled, mut failed) = (0, 0);
+            for i in 0..120i32 {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let step = format!("mix{k} step {i}");
+                match (seed >> 16) % 8 {
+                    0 => {
+                        let v: i32 = c.query_one(&stmt, &[&i]).await?.get(0);
+                        ensure!(
+                            v == i * 10 + k as i32,
+                            "{step}: prepared statement gave {v}"
+                        );
+                    }
+                    1 => {
+                        let row = c
+                            .query_one(
+                                "SELECT current_setting('work_mem'), current_setting('app.who')",
+                                &[],
+                            )
+                            .await?;
+                        let (wm, who): (String, String) = (row.get(0), row.get(1));
+                        ensure!(
+                            (wm.as_str(), who.as_str())
+                                == (format!("{work_mem}kB").as_str(), format!("mix{k}").as_str()),
+                            "{step}: settings {wm}, {who}"
+                        );
+                    }
+                    2 => {
+                        c.batch_execute("BEGIN").await?;
+                        let a: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                        let v: i32 = c.query_one(&stmt, &[&1]).await?.get(0);
+                        let b: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                        c.batch_execute("COMMIT").await?;
+                        ensure!(a == b, "{step}: a transaction changed backends");
+                        ensure!(v == 10 + k as i32, "{step}: {v} in a transaction");
+                    }
+                    3 => {
+                        let e = c
+                            .simple_query("SELECT 1/0")
+                            .await
+                            .expect_err("division by zero");
+                        ensure!(
+                            e.code() == Some(&SqlState::DIVISION_BY_ZERO),
+                            "{step}: {e:?}"
+                        );
+                        failed += 1;
+                    }
+                    4 => {
+                        let query = c.simple_query("SELECT pg_sleep(0.002)");
+                        let cancel = token.cancel_query(tokio_postgres::NoTls);
+                        let (query, cancel) = tokio::join!(query, cancel);
+                        cancel?;
+                        if let Err(e) = query {
+                            ensure!(e.code() == Some(&SqlState::QUERY_CANCELED), "{step}: {e:?}");
+                            canceled += 1;
+                        }
+                    }
+                    5 => {
+                        let (a, b, d) = tokio::join!(
+                            c.query_one(&stmt, &[&2]),
+                            c.query_one("SELECT current_setting('app.who')", &[]),
+                            c.query_one(&stmt, &[&3]),
+                        );
+                        let (a, b, d): (i32, String, i32) = (a?.get(0), b?.get(0), d?.get(0));
+                        ensure!(
+                            (a, b.as_str(), d)
+                                == (20 + k as i32, format!("mix{k}").as_str(), 30 + k as i32),
+                            "{step}: pipelined answers {a}, {b}, {d}"
+                        );
+                    }
+                    6 => {
+                        work_mem = 64 + k + (seed >> 8) % 512;
+                        c.batch_execute(&format!("SET work_mem = '{work_mem}kB'"))
+                            .await?;
+                    }
+                    _ => {
+                        let rows = c.simple_query("SELECT generate_series(1, 50)").await?;
+                        let n = rows
+                            .iter()
+                            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                            .count();
+                        ensure!(n == 50, "{step}: {n} rows");
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>((canceled, failed))
+        }));
+    }
+    let (mut canceled, mut failed) = (0, 0);
+    for (k, task) in tasks.into_iter().enumerate() {
+        let (c, f) = tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .with_context(|| format!("client mix{k} hung"))??
+            .with_context(|| format!("client mix{k}"))?;
+        canceled += c;
+        failed += f;
+    }
+    println!("{canceled} own queries canceled, {failed} errors asked for");
+    Ok(())
+}
+
 /// tokio-postgres pipelines requests: many in flight on one client at once (several Syncs
 /// outstanding), named and unnamed statements mixed, on three clients sharing two backends;
 /// every answer is right and reaches the request it belongs to.
