@@ -1498,8 +1498,8 @@ async fn transaction_step(
 }
 
 /// The client leaves `server` for good (transaction mode): unassign, then back to the pool
-/// (reset only when `reset`). The usual case, once per transaction, takes no await; the rest
-/// (a cancel on its way, a reset) is boxed, so this future stays small.
+/// (reset only when `reset`). The usual case, once per transaction, takes no await; a reset
+/// is boxed, so this future stays small.
 async fn give_back(
     ctx: &ClientContext,
     tracked: &crate::stats::ClientGuard,
@@ -1513,7 +1513,12 @@ async fn give_back(
 }
 
 /// [`give_back`] up to its first await; the server comes back when the rest must wait (a
-/// cancel on its way to it, or a reset): then [`give_back_rest`].
+/// reset): then [`give_back_rest`].
+///
+/// A server with a cancel on its way is given back by a task of its own once the cancel
+/// landed (about a millisecond, up to the forwarding timeout if PostgreSQL is slow to
+/// answer), as pgbouncer keeps such a server aside: the client goes on at once and takes
+/// another server for its next transaction.
 fn give_back_now(
     ctx: &ClientContext,
     tracked: &crate::stats::ClientGuard,
@@ -1522,29 +1527,34 @@ fn give_back_now(
     reset: bool,
 ) -> Option<Box<ServerConnection>> {
     tracked.unlink(&server.registry);
-    if reset
-        || ctx
-            .cancels
-            .cancel_in_flight(server.peer(), server.backend_pid)
+    if ctx
+        .cancels
+        .cancel_in_flight(server.peer(), server.backend_pid)
     {
+        let (pool, cancels) = (ctx.pool.clone(), ctx.cancels.clone());
+        tokio::spawn(async move {
+            let landed = cancels
+                .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
+                .await;
+            pool.release_with(server, clean && landed, reset).await;
+        });
+        return None;
+    }
+    if reset {
         return Some(server);
     }
     ctx.pool.release_now(server, clean);
     None
 }
 
-/// The end of a [`give_back`] that must wait.
+/// The end of a [`give_back`] that must wait: the reset.
 async fn give_back_rest(
     ctx: &ClientContext,
     server: Box<ServerConnection>,
     clean: bool,
     reset: bool,
 ) {
-    let landed = ctx
-        .cancels
-        .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
-        .await;
-    ctx.pool.release_with(server, clean && landed, reset).await;
+    ctx.pool.release_with(server, clean, reset).await;
 }
 
 /// Whether `server`, just assigned, certainly has nothing to bring in line (the usual case in

@@ -1710,6 +1710,109 @@ async fn cancels_racing_releases_never_hit_another_client() -> anyhow::Result<()
     Ok(())
 }
 
+/// A TCP relay in front of PostgreSQL. Connections accepted while `slow` is set (a cancel's)
+/// are closed toward dbproxy 3 s after PostgreSQL closed them: a server slow to answer a
+/// cancel, as seen from dbproxy.
+async fn slow_cancel_relay(
+    upstream: std::net::SocketAddr,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let slow = slow.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut down_r, mut down_w) = down.into_split();
+                let (mut up_r, mut up_w) = up.into_split();
+                let to_server = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
+                    let _ = up_w.shutdown().await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = up_r.read(&mut buf).await {
+                    if n == 0 || down_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                let _ = down_w.shutdown().await;
+                to_server.abort();
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// A cancel that PostgreSQL is slow to answer keeps its backend from everyone until it is
+/// answered, but not its client: the client's next transaction runs at once on another
+/// backend, as with pgbouncer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_cancel_holds_its_backend_not_its_client() -> anyhow::Result<()> {
+    let db = AppCluster::start("slowcancel").await?;
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upstream = format!("{}:{}", db.cluster.host(), db.cluster.port())
+        .parse()
+        .context("the cluster's TCP address")?;
+    let relay = slow_cancel_relay(upstream, slow.clone()).await?;
+    let dsn = format!(
+        "host=127.0.0.1 port={relay} user=app_a password={} dbname={APP_DB} sslmode=disable",
+        kv_quote(&db.password("app_a"))
+    );
+    let secret = SecretDir::new()?;
+    secret.write(&[("dsn.txt", dsn.as_bytes())])?;
+    let proxy = ProxyBuilder::new(&secret.file("dsn.txt"))
+        .args(["--pool-mode", "transaction", "--pool-size", "2"])
+        .redact(&db.password("app_a"))
+        .start()?;
+    let client = proxy.connect().await?;
+    let other = proxy.connect().await?;
+    // Both server connections open before the relay turns slow.
+    let first = hold(&other).await?;
+    let (_, _, second) = whoami(&client).await?;
+    ensure!(first != second, "two backends expected");
+    release(&other).await?;
+    slow.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let token = client.cancel_token();
+    let sleeping = client.simple_query("SELECT pg_sleep(30)");
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    };
+    let (result, _) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(sleeping, cancel)
+    })
+    .await
+    .context("the canceled query did not return")?;
+    let err = result.expect_err("the query must be canceled");
+    ensure!(err.code() == Some(&SqlState::QUERY_CANCELED), "{err:?}");
+    // The cancel's connection stays open for 3 s more: the client does not wait for it.
+    let started = Instant::now();
+    let (_, _, pid) = tokio::time::timeout(Duration::from_secs(20), whoami(&client))
+        .await
+        .context("the next transaction hung")??;
+    let waited = started.elapsed();
+    println!("next transaction after {waited:?} on backend {pid}");
+    ensure!(
+        waited < Duration::from_millis(1500),
+        "the next transaction waited {waited:?} for the cancel to be answered"
+    );
+    // Meanwhile its old backend serves no one: both clients at once get the other one, in turn.
+    let (_, _, pid_other) = whoami(&other).await?;
+    ensure!(
+        pid == pid_other,
+        "a backend with a cancel on its way was handed out ({pid} and {pid_other})"
+    );
+    Ok(())
+}
+
 /// Eight clients on three backends, each running a random mix (fixed seed per client) of what
 /// transaction pooling must keep apart: its own settings (a built-in and a custom one, changed
 /// along the way), a named prepared statement, explicit transactions, errors, pipelined
