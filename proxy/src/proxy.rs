@@ -68,16 +68,34 @@ pub(crate) struct SessionState {
     /// A message from the client (or to it, from the server) is only partly forwarded.
     pub(crate) client_partial: AtomicBool,
     pub(crate) server_partial: AtomicBool,
-    /// The client is sending COPY data (PostgreSQL ignores Sync meanwhile).
+    /// The server answered CopyInResponse and the client has not sent CopyDone or CopyFail
+    /// since: PostgreSQL ignores the client's Syncs meanwhile.
     pub(crate) copy_in: AtomicBool,
-    /// Syncs sent since the last Execute/Query (ignored if a COPY turns out to follow).
+    /// Syncs sent since the last Execute/Query and before a CopyDone or CopyFail: ignored by
+    /// the server if its answer to that request turns out to be CopyInResponse.
     pub(crate) syncs_since_request: AtomicUsize,
+    /// The client sent CopyDone or CopyFail since its last Execute/Query.
+    pub(crate) copy_end_sent: AtomicBool,
     /// A direction is writing what it read: stopping must not drop it mid-write.
     pub(crate) c2s_writing: AtomicBool,
     pub(crate) s2c_writing: AtomicBool,
 }
 
 impl SessionState {
+    /// The server answered CopyInResponse: the Syncs the client sent after its request and
+    /// before any CopyDone or CopyFail (libpq and tokio-postgres send one right behind the
+    /// Execute) are ignored by the server, and so are the client's Syncs until the COPY ends
+    /// (unless the client already ended it).
+    fn copy_started(&self) {
+        let ignored = self.syncs_since_request.swap(0, Relaxed);
+        let _ = self
+            .pending
+            .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(ignored)));
+        if !self.copy_end_sent.load(Relaxed) {
+            self.copy_in.store(true, Relaxed);
+        }
+    }
+
     /// A session starts idle, as after the server's login ReadyForQuery.
     pub(crate) fn new() -> Self {
         SessionState {
@@ -640,38 +658,43 @@ pub(crate) fn inspect_client(
                 *verdict = ClientVerdict::Terminate;
                 ControlFlow::Break(())
             }
-            Event::Start { tag: b'S', .. } if state.copy_in.load(Relaxed) => {
-                // PostgreSQL ignores Sync while it receives COPY data: no reply comes.
+            Event::Start {
+                tag: b'S' | b'H' | b'd',
+                ..
+            } if state.copy_in.load(Relaxed) => {
+                // PostgreSQL ignores Sync and Flush while it receives COPY data: no reply.
                 ControlFlow::Continue(())
             }
             Event::Start {
                 tag: tag @ (b'd' | b'c' | b'f'),
                 ..
             } => {
-                if !state.copy_in.swap(true, Relaxed) {
-                    // The first COPY message after the Execute that started the COPY: the
-                    // Syncs the client sent in between (libpq and tokio-postgres send one right
-                    // behind the Execute) were ignored by the server.
-                    let ignored = state.syncs_since_request.swap(0, Relaxed);
-                    let _ = state
-                        .pending
-                        .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(ignored)));
+                // Whether a COPY is under way, the server's CopyInResponse says (see
+                // `inspect_server`); outside one PostgreSQL ignores these three.
+                if tag != b'd' && !state.copy_in.swap(false, Relaxed) {
+                    state.copy_end_sent.store(true, Relaxed);
                 }
-                if tag != b'd' {
-                    state.copy_in.store(false, Relaxed);
-                }
+                ControlFlow::Continue(())
+            }
+            Event::Start { .. } if state.copy_in.load(Relaxed) => {
+                // Anything else fails the COPY, and the server takes the message as the cause
+                // of that error: no reply of its own.
+                state.copy_in.store(false, Relaxed);
                 ControlFlow::Continue(())
             }
             Event::Start { tag, .. } => {
                 if matches!(tag, b'E' | b'Q' | b'F') {
                     state.syncs_since_request.store(0, Relaxed);
+                    state.copy_end_sent.store(false, Relaxed);
                 }
                 if expects_ready_for_query(tag) {
                     state.clock.request_sent(hot);
                     state.pending.fetch_add(1, Relaxed);
                     if tag == b'S' {
                         state.unsynced.store(false, Relaxed);
-                        state.syncs_since_request.fetch_add(1, Relaxed);
+                        if !state.copy_end_sent.load(Relaxed) {
+                            state.syncs_since_request.fetch_add(1, Relaxed);
+                        }
                     }
                 } else if opens_extended_sequence(tag) {
                     state.clock.request_sent(hot);
@@ -724,15 +747,19 @@ pub(crate) fn inspect_server(
     count_server_bytes(data.len());
     walker
         .walk(data, |event| {
-            if let Event::ReadyForQuery(status) = event {
-                state.status.store(status, Relaxed);
-                // Saturating: a server may send ReadyForQuery we did not count
-                // (never in practice); do not wrap.
-                let before = state
-                    .pending
-                    .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1))
-                    .unwrap_or(0);
-                state.clock.ready_for_query(hot, status, before > 1);
+            match event {
+                Event::ReadyForQuery(status) => {
+                    state.status.store(status, Relaxed);
+                    // Saturating: a server may send ReadyForQuery we did not count
+                    // (never in practice); do not wrap.
+                    let before = state
+                        .pending
+                        .fetch_update(Relaxed, Relaxed, |p| p.checked_sub(1))
+                        .unwrap_or(0);
+                    state.clock.ready_for_query(hot, status, before > 1);
+                }
+                Event::Start { tag: b'G', .. } => state.copy_started(),
+                _ => {}
             }
             ControlFlow::Continue(())
         })

@@ -257,6 +257,12 @@ enum Expect {
     Sync,
     /// Query or FunctionCall: everything up to ReadyForQuery.
     Simple,
+    /// No reply of its own: a CopyDone or CopyFail the client sent while a request that may
+    /// start a COPY was unanswered. If that request's answer is CopyInResponse, the COPY ends
+    /// here, and the Syncs between the two were ignored by the server (see
+    /// [`Shared::copy_started`]); otherwise the server ignored it, and it is dropped once at
+    /// the head of the queue.
+    CopyEnd,
     /// A reply dbproxy gives itself, once everything before it is answered.
     Synthetic(Synthetic),
 }
@@ -401,7 +407,8 @@ struct Shared<'a> {
     /// A synthetic reply is at the head of the queue.
     synthetic_ready: bool,
     max_prepared: usize,
-    /// The client is sending COPY data: the server ignores its Syncs until CopyDone/CopyFail.
+    /// The server answered CopyInResponse and the client has not sent CopyDone or CopyFail
+    /// since: the server ignores the client's Syncs meanwhile.
     copy_in: bool,
     /// dbproxy answered an extended-protocol message with an error: like PostgreSQL, skip the
     /// client's messages up to its Sync.
@@ -929,6 +936,13 @@ fn client_messages(
             }
             sh.skipping = false;
         }
+        if sh.copy_in && !matches!(tag, b'd' | b'c' | b'f' | b'S' | b'H') {
+            // Anything else fails the COPY, and the server takes the message as the cause of
+            // that error: no reply of its own.
+            sh.copy_in = false;
+            out.extend_from_slice(msg);
+            continue;
+        }
         match tag {
             b'X' => return ClientVerdict::Terminate,
             b'Q' => {
@@ -1095,16 +1109,21 @@ fn client_messages(
                 out.extend_from_slice(msg);
             }
             b'd' | b'c' | b'f' => {
-                if !sh.copy_in {
-                    // The first COPY message after the Execute (or Query) that started the
-                    // COPY: PostgreSQL ignored the Syncs the client sent in between (libpq and
-                    // tokio-postgres send one right behind the Execute), so no reply comes
-                    // for them.
-                    sh.copy_in = true;
-                    sh.forget_syncs_since_last_request();
-                }
+                // Whether a COPY is under way, the server's CopyInResponse says, not the
+                // client's messages: outside one PostgreSQL ignores these three, and a client
+                // that sends them there must not make dbproxy forget replies still to come
+                // (their server would go back to the pool with them on their way, to the next
+                // client).
                 if tag != b'd' {
-                    sh.copy_in = false;
+                    if sh.copy_in {
+                        sh.copy_in = false;
+                    } else if sh
+                        .queue
+                        .iter()
+                        .any(|e| matches!(e, Expect::Simple | Expect::Execute { .. }))
+                    {
+                        sh.queue.push_back(Expect::CopyEnd);
+                    }
                 }
                 out.extend_from_slice(msg);
             }
@@ -1188,23 +1207,26 @@ impl Shared<'_> {
         });
     }
 
-    /// Drops the Sync entries queued after the last Execute or Query.
-    fn forget_syncs_since_last_request(&mut self) {
-        let Some(last) = self
-            .queue
-            .iter()
-            .rposition(|e| matches!(e, Expect::Execute { .. } | Expect::Simple))
-        else {
-            return;
-        };
-        let mut i = last + 1;
+    /// The server answered the request at the head of the queue with CopyInResponse: until
+    /// the client's next CopyDone or CopyFail it ignores the client's Syncs (libpq and
+    /// tokio-postgres send one right behind the Execute). Those already queued after the
+    /// request, up to the first [`Expect::CopyEnd`], get no reply; with no CopyEnd yet, the
+    /// COPY goes on and the client's Syncs are not queued until it ends.
+    fn copy_started(&mut self) {
+        let mut i = 1;
         while i < self.queue.len() {
-            if matches!(self.queue[i], Expect::Sync) {
-                self.queue.remove(i);
-            } else {
-                i += 1;
+            match self.queue[i] {
+                Expect::Sync => {
+                    self.queue.remove(i);
+                }
+                Expect::CopyEnd => {
+                    self.queue.remove(i);
+                    return;
+                }
+                _ => i += 1,
             }
         }
+        self.copy_in = true;
     }
 
     /// Whether synthetic replies are at the head of the queue, due now (checked after every
@@ -1457,6 +1479,10 @@ fn server_messages(
                 sh.note_result(tag);
                 true
             }
+            b'G' => {
+                sh.copy_started();
+                true
+            }
             b'C' => {
                 let tag_text = body.strip_suffix(b"\0").unwrap_or(body);
                 // `SELECT n` without a row: a table made from a query (SELECT ... INTO,
@@ -1498,6 +1524,10 @@ fn server_messages(
             walk.at += whole;
         } else {
             walk.swallow(buf, out, whole);
+        }
+        // A CopyEnd whose request was answered without a COPY: the server ignored it.
+        while matches!(sh.queue.front(), Some(Expect::CopyEnd)) {
+            sh.queue.pop_front();
         }
         if sh.synthetic_pending() {
             walk.flush(buf, out);

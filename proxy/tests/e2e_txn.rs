@@ -1710,6 +1710,117 @@ async fn cancels_racing_releases_never_hit_another_client() -> anyhow::Result<()
     Ok(())
 }
 
+/// CopyData, CopyDone and CopyFail outside a COPY, which PostgreSQL ignores: before
+/// 4d4a1be's successor, the first CopyData made dbproxy take the Syncs sent since the client's
+/// last request for ones the server ignores, so it counted the Sync's ReadyForQuery as the
+/// end of the next query and gave the server back with that query's rows on their way, to the
+/// next client (found by e2e_clients `random_protocol_garbage_loses_nothing`). With a pool of
+/// one, another client takes the server right after; each must get its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stray_copy_messages_never_hand_replies_to_another_client() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let other = proxy.connect().await?;
+    for (what, stray) in [
+        ("CopyData", msg::copy_data(b"stray")),
+        ("CopyDone", msg::copy_done()),
+        ("CopyFail", msg::copy_fail("stray")),
+    ] {
+        let mut raw = RawSession::connect(proxy.port(), "stray").await?;
+        // Two syncs before the stray message, one after it, then a slow query.
+        raw.send(&[
+            msg::sync(),
+            msg::sync(),
+            stray,
+            msg::sync(),
+            msg::query("SELECT 'rows of the stray client' FROM pg_sleep(0.5)"),
+        ])
+        .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mine = simple_value(&other, "SELECT 'rows of the other client'").await?;
+        ensure!(
+            mine == "rows of the other client",
+            "after a stray {what}, the other client got {mine:?}"
+        );
+        let mut replies = Vec::new();
+        for _ in 0..4 {
+            replies.extend(raw.until_ready().await?);
+        }
+        ensure!(
+            first_column(&replies) == [Some("rows of the stray client".to_string())],
+            "after a stray {what}: {replies:?}"
+        );
+        ensure!(error_codes(&replies).is_empty(), "{what}: {replies:?}");
+    }
+    Ok(())
+}
+
+/// COPY FROM STDIN through the extended protocol, pipelined with its data, in three ways: the
+/// COPY fails at once (no such table: the data and the CopyDone are ignored, the Syncs
+/// answered), it runs, and the client fails it (CopyFail). Each time a slow query follows and
+/// another client takes the only server right after: every reply reaches the client it
+/// belongs to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_copy_keeps_replies_with_their_client() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    db.admin()
+        .await?
+        .batch_execute("CREATE TABLE copied (x int); GRANT ALL ON copied TO app")
+        .await?;
+    let other = proxy.connect().await?;
+    // ReadyForQuery messages: the Sync behind the Execute is answered when the COPY failed at
+    // once, and ignored during a COPY.
+    for (table, end, copied, readies) in [
+        ("no_such_table", msg::copy_done(), None, 3),
+        ("copied", msg::copy_done(), Some("1"), 2),
+        ("copied", msg::copy_fail("changed my mind"), None, 2),
+    ] {
+        let case = format!("COPY {table} ending with {:?}", char::from(end[0]));
+        let mut raw = RawSession::connect(proxy.port(), "copier").await?;
+        raw.send(&[
+            msg::parse("", &format!("COPY {table} FROM STDIN")),
+            msg::bind("", "", &[]),
+            msg::execute(""),
+            msg::sync(),
+            msg::copy_data(b"7\n"),
+            end,
+            msg::sync(),
+            msg::query("SELECT 'rows of the copier' FROM pg_sleep(0.5)"),
+        ])
+        .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mine = simple_value(&other, "SELECT 'rows of the other client'").await?;
+        ensure!(
+            mine == "rows of the other client",
+            "{case}: the other client got {mine:?}"
+        );
+        let mut replies = Vec::new();
+        for _ in 0..readies {
+            replies.extend(raw.until_ready().await?);
+        }
+        ensure!(
+            first_column(&replies) == [Some("rows of the copier".to_string())],
+            "{case}: {replies:?}"
+        );
+        let completions: Vec<_> = replies
+            .iter()
+            .filter_map(|r| match r {
+                Reply::CommandComplete(tag) if tag.starts_with("COPY") => Some(tag.clone()),
+                _ => None,
+            })
+            .collect();
+        match copied {
+            Some(n) => ensure!(completions == [format!("COPY {n}")], "{case}: {replies:?}"),
+            None => ensure!(
+                completions.is_empty() && error_codes(&replies).len() == 1,
+                "{case}: {replies:?}"
+            ),
+        }
+    }
+    let rows = simple_value(&other, "SELECT count(*)::text FROM copied").await?;
+    ensure!(rows == "1", "{rows} rows copied, 1 expected");
+    Ok(())
+}
+
 /// A TCP relay in front of PostgreSQL. Connections accepted while `slow` is set (a cancel's)
 /// are closed toward dbproxy 3 s after PostgreSQL closed them: a server slow to answer a
 /// cancel, as seen from dbproxy.

@@ -326,7 +326,8 @@ impl ProxyProcess {
         Ok(took)
     }
 
-    fn try_exit_status(&mut self) -> Option<ExitStatus> {
+    /// The exit status if the proxy has exited, without waiting.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().ok().flatten();
         }
@@ -1261,6 +1262,17 @@ pub mod msg {
     }
     pub fn flush() -> Vec<u8> {
         frame(b'H', &[])
+    }
+    pub fn copy_data(data: &[u8]) -> Vec<u8> {
+        frame(b'd', data)
+    }
+    pub fn copy_done() -> Vec<u8> {
+        frame(b'c', &[])
+    }
+    pub fn copy_fail(why: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_cstr(&mut b, why);
+        frame(b'f', &b)
     }
 }
 
