@@ -1711,7 +1711,7 @@ async fn cancels_racing_releases_never_hit_another_client() -> anyhow::Result<()
 }
 
 /// CopyData, CopyDone and CopyFail outside a COPY, which PostgreSQL ignores: before
-/// 4d4a1be's successor, the first CopyData made dbproxy take the Syncs sent since the client's
+/// 4e3cd49, the first CopyData made dbproxy take the Syncs sent since the client's
 /// last request for ones the server ignores, so it counted the Sync's ReadyForQuery as the
 /// end of the next query and gave the server back with that query's rows on their way, to the
 /// next client (found by e2e_clients `random_protocol_garbage_loses_nothing`). With a pool of
