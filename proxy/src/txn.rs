@@ -239,10 +239,12 @@ impl ClientSession {
 #[derive(Debug)]
 enum Expect {
     /// ParseComplete; `key` is set when the Parse created a dbproxy-named statement (undone if
-    /// the server skips or fails it).
+    /// the server skips or fails it), `registered` when it is a client's named Parse (the
+    /// client's statement is forgotten then too).
     Parse {
         key: Option<[u8; 16]>,
         swallow: bool,
+        registered: Option<Registered>,
     },
     Bind,
     Describe,
@@ -267,11 +269,16 @@ enum Expect {
     Synthetic(Synthetic),
 }
 
-#[derive(Debug, Clone)]
+/// A client's named statement as its Parse registered it: forgotten again if the server skips
+/// or fails that Parse (the client may then parse the name anew, as PostgreSQL lets it).
+type Registered = Box<(Box<[u8]>, Arc<Statement>)>;
+
+#[derive(Debug)]
 enum Synthetic {
     /// A Parse of a name the client already has: 42P05, as PostgreSQL answers.
     AlreadyExists(String),
-    ParseComplete,
+    /// A client's Parse of a statement the server already has.
+    ParseComplete(Registered),
     CloseComplete,
     /// `DEALLOCATE name` of a protocol statement: CommandComplete and ReadyForQuery.
     Deallocated,
@@ -990,6 +997,7 @@ fn client_messages(
                     sh.queue.push_back(Expect::Parse {
                         key: None,
                         swallow: false,
+                        registered: None,
                     });
                     out.extend_from_slice(msg);
                     continue;
@@ -1002,10 +1010,11 @@ fn client_messages(
                 }
                 let statement = Arc::new(Statement::new(Bytes::copy_from_slice(rest)));
                 sh.client.add_statement(name.to_vec(), statement.clone());
+                let registered = Box::new((Box::from(name), statement.clone()));
                 if sh.touch(&statement.key) {
-                    push_synthetic(sh, Synthetic::ParseComplete);
+                    push_synthetic(sh, Synthetic::ParseComplete(registered));
                 } else {
-                    sh.create(&statement, false, out);
+                    sh.create(&statement, false, out, Some(registered));
                 }
             }
             b'B' | b'D' => {
@@ -1045,7 +1054,7 @@ fn client_messages(
                         // The queue entry for this message must come after the injected Parse.
                         let expect = sh.queue.pop_back();
                         if !sh.touch(&statement.key) {
-                            sh.create(&statement, true, out);
+                            sh.create(&statement, true, out, None);
                         }
                         sh.queue.extend(expect);
                         let tail = &body[prefix_len + name.len() + 1..];
@@ -1181,7 +1190,13 @@ impl Shared<'_> {
     /// Sends a Parse creating `statement` on the server under dbproxy's name (its reply
     /// swallowed when dbproxy injected it), closing the least recently used statement first
     /// when the server holds the maximum.
-    fn create(&mut self, statement: &Statement, injected: bool, out: &mut BytesMut) {
+    fn create(
+        &mut self,
+        statement: &Statement,
+        injected: bool,
+        out: &mut BytesMut,
+        registered: Option<Registered>,
+    ) {
         if self.server.prepared.len() >= self.max_prepared.max(1)
             && let Some((&oldest, _)) = self.server.prepared.iter().min_by_key(|(_, t)| **t)
         {
@@ -1204,7 +1219,21 @@ impl Shared<'_> {
         self.queue.push_back(Expect::Parse {
             key: Some(statement.key),
             swallow: injected,
+            registered,
         });
+    }
+
+    /// A client's Parse the server skipped or failed: the client does not have the statement
+    /// (unless it parsed the name anew since).
+    fn unregister(&mut self, registered: &(Box<[u8]>, Arc<Statement>)) {
+        let (name, statement) = registered;
+        if self
+            .client
+            .statement(name)
+            .is_some_and(|s| Arc::ptr_eq(s, statement))
+        {
+            self.client.remove_statement(name);
+        }
     }
 
     /// The server answered the request at the head of the queue with CopyInResponse: until
@@ -1258,7 +1287,7 @@ impl Shared<'_> {
                     None,
                     None,
                 ),
-                Synthetic::ParseComplete => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
+                Synthetic::ParseComplete(_) => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
                 Synthetic::CloseComplete => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
                 Synthetic::Deallocated => {
                     if self.client.status == b'E' {
@@ -1286,16 +1315,23 @@ impl Shared<'_> {
     /// The server failed a message of an extended sequence: it skips everything up to Sync,
     /// so do the replies dbproxy owed or would swallow in between.
     fn skip_to_sync(&mut self) {
-        while let Some(front) = self.queue.front() {
-            match front {
-                Expect::Sync => break,
-                Expect::Parse { key: Some(key), .. } => {
-                    let key = *key;
-                    self.server.prepared.remove(&key);
+        while !matches!(self.queue.front(), Some(Expect::Sync) | None) {
+            match self.queue.pop_front() {
+                Some(Expect::Parse {
+                    key, registered, ..
+                }) => {
+                    if let Some(key) = key {
+                        self.server.prepared.remove(&key);
+                    }
+                    if let Some(registered) = registered {
+                        self.unregister(&registered);
+                    }
+                }
+                Some(Expect::Synthetic(Synthetic::ParseComplete(registered))) => {
+                    self.unregister(&registered);
                 }
                 _ => {}
             }
-            self.queue.pop_front();
         }
     }
 }
@@ -1425,8 +1461,14 @@ fn server_messages(
                 sh.client.status = status;
                 sh.note_result(tag);
                 while let Some(front) = sh.queue.pop_front() {
-                    if matches!(front, Expect::Sync | Expect::Simple) {
-                        break;
+                    match front {
+                        Expect::Sync | Expect::Simple => break,
+                        // Answered by nothing before the ReadyForQuery: skipped.
+                        Expect::Parse {
+                            registered: Some(registered),
+                            ..
+                        } => sh.unregister(&registered),
+                        _ => {}
                     }
                 }
                 let still_pending = sh
@@ -1453,7 +1495,7 @@ fn server_messages(
                 true
             }
             b'1' => match sh.queue.front() {
-                Some(Expect::Parse { swallow, key }) => {
+                Some(Expect::Parse { swallow, key, .. }) => {
                     let swallow = *swallow;
                     if let Some(key) = key {
                         sh.known.insert(*key);

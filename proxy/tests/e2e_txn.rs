@@ -1821,6 +1821,61 @@ async fn pipelined_copy_keeps_replies_with_their_client() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A named Parse that PostgreSQL skips (behind an error in the same batch) or fails (bad SQL)
+/// creates nothing, so the client may parse the name again, as pgjdbc does after a failed
+/// batch; dbproxy answered that with 42P05 "already exists" before this test's commit
+/// (found by a differential run of random extended-protocol batches against PostgreSQL). Also
+/// when the skipped statement is one the server already has (another client prepared it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skipped_or_failed_parse_leaves_the_name_free() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    // Another client prepares the statement first: the server has it under dbproxy's name.
+    let other = proxy.connect().await?;
+    other.prepare("SELECT 2 AS known").await?;
+    let mut raw = RawSession::connect(proxy.port(), "reparse").await?;
+    raw.send(&[
+        msg::parse("S_1", "SELECT 1/0"),
+        msg::bind("", "S_1", &[]),
+        msg::execute(""),
+        // Skipped: behind the division by zero.
+        msg::parse("S_2", "SELECT 2 AS fresh"),
+        msg::parse("S_3", "SELECT 2 AS known"),
+        msg::sync(),
+        // Fails.
+        msg::parse("S_4", "SELEC 4"),
+        msg::sync(),
+    ])
+    .await?;
+    let first = raw.until_ready().await?;
+    ensure!(error_codes(&first) == ["22012"], "{first:?}");
+    let second = raw.until_ready().await?;
+    ensure!(error_codes(&second) == ["42601"], "{second:?}");
+    for (name, sql, want) in [
+        ("S_2", "SELECT 2 AS fresh", "2"),
+        ("S_3", "SELECT 2 AS known", "2"),
+        ("S_4", "SELECT 4", "4"),
+    ] {
+        raw.send(&[
+            msg::parse(name, sql),
+            msg::bind("", name, &[]),
+            msg::execute(""),
+            msg::sync(),
+        ])
+        .await?;
+        let replies = raw.until_ready().await?;
+        ensure!(
+            error_codes(&replies).is_empty() && first_column(&replies) == [Some(want.to_string())],
+            "parsing {name} again: {replies:?}"
+        );
+    }
+    // S_1 was created: parsing it again is the client's error, as in PostgreSQL.
+    raw.send(&[msg::parse("S_1", "SELECT 1"), msg::sync()])
+        .await?;
+    let replies = raw.until_ready().await?;
+    ensure!(error_codes(&replies) == ["42P05"], "{replies:?}");
+    Ok(())
+}
+
 /// A TCP relay in front of PostgreSQL. Connections accepted while `slow` is set (a cancel's)
 /// are closed toward dbproxy 3 s after PostgreSQL closed them: a server slow to answer a
 /// cancel, as seen from dbproxy.
