@@ -1340,6 +1340,7 @@ async fn transaction_step(
         max_message: ctx.max_client_message,
         max_prepared: ctx.max_prepared_statements,
         end_at_safe_point: !pinned,
+        client_id: tracked.id(),
     };
     if held.is_none() {
         if cbuf.first() == Some(&b'X') {

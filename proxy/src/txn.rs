@@ -53,6 +53,10 @@ pub struct ServerSession {
     /// The client this connection last served, under `--reset-settings-between-clients` (0:
     /// none yet).
     pub owner: u64,
+    /// The client (registry id) whose Parse made the connection's unnamed statement, 0 when
+    /// none did since a simple query destroyed it: another client's Bind or Describe of the
+    /// unnamed statement must not reach it.
+    unnamed_owner: u64,
     /// The rounds' buffers, kept with the connection while it is in use: allocating them per
     /// transaction was a measurable part of its cost. The pool's janitor drops them once the
     /// connection has been idle for a while ([`ServerSession::drop_idle_buffers`]).
@@ -394,6 +398,8 @@ pub struct RoundConfig<'a> {
     pub max_prepared: usize,
     /// End the round at the first safe point (not while pinned).
     pub end_at_safe_point: bool,
+    /// The client's registry id.
+    pub client_id: u64,
 }
 
 struct Shared<'a> {
@@ -972,6 +978,8 @@ fn client_messages(
                     }
                 }
                 sh.queue.push_back(Expect::Simple);
+                // A simple query destroys the unnamed statement.
+                sh.server.unnamed_owner = 0;
                 out.extend_from_slice(msg);
             }
             b'F' => {
@@ -992,6 +1000,7 @@ fn client_messages(
                     sh.server.custom.note(&String::from_utf8_lossy(sql));
                 }
                 if name.is_empty() {
+                    sh.server.unnamed_owner = config.client_id;
                     let start = body_at + name.len() + 1;
                     unnamed_sql = cstr_bytes(rest).map(|sql| start..start + sql.len());
                     sh.queue.push_back(Expect::Parse {
@@ -1031,6 +1040,16 @@ fn client_messages(
                     Expect::Describe
                 });
                 // Bind: portal, statement, ...; Describe: 'S' or 'P', name.
+                let unnamed_statement = if tag == b'B' {
+                    cstr_bytes(body).and_then(|p| body.get(p.len() + 1)) == Some(&0)
+                } else {
+                    body.starts_with(b"S\0")
+                };
+                if unnamed_statement {
+                    let expect = sh.queue.pop_back();
+                    sh.own_unnamed(config.client_id, out);
+                    sh.queue.extend(expect);
+                }
                 let (prefix_len, name) = if tag == b'B' {
                     let portal = cstr_bytes(body).map_or(0, |p| p.len() + 1);
                     (portal, body.get(portal..).and_then(cstr_bytes))
@@ -1073,14 +1092,21 @@ fn client_messages(
             }
             b'C' => {
                 sh.unsynced = true;
-                if body.first() == Some(&b'S') {
-                    // Closing a statement: the server keeps it (under dbproxy's name) for
-                    // others; closing an unknown name is not an error in PostgreSQL either.
-                    if let Some(name) = body.get(1..).and_then(cstr_bytes) {
-                        sh.client.remove_statement(name);
-                    }
+                let named = body
+                    .get(1..)
+                    .and_then(cstr_bytes)
+                    .filter(|name| !name.is_empty());
+                if let (Some(b'S'), Some(name)) = (body.first(), named) {
+                    // Closing a named statement: the server keeps it (under dbproxy's name)
+                    // for others; closing an unknown name is not an error in PostgreSQL
+                    // either. (The unnamed statement lives on the server: its Close goes
+                    // there.)
+                    sh.client.remove_statement(name);
                     push_synthetic(sh, Synthetic::CloseComplete);
                 } else {
+                    if body.starts_with(b"S\0") {
+                        sh.own_unnamed(config.client_id, out);
+                    }
                     sh.queue.push_back(Expect::Close { swallow: false });
                     out.extend_from_slice(msg);
                 }
@@ -1221,6 +1247,17 @@ impl Shared<'_> {
             swallow: injected,
             registered,
         });
+    }
+
+    /// Before a client's Bind, Describe or Close of the unnamed statement: if another client's
+    /// Parse made the one the server holds, it is closed first (the reply swallowed), so the
+    /// client finds none, as it would on its own connection.
+    fn own_unnamed(&mut self, client_id: u64, out: &mut BytesMut) {
+        if self.server.unnamed_owner != client_id {
+            out.extend_from_slice(&[b'C', 0, 0, 0, 6, b'S', 0]);
+            self.queue.push_back(Expect::Close { swallow: true });
+            self.server.unnamed_owner = client_id;
+        }
     }
 
     /// A client's Parse the server skipped or failed: the client does not have the statement

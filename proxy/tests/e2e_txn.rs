@@ -1876,6 +1876,194 @@ async fn skipped_or_failed_parse_leaves_the_name_free() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A random batch of well-formed extended-protocol messages (after a simple query, at times)
+/// with any statement and portal names, some of which fail or are skipped behind a failure,
+/// up to one Sync. One Sync per write and a named Parse at most once: dbproxy decides about a
+/// client's named statements when it reads the client's messages, so in a write that goes on
+/// past a Sync behind a failure it may count on a Parse that the failure made the server skip
+/// (a known difference, see POOLING.md).
+fn random_batch(seed: &mut u64) -> Vec<Vec<u8>> {
+    let mut next = |n: u64| {
+        *seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*seed >> 33) % n
+    };
+    const SQL: &[&str] = &[
+        "SELECT 1",
+        "SELECT $1::int4 + 1",
+        "VALUES (1, 2), (3, 4)",
+        "SELECT 'a' UNION ALL SELECT 'b'",
+        "SELEC",
+        "",
+        "SELECT 1/0",
+        "SHOW DateStyle",
+    ];
+    const NAMES: &[&str] = &["", "s1", "s2"];
+    const PORTALS: &[&str] = &["", "p1"];
+    let mut parsed = HashSet::new();
+    let mut batch = Vec::new();
+    let pick = |i: u64, list: &[&'static str]| list[i as usize % list.len()];
+    if next(4) == 0 {
+        batch.push(msg::query(pick(next(8), SQL)));
+    }
+    for _ in 0..1 + next(9) {
+        batch.push(match next(8) {
+            0 | 1 => {
+                let mut name = pick(next(3), NAMES);
+                if !name.is_empty() && !parsed.insert(name) {
+                    name = "";
+                }
+                msg::parse(name, pick(next(8), SQL))
+            }
+            2 => {
+                let params: &[&str] = if next(2) == 0 { &[] } else { &["5"] };
+                msg::bind(pick(next(2), PORTALS), pick(next(3), NAMES), params)
+            }
+            3 | 4 => {
+                if next(2) == 0 {
+                    msg::describe_statement(pick(next(3), NAMES))
+                } else {
+                    msg::describe_portal(pick(next(2), PORTALS))
+                }
+            }
+            5 => msg::execute(pick(next(2), PORTALS)),
+            6 => msg::close_statement(pick(next(3), NAMES)),
+            _ => msg::flush(),
+        });
+    }
+    batch
+}
+
+/// What a client sees of a batch's replies, without what may differ between dbproxy and
+/// PostgreSQL (messages' texts, ParameterStatus, notices); up to the marker query's end.
+async fn replies_to(raw: &mut RawSession, batch: &[Vec<u8>]) -> anyhow::Result<Vec<String>> {
+    let mut all = batch.to_vec();
+    all.extend([msg::sync(), msg::query("SELECT 4242")]);
+    raw.send(&all).await?;
+    let mut seen = Vec::new();
+    let mut marker = false;
+    loop {
+        let reply = match tokio::time::timeout(Duration::from_secs(10), raw.read()).await {
+            Err(_) => {
+                seen.push("hang".to_string());
+                return Ok(seen);
+            }
+            Ok(Err(_)) => {
+                seen.push("closed".to_string());
+                return Ok(seen);
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        match reply {
+            Reply::Notice | Reply::ParameterStatus(..) => {}
+            Reply::Error { code, .. } => seen.push(format!("E {code}")),
+            Reply::ReadyForQuery(status) => {
+                seen.push(format!("Z {}", char::from(status)));
+                if marker {
+                    return Ok(seen);
+                }
+            }
+            Reply::DataRow(cols) => {
+                marker |= cols == [Some("4242".to_string())];
+                seen.push(format!("D {cols:?}"));
+            }
+            other => seen.push(format!("{other:?}")),
+        }
+    }
+}
+
+/// Random extended-protocol batches answered by transaction mode exactly as by PostgreSQL
+/// itself (same messages, error codes, rows and transaction states), each batch on a fresh
+/// connection of each. Found the 42P05 of `skipped_or_failed_parse_leaves_the_name_free`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extended_protocol_batches_answer_as_postgresql_does() -> anyhow::Result<()> {
+    // Trust logins, so the raw sessions reach PostgreSQL directly too.
+    let options = dbtests::PgOptions {
+        hba: vec![
+            "local all all trust".into(),
+            "host all all 127.0.0.1/32 trust".into(),
+            "host all all ::1/128 trust".into(),
+        ],
+        ..Default::default()
+    };
+    let db = AppCluster::start_with("batches", options, dbtests::PasswordKind::Scram).await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--pool-mode", "transaction", "--pool-size", "2"])
+        .start()?;
+    // DBPROXY_BATCH_SEEDS=4,5,6 explores other seeds.
+    let seeds: Vec<u64> = match std::env::var("DBPROXY_BATCH_SEEDS") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()
+            .context("DBPROXY_BATCH_SEEDS: comma-separated numbers")?,
+        // 11, 34 and 55 caught a Close of the unnamed statement answered by dbproxy itself.
+        Err(_) => vec![1, 11, 34, 55],
+    };
+    let mut differences = Vec::new();
+    for start in seeds {
+        let mut seed = start;
+        for i in 0..100 {
+            let batch = random_batch(&mut seed);
+            let mut direct = RawSession::connect_to(db.cluster.port(), "app_a", APP_DB).await?;
+            let want = replies_to(&mut direct, &batch).await?;
+            let mut through = RawSession::connect(proxy.port(), "batches").await?;
+            let got = replies_to(&mut through, &batch).await?;
+            if want != got {
+                let tags: String = batch
+                    .iter()
+                    .map(|m| format!("{:?} ", String::from_utf8_lossy(&m[5..])).replace('\0', "|"))
+                    .zip(batch.iter().map(|m| char::from(m[0])))
+                    .map(|(body, tag)| format!("{tag}{body}"))
+                    .collect();
+                differences.push(format!(
+                    "seed {start} batch {i} ({tags}):\n  PostgreSQL {want:?}\n  dbproxy    {got:?}"
+                ));
+            }
+        }
+    }
+    ensure!(differences.is_empty(), "{}", differences.join("\n"));
+    Ok(())
+}
+
+/// The unnamed statement stays on the server connection after its client's transaction; a
+/// client that binds or describes the unnamed statement without parsing one must find none
+/// (26000), as on its own connection, not run another client's SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_clients_unnamed_statement_is_out_of_reach() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let mut a = RawSession::connect(proxy.port(), "a").await?;
+    a.send(&[msg::parse("", "SELECT 'rows of a'"), msg::sync()])
+        .await?;
+    let parsed = a.until_ready().await?;
+    ensure!(error_codes(&parsed).is_empty(), "{parsed:?}");
+    let mut b = RawSession::connect(proxy.port(), "b").await?;
+    b.send(&[msg::describe_statement(""), msg::sync()]).await?;
+    let described = b.until_ready().await?;
+    ensure!(error_codes(&described) == ["26000"], "{described:?}");
+    b.send(&[msg::bind("", "", &[]), msg::execute(""), msg::sync()])
+        .await?;
+    let ran = b.until_ready().await?;
+    ensure!(
+        error_codes(&ran) == ["26000"] && first_column(&ran).is_empty(),
+        "{ran:?}"
+    );
+    // Its own unnamed statement, parsed in one batch and bound in the next, still works.
+    b.send(&[msg::parse("", "SELECT 'rows of b'"), msg::sync()])
+        .await?;
+    b.until_ready().await?;
+    b.send(&[msg::bind("", "", &[]), msg::execute(""), msg::sync()])
+        .await?;
+    let own = b.until_ready().await?;
+    ensure!(
+        first_column(&own) == [Some("rows of b".to_string())],
+        "{own:?}"
+    );
+    Ok(())
+}
+
 /// A TCP relay in front of PostgreSQL. Connections accepted while `slow` is set (a cancel's)
 /// are closed toward dbproxy 3 s after PostgreSQL closed them: a server slow to answer a
 /// cancel, as seen from dbproxy.

@@ -1354,6 +1354,11 @@ impl RawSession {
     /// Logs in as `user` (no password: the proxy's loopback clients need none) and reads up to
     /// the first ReadyForQuery.
     pub async fn connect(port: u16, user: &str) -> anyhow::Result<RawSession> {
+        Self::connect_to(port, user, "anything").await
+    }
+
+    /// [`RawSession::connect`] to a given database (PostgreSQL itself, with trust logins).
+    pub async fn connect_to(port: u16, user: &str, database: &str) -> anyhow::Result<RawSession> {
         use tokio::io::AsyncWriteExt;
         let stream = tokio::time::timeout(
             Duration::from_secs(30),
@@ -1371,7 +1376,7 @@ impl RawSession {
         body.extend_from_slice(&196_608i32.to_be_bytes());
         for (k, v) in [
             ("user", user),
-            ("database", "anything"),
+            ("database", database),
             ("application_name", "rawtest"),
         ] {
             put_cstr(&mut body, k);
