@@ -215,10 +215,12 @@ impl ClientSession {
 
     /// Whether the client had a statement of that name.
     fn remove_statement(&mut self, name: &[u8]) -> bool {
-        let removed = self
-            .state
-            .as_mut()
-            .is_some_and(|s| s.statements.remove(name).is_some());
+        self.take_statement(name).is_some()
+    }
+
+    /// Removes and returns the client's statement of that name.
+    fn take_statement(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        let removed = self.state.as_mut().and_then(|s| s.statements.remove(name));
         self.drop_if_empty();
         removed
     }
@@ -283,9 +285,11 @@ enum Synthetic {
     AlreadyExists(String),
     /// A client's Parse of a statement the server already has.
     ParseComplete(Registered),
-    CloseComplete,
+    /// A client's Close of a named statement, with the statement it removed (put back if the
+    /// server skips the Close, behind an error).
+    CloseComplete(Option<Registered>),
     /// `DEALLOCATE name` of a protocol statement: CommandComplete and ReadyForQuery.
-    Deallocated,
+    Deallocated(Registered),
 }
 
 /// Why a transaction round ended.
@@ -426,6 +430,10 @@ struct Shared<'a> {
     /// dbproxy answered an extended-protocol message with an error: like PostgreSQL, skip the
     /// client's messages up to its Sync.
     skipping: bool,
+    /// dbproxy answered a message with the error the server will also give for a later one
+    /// of the same batch (a Parse it answers itself, in a failed transaction): the server's
+    /// next ErrorResponse is not passed on.
+    swallow_error: bool,
     clock: TransactionClock,
     known: &'a KnownStatements,
     /// A RowDescription or DataRow came since the last completion.
@@ -479,6 +487,7 @@ where
             max_prepared: config.max_prepared,
             copy_in: false,
             skipping: false,
+            swallow_error: false,
             clock: TransactionClock::default(),
             known: config.known,
             rows: false,
@@ -969,11 +978,12 @@ fn client_messages(
                     let text = String::from_utf8_lossy(sql);
                     sh.server.custom.note(&text);
                     if let Some(name) = deallocate_target(&text)
-                        && sh.client.remove_statement(name.as_bytes())
+                        && let Some(statement) = sh.client.take_statement(name.as_bytes())
                     {
                         // A protocol statement: the server knows it under another name and
                         // keeps it for other clients; answer as PostgreSQL would.
-                        push_synthetic(sh, Synthetic::Deallocated);
+                        let removed = Box::new((Box::from(name.as_bytes()), statement));
+                        push_synthetic(sh, Synthetic::Deallocated(removed));
                         continue;
                     }
                 }
@@ -1101,8 +1111,9 @@ fn client_messages(
                     // for others; closing an unknown name is not an error in PostgreSQL
                     // either. (The unnamed statement lives on the server: its Close goes
                     // there.)
-                    sh.client.remove_statement(name);
-                    push_synthetic(sh, Synthetic::CloseComplete);
+                    let removed = sh.client.take_statement(name);
+                    let removed = removed.map(|statement| Box::new((Box::from(name), statement)));
+                    push_synthetic(sh, Synthetic::CloseComplete(removed));
                 } else {
                     if body.starts_with(b"S\0") {
                         sh.own_unnamed(config.client_id, out);
@@ -1271,6 +1282,16 @@ impl Shared<'_> {
         {
             self.client.remove_statement(name);
         }
+        // A Close of it queued behind must not put it back if the server skips that Close.
+        for e in self.queue.iter_mut() {
+            if let Expect::Synthetic(Synthetic::CloseComplete(removed)) = e
+                && removed
+                    .as_ref()
+                    .is_some_and(|r| Arc::ptr_eq(&r.1, statement))
+            {
+                *removed = None;
+            }
+        }
     }
 
     /// The server answered the request at the head of the queue with CopyInResponse: until
@@ -1316,6 +1337,17 @@ impl Shared<'_> {
             };
             any = true;
             match s {
+                // PostgreSQL checks for a failed transaction first.
+                Synthetic::AlreadyExists(_) if self.client.status == b'E' => {
+                    backend::error_response(
+                        out,
+                        "ERROR",
+                        "25P02",
+                        "current transaction is aborted, commands ignored until end of transaction block",
+                        None,
+                        None,
+                    )
+                }
                 Synthetic::AlreadyExists(name) => backend::error_response(
                     out,
                     "ERROR",
@@ -1324,10 +1356,34 @@ impl Shared<'_> {
                     None,
                     None,
                 ),
+                Synthetic::ParseComplete(registered) if self.client.status == b'E' => {
+                    // PostgreSQL refuses a Parse in a failed transaction and skips to Sync.
+                    self.unregister(&registered);
+                    backend::error_response(
+                        out,
+                        "ERROR",
+                        "25P02",
+                        "current transaction is aborted, commands ignored until end of transaction block",
+                        None,
+                        None,
+                    );
+                    // What went to the server behind it fails there the same way, once.
+                    self.swallow_error = self
+                        .queue
+                        .iter()
+                        .take_while(|e| !matches!(e, Expect::Sync))
+                        .any(|e| !matches!(e, Expect::Synthetic(_) | Expect::CopyEnd));
+                    self.skip_to_sync();
+                }
                 Synthetic::ParseComplete(_) => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
-                Synthetic::CloseComplete => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
-                Synthetic::Deallocated => {
+                Synthetic::CloseComplete(_) => out.extend_from_slice(&[b'3', 0, 0, 0, 4]),
+                Synthetic::Deallocated(removed) => {
                     if self.client.status == b'E' {
+                        // Refused in a failed transaction: the statement stays.
+                        let (name, statement) = *removed;
+                        if !self.client.has_statement(&name) {
+                            self.client.add_statement(name.into_vec(), statement);
+                        }
                         backend::error_response(
                             out,
                             "ERROR",
@@ -1366,6 +1422,14 @@ impl Shared<'_> {
                 }
                 Some(Expect::Synthetic(Synthetic::ParseComplete(registered))) => {
                     self.unregister(&registered);
+                }
+                Some(Expect::Synthetic(Synthetic::CloseComplete(Some(removed)))) => {
+                    // The server skipped the Close: the client still has the statement,
+                    // unless it parsed the name anew since.
+                    let (name, statement) = *removed;
+                    if !self.client.has_statement(&name) {
+                        self.client.add_statement(name.into_vec(), statement);
+                    }
                 }
                 _ => {}
             }
@@ -1556,7 +1620,7 @@ fn server_messages(
                     Some(_) => sh.skip_to_sync(),
                 }
                 sh.note_result(tag);
-                true
+                !std::mem::take(&mut sh.swallow_error)
             }
             b'G' => {
                 sh.copy_started();

@@ -2028,6 +2028,66 @@ async fn extended_protocol_batches_answer_as_postgresql_does() -> anyhow::Result
     Ok(())
 }
 
+/// What a failure leaves of a client's named statements, as PostgreSQL does: a Close skipped
+/// behind an error keeps the statement, a `DEALLOCATE` or a Parse in a failed transaction is
+/// refused (25P02) and changes nothing (dbproxy answers these itself; it used to drop the
+/// statement on the Close and the DEALLOCATE and to accept the Parse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn statements_survive_what_postgresql_refuses() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let mut raw = RawSession::connect(proxy.port(), "refused").await?;
+    // The Close is skipped behind the division by zero: n1 stays.
+    // What is done, the messages, and the error codes PostgreSQL answers.
+    type Step = (&'static str, Vec<Vec<u8>>, &'static [&'static str]);
+    let steps: Vec<Step> = vec![
+        (
+            "a Close skipped behind an error",
+            vec![
+                msg::parse("n1", "SELECT 1/0"),
+                msg::bind("", "n1", &[]),
+                msg::execute(""),
+                msg::close_statement("n1"),
+                msg::sync(),
+            ],
+            &["22012"],
+        ),
+        (
+            "n1 still exists",
+            vec![msg::parse("n1", "SELECT 2"), msg::sync()],
+            &["42P05"],
+        ),
+        ("BEGIN", vec![msg::query("BEGIN")], &[]),
+        ("the failure", vec![msg::query("SELECT 1/0")], &["22012"]),
+        (
+            "DEALLOCATE in a failed transaction",
+            vec![msg::query("DEALLOCATE n1")],
+            &["25P02"],
+        ),
+        (
+            "a Parse of a statement the server has, in a failed transaction",
+            vec![msg::parse("n2", "SELECT 1/0"), msg::sync()],
+            &["25P02"],
+        ),
+        ("ROLLBACK", vec![msg::query("ROLLBACK")], &[]),
+        (
+            "n1 still runs",
+            vec![msg::bind("", "n1", &[]), msg::execute(""), msg::sync()],
+            &["22012"],
+        ),
+        (
+            "n2 is free",
+            vec![msg::parse("n2", "SELECT 1/0"), msg::sync()],
+            &[],
+        ),
+    ];
+    for (what, messages, want) in steps {
+        raw.send(&messages).await?;
+        let replies = raw.until_ready().await?;
+        ensure!(error_codes(&replies) == want, "{what}: {replies:?}");
+    }
+    Ok(())
+}
+
 /// The unnamed statement stays on the server connection after its client's transaction; a
 /// client that binds or describes the unnamed statement without parsing one must find none
 /// (26000), as on its own connection, not run another client's SQL.
