@@ -430,10 +430,12 @@ struct Shared<'a> {
     /// dbproxy answered an extended-protocol message with an error: like PostgreSQL, skip the
     /// client's messages up to its Sync.
     skipping: bool,
-    /// dbproxy answered a message with the error the server will also give for a later one
-    /// of the same batch (a Parse it answers itself, in a failed transaction): the server's
-    /// next ErrorResponse is not passed on.
-    swallow_error: bool,
+    /// dbproxy refused a message itself, as PostgreSQL would have, where the server goes on
+    /// with the rest of the batch (a Parse it answers itself, in a failed transaction):
+    /// PostgreSQL skips to the Sync after an error, so the server's replies up to the
+    /// batch's ReadyForQuery are not passed on (notifications, notices and parameter
+    /// changes are).
+    swallow_to_sync: bool,
     clock: TransactionClock,
     known: &'a KnownStatements,
     /// A RowDescription or DataRow came since the last completion.
@@ -487,7 +489,7 @@ where
             max_prepared: config.max_prepared,
             copy_in: false,
             skipping: false,
-            swallow_error: false,
+            swallow_to_sync: false,
             clock: TransactionClock::default(),
             known: config.known,
             rows: false,
@@ -1367,12 +1369,8 @@ impl Shared<'_> {
                         None,
                         None,
                     );
-                    // What went to the server behind it fails there the same way, once.
-                    self.swallow_error = self
-                        .queue
-                        .iter()
-                        .take_while(|e| !matches!(e, Expect::Sync))
-                        .any(|e| !matches!(e, Expect::Synthetic(_) | Expect::CopyEnd));
+                    // What went to the server behind it is answered there: skipped here.
+                    self.swallow_to_sync = true;
                     self.skip_to_sync();
                 }
                 Synthetic::ParseComplete(_) => out.extend_from_slice(&[b'1', 0, 0, 0, 4]),
@@ -1556,111 +1554,116 @@ fn server_messages(
         }
         let msg = &rest[..whole];
         let body = &msg[5..];
-        let forward = match tag {
-            b'Z' => {
-                let status = body.first().copied().unwrap_or(b'I');
-                sh.client.status = status;
-                sh.note_result(tag);
-                while let Some(front) = sh.queue.pop_front() {
-                    match front {
-                        Expect::Sync | Expect::Simple => break,
-                        // Answered by nothing before the ReadyForQuery: skipped.
-                        Expect::Parse {
-                            registered: Some(registered),
-                            ..
-                        } => sh.unregister(&registered),
-                        _ => {}
+        let forward = if sh.swallow_to_sync && !matches!(tag, b'Z' | b'A' | b'N' | b'S') {
+            false
+        } else {
+            match tag {
+                b'Z' => {
+                    let status = body.first().copied().unwrap_or(b'I');
+                    sh.client.status = status;
+                    sh.swallow_to_sync = false;
+                    sh.note_result(tag);
+                    while let Some(front) = sh.queue.pop_front() {
+                        match front {
+                            Expect::Sync | Expect::Simple => break,
+                            // Answered by nothing before the ReadyForQuery: skipped.
+                            Expect::Parse {
+                                registered: Some(registered),
+                                ..
+                            } => sh.unregister(&registered),
+                            _ => {}
+                        }
                     }
+                    let still_pending = sh
+                        .queue
+                        .iter()
+                        .any(|e| matches!(e, Expect::Sync | Expect::Simple));
+                    sh.clock.ready_for_query(hot, status, still_pending);
+                    *progressed = true;
+                    true
                 }
-                let still_pending = sh
-                    .queue
-                    .iter()
-                    .any(|e| matches!(e, Expect::Sync | Expect::Simple));
-                sh.clock.ready_for_query(hot, status, still_pending);
-                *progressed = true;
-                true
-            }
-            b'S' => {
-                if let (Some(name), Some(value)) = (
-                    cstr_bytes(body),
-                    body.iter()
-                        .position(|&b| b == 0)
-                        .and_then(|p| body.get(p + 1..))
-                        .and_then(cstr_bytes),
-                ) {
-                    let name = String::from_utf8_lossy(name).into_owned();
-                    let value = String::from_utf8_lossy(value).into_owned();
-                    crate::server::set_parameter_status(sh.server_params, &name, &value);
-                    crate::server::set_parameter_status(&mut sh.client.seen, &name, &value);
-                }
-                true
-            }
-            b'1' => match sh.queue.front() {
-                Some(Expect::Parse { swallow, key, .. }) => {
-                    let swallow = *swallow;
-                    if let Some(key) = key {
-                        sh.known.insert(*key);
+                b'S' => {
+                    if let (Some(name), Some(value)) = (
+                        cstr_bytes(body),
+                        body.iter()
+                            .position(|&b| b == 0)
+                            .and_then(|p| body.get(p + 1..))
+                            .and_then(cstr_bytes),
+                    ) {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        let value = String::from_utf8_lossy(value).into_owned();
+                        crate::server::set_parameter_status(sh.server_params, &name, &value);
+                        crate::server::set_parameter_status(&mut sh.client.seen, &name, &value);
                     }
-                    sh.queue.pop_front();
-                    !swallow
+                    true
                 }
-                _ => true,
-            },
-            b'3' => match sh.queue.front() {
-                Some(Expect::Close { swallow }) => {
-                    let swallow = *swallow;
-                    sh.queue.pop_front();
-                    !swallow
+                b'1' => match sh.queue.front() {
+                    Some(Expect::Parse { swallow, key, .. }) => {
+                        let swallow = *swallow;
+                        if let Some(key) = key {
+                            sh.known.insert(*key);
+                        }
+                        sh.queue.pop_front();
+                        !swallow
+                    }
+                    _ => true,
+                },
+                b'3' => match sh.queue.front() {
+                    Some(Expect::Close { swallow }) => {
+                        let swallow = *swallow;
+                        sh.queue.pop_front();
+                        !swallow
+                    }
+                    _ => true,
+                },
+                b'E' => {
+                    match sh.queue.front() {
+                        Some(Expect::Simple) | None => {}
+                        Some(_) => sh.skip_to_sync(),
+                    }
+                    sh.note_result(tag);
+                    true
                 }
-                _ => true,
-            },
-            b'E' => {
-                match sh.queue.front() {
-                    Some(Expect::Simple) | None => {}
-                    Some(_) => sh.skip_to_sync(),
+                b'G' => {
+                    sh.copy_started();
+                    true
                 }
-                sh.note_result(tag);
-                !std::mem::take(&mut sh.swallow_error)
-            }
-            b'G' => {
-                sh.copy_started();
-                true
-            }
-            b'C' => {
-                let tag_text = body.strip_suffix(b"\0").unwrap_or(body);
-                // `SELECT n` without a row: a table made from a query (SELECT ... INTO,
-                // CREATE TABLE ... AS), which may be temporary: ask the server afterwards. A
-                // simple query's SELECT always sends its RowDescription, so does an extended
-                // one whose portal was described (NoData says it returns none). An execution
-                // without a Describe sends its rows, so `SELECT n` with n > 0 and none before
-                // it made a table; `SELECT 0` there says nothing (a named statement was
-                // checked at its Parse, an unnamed one at its Execute when parsed in the same
-                // batch; one parsed earlier is `blind`: the server is asked).
-                if !sh.rows
-                    && tag_text.starts_with(b"SELECT ")
-                    && (sh.no_data
-                        || matches!(
-                            sh.queue.front(),
-                            Some(Expect::Simple | Expect::Execute { blind: true })
-                        )
-                        || tag_text != b"SELECT 0")
-                {
-                    sh.recheck = true;
+                b'C' => {
+                    let tag_text = body.strip_suffix(b"\0").unwrap_or(body);
+                    // `SELECT n` without a row: a table made from a query (SELECT ... INTO,
+                    // CREATE TABLE ... AS), which may be temporary: ask the server afterwards. A
+                    // simple query's SELECT always sends its RowDescription, so does an extended
+                    // one whose portal was described (NoData says it returns none). An execution
+                    // without a Describe sends its rows, so `SELECT n` with n > 0 and none before
+                    // it made a table; `SELECT 0` there says nothing (a named statement was
+                    // checked at its Parse, an unnamed one at its Execute when parsed in the same
+                    // batch; one parsed earlier is `blind`: the server is asked).
+                    if !sh.rows
+                        && tag_text.starts_with(b"SELECT ")
+                        && (sh.no_data
+                            || matches!(
+                                sh.queue.front(),
+                                Some(Expect::Simple | Expect::Execute { blind: true })
+                            )
+                            || tag_text != b"SELECT 0")
+                    {
+                        sh.recheck = true;
+                    }
+                    sh.note_result(tag);
+                    if tag_text == b"DISCARD ALL" || tag_text == b"DEALLOCATE ALL" {
+                        // Every prepared statement of the session is gone, dbproxy's names too.
+                        sh.client.clear_prepared();
+                        sh.server.prepared.clear();
+                        sh.server.sql_prepared.clear();
+                    }
+                    sh.note_completion(tag, body);
+                    true
                 }
-                sh.note_result(tag);
-                if tag_text == b"DISCARD ALL" || tag_text == b"DEALLOCATE ALL" {
-                    // Every prepared statement of the session is gone, dbproxy's names too.
-                    sh.client.clear_prepared();
-                    sh.server.prepared.clear();
-                    sh.server.sql_prepared.clear();
+                _ => {
+                    sh.note_result(tag);
+                    sh.note_completion(tag, body);
+                    true
                 }
-                sh.note_completion(tag, body);
-                true
-            }
-            _ => {
-                sh.note_result(tag);
-                sh.note_completion(tag, body);
-                true
             }
         };
         if forward {

@@ -2068,6 +2068,21 @@ async fn statements_survive_what_postgresql_refuses() -> anyhow::Result<()> {
             vec![msg::parse("n2", "SELECT 1/0"), msg::sync()],
             &["25P02"],
         ),
+        (
+            // The server does not refuse a Close there; PostgreSQL skips it after the Parse.
+            "the same with a Close behind it",
+            vec![
+                msg::parse("n2", "SELECT 1/0"),
+                msg::close_statement(""),
+                msg::sync(),
+            ],
+            &["25P02"],
+        ),
+        (
+            "the next failure is still reported",
+            vec![msg::query("SELECT 1")],
+            &["25P02"],
+        ),
         ("ROLLBACK", vec![msg::query("ROLLBACK")], &[]),
         (
             "n1 still runs",
@@ -2084,6 +2099,10 @@ async fn statements_survive_what_postgresql_refuses() -> anyhow::Result<()> {
         raw.send(&messages).await?;
         let replies = raw.until_ready().await?;
         ensure!(error_codes(&replies) == want, "{what}: {replies:?}");
+        ensure!(
+            !replies.iter().any(|r| matches!(r, Reply::CloseComplete)) || want.is_empty(),
+            "{what}: a skipped Close was answered: {replies:?}"
+        );
     }
     Ok(())
 }
