@@ -1184,6 +1184,18 @@ fn client_messages(
     }
 }
 
+/// 25P02, as PostgreSQL answers what it refuses in a failed transaction.
+fn aborted_transaction_error(out: &mut BytesMut) {
+    backend::error_response(
+        out,
+        "ERROR",
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+        None,
+        None,
+    );
+}
+
 fn push_synthetic(sh: &mut Shared<'_>, s: Synthetic) {
     sh.queue.push_back(Expect::Synthetic(s));
     if sh.queue.len() == 1 {
@@ -1273,6 +1285,14 @@ impl Shared<'_> {
         }
     }
 
+    /// A statement a Close or `DEALLOCATE` removed, back: the server did not carry that out
+    /// (unless the client parsed the name anew since).
+    fn restore(&mut self, (name, statement): (Box<[u8]>, Arc<Statement>)) {
+        if !self.client.has_statement(&name) {
+            self.client.add_statement(name.into_vec(), statement);
+        }
+    }
+
     /// A client's Parse the server skipped or failed: the client does not have the statement
     /// (unless it parsed the name anew since).
     fn unregister(&mut self, registered: &(Box<[u8]>, Arc<Statement>)) {
@@ -1341,14 +1361,7 @@ impl Shared<'_> {
             match s {
                 // PostgreSQL checks for a failed transaction first.
                 Synthetic::AlreadyExists(_) if self.client.status == b'E' => {
-                    backend::error_response(
-                        out,
-                        "ERROR",
-                        "25P02",
-                        "current transaction is aborted, commands ignored until end of transaction block",
-                        None,
-                        None,
-                    )
+                    aborted_transaction_error(out);
                 }
                 Synthetic::AlreadyExists(name) => backend::error_response(
                     out,
@@ -1361,14 +1374,7 @@ impl Shared<'_> {
                 Synthetic::ParseComplete(registered) if self.client.status == b'E' => {
                     // PostgreSQL refuses a Parse in a failed transaction and skips to Sync.
                     self.unregister(&registered);
-                    backend::error_response(
-                        out,
-                        "ERROR",
-                        "25P02",
-                        "current transaction is aborted, commands ignored until end of transaction block",
-                        None,
-                        None,
-                    );
+                    aborted_transaction_error(out);
                     // What went to the server behind it is answered there: skipped here.
                     self.swallow_to_sync = true;
                     self.skip_to_sync();
@@ -1378,18 +1384,8 @@ impl Shared<'_> {
                 Synthetic::Deallocated(removed) => {
                     if self.client.status == b'E' {
                         // Refused in a failed transaction: the statement stays.
-                        let (name, statement) = *removed;
-                        if !self.client.has_statement(&name) {
-                            self.client.add_statement(name.into_vec(), statement);
-                        }
-                        backend::error_response(
-                            out,
-                            "ERROR",
-                            "25P02",
-                            "current transaction is aborted, commands ignored until end of transaction block",
-                            None,
-                            None,
-                        );
+                        self.restore(*removed);
+                        aborted_transaction_error(out);
                     } else {
                         out.put_u8(b'C');
                         out.put_i32(4 + "DEALLOCATE".len() as i32 + 1);
@@ -1422,12 +1418,8 @@ impl Shared<'_> {
                     self.unregister(&registered);
                 }
                 Some(Expect::Synthetic(Synthetic::CloseComplete(Some(removed)))) => {
-                    // The server skipped the Close: the client still has the statement,
-                    // unless it parsed the name anew since.
-                    let (name, statement) = *removed;
-                    if !self.client.has_statement(&name) {
-                        self.client.add_statement(name.into_vec(), statement);
-                    }
+                    // The server skipped the Close: the client still has the statement.
+                    self.restore(*removed);
                 }
                 _ => {}
             }
