@@ -273,7 +273,15 @@ enum Expect {
     CopyEnd,
     /// A reply dbproxy gives itself, once everything before it is answered.
     Synthetic(Synthetic),
+    /// A client's Parse of a name it already has: the server got [`REFUSED_PARSE`] instead,
+    /// which fails there, so the transaction fails as PostgreSQL's would. Its error is
+    /// replaced by 42P05 naming the client's statement (25P02 in a failed transaction, which
+    /// PostgreSQL reports first).
+    Refused(String),
 }
+
+/// A named Parse no server accepts (a syntax error): sent for a Parse dbproxy refuses.
+const REFUSED_PARSE: &[u8] = b"P\0\0\0\x31dbproxy_refused\0dbproxy refuses this Parse\0\0\0";
 
 /// A client's named statement as its Parse registered it: forgotten again if the server skips
 /// or fails that Parse (the client may then parse the name anew, as PostgreSQL lets it).
@@ -281,8 +289,6 @@ type Registered = Box<(Box<[u8]>, Arc<Statement>)>;
 
 #[derive(Debug)]
 enum Synthetic {
-    /// A Parse of a name the client already has: 42P05, as PostgreSQL answers.
-    AlreadyExists(String),
     /// A client's Parse of a statement the server already has.
     ParseComplete(Registered),
     /// A client's Close of a named statement, with the statement it removed (put back if the
@@ -1025,8 +1031,8 @@ fn client_messages(
                 }
                 if sh.client.has_statement(name) {
                     let name = String::from_utf8_lossy(name).into_owned();
-                    push_synthetic(sh, Synthetic::AlreadyExists(name));
-                    sh.skipping = true;
+                    sh.queue.push_back(Expect::Refused(name));
+                    out.extend_from_slice(REFUSED_PARSE);
                     continue;
                 }
                 let statement = Arc::new(Statement::new(Bytes::copy_from_slice(rest)));
@@ -1359,18 +1365,6 @@ impl Shared<'_> {
             };
             any = true;
             match s {
-                // PostgreSQL checks for a failed transaction first.
-                Synthetic::AlreadyExists(_) if self.client.status == b'E' => {
-                    aborted_transaction_error(out);
-                }
-                Synthetic::AlreadyExists(name) => backend::error_response(
-                    out,
-                    "ERROR",
-                    "42P05",
-                    &format!("prepared statement \"{name}\" already exists"),
-                    None,
-                    None,
-                ),
                 Synthetic::ParseComplete(registered) if self.client.status == b'E' => {
                     // PostgreSQL refuses a Parse in a failed transaction and skips to Sync.
                     self.unregister(&registered);
@@ -1608,6 +1602,30 @@ fn server_messages(
                     }
                     _ => true,
                 },
+                b'E' if matches!(sh.queue.front(), Some(Expect::Refused(_))) => {
+                    let Some(Expect::Refused(name)) = sh.queue.pop_front() else {
+                        unreachable!("matched above");
+                    };
+                    sh.skip_to_sync();
+                    sh.note_result(tag);
+                    // The server's error is for dbproxy's Parse (a syntax error): the client
+                    // gets PostgreSQL's answer to its own, 25P02 first in a failed
+                    // transaction.
+                    walk.flush(buf, out);
+                    if sh.client.status == b'E' {
+                        aborted_transaction_error(out);
+                    } else {
+                        backend::error_response(
+                            out,
+                            "ERROR",
+                            "42P05",
+                            &format!("prepared statement \"{name}\" already exists"),
+                            None,
+                            None,
+                        );
+                    }
+                    false
+                }
                 b'E' => {
                     match sh.queue.front() {
                         Some(Expect::Simple) | None => {}

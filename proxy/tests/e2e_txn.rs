@@ -2107,6 +2107,51 @@ async fn statements_survive_what_postgresql_refuses() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Parse of a name the client already has fails the transaction, as in PostgreSQL: its
+/// COMMIT rolls back. dbproxy used to answer 42P05 itself, and the server's transaction went
+/// on and committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_parse_fails_the_transaction() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--pool-size", "1"]).await?;
+    let mut raw = RawSession::connect(proxy.port(), "dup").await?;
+    raw.run_all_ok(&[b"BEGIN", b"INSERT INTO items (note) VALUES ('dup-parse')"])
+        .await?;
+    raw.send(&[msg::parse("n1", "SELECT 1"), msg::sync()])
+        .await?;
+    let first = raw.until_ready().await?;
+    ensure!(error_codes(&first).is_empty(), "{first:?}");
+    raw.send(&[msg::parse("n1", "SELECT 2"), msg::sync()])
+        .await?;
+    let dup = raw.until_ready().await?;
+    ensure!(error_codes(&dup) == ["42P05"], "{dup:?}");
+    ensure!(
+        matches!(dup.last(), Some(Reply::ReadyForQuery(b'E'))),
+        "the transaction must have failed: {dup:?}"
+    );
+    raw.send(&[msg::query("COMMIT")]).await?;
+    let commit = raw.until_ready().await?;
+    ensure!(
+        commit.contains(&Reply::CommandComplete("ROLLBACK".into())),
+        "{commit:?}"
+    );
+    let client = proxy.connect().await?;
+    let n = simple_value(
+        &client,
+        "SELECT count(*)::text FROM items WHERE note = 'dup-parse'",
+    )
+    .await?;
+    ensure!(
+        n == "0",
+        "the failed transaction's insert was committed ({n} rows)"
+    );
+    // n1 is still the first statement.
+    raw.send(&[msg::bind("", "n1", &[]), msg::execute(""), msg::sync()])
+        .await?;
+    let ran = raw.until_ready().await?;
+    ensure!(first_column(&ran) == [Some("1".to_string())], "{ran:?}");
+    Ok(())
+}
+
 /// The unnamed statement stays on the server connection after its client's transaction; a
 /// client that binds or describes the unnamed statement without parsing one must find none
 /// (26000), as on its own connection, not run another client's SQL.
