@@ -157,7 +157,7 @@ impl CancelMap {
             if tokio::time::Instant::now() >= give_up {
                 tracing::warn!(
                     backend_pid = pid,
-                    "a cancel request to this backend is still being forwarded; its server connection is closed instead of reused"
+                    "PostgreSQL has not answered a cancel request to this backend within the forwarding timeout (10 s); its server connection is closed instead of reused (check the server's load and the network to it)"
                 );
                 return false;
             }

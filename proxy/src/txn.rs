@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::message::frontend;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -33,6 +34,7 @@ use crate::migrate::MoveSignal;
 use crate::protocol::backend;
 use crate::proxy::{DRAIN_TIMEOUT, TransactionClock};
 use crate::ready::{ReadHint, ReadWatch};
+
 use crate::sql::may_touch_session_state;
 use crate::stats::hot;
 
@@ -273,15 +275,17 @@ enum Expect {
     CopyEnd,
     /// A reply dbproxy gives itself, once everything before it is answered.
     Synthetic(Synthetic),
-    /// A client's Parse of a name it already has: the server got [`REFUSED_PARSE`] instead,
+    /// A client's Parse of a name it already has: the server got a Parse of
+    /// [`REFUSED_NAME`] with SQL that cannot parse instead,
     /// which fails there, so the transaction fails as PostgreSQL's would. Its error is
     /// replaced by 42P05 naming the client's statement (25P02 in a failed transaction, which
     /// PostgreSQL reports first).
     Refused(String),
 }
 
-/// A named Parse no server accepts (a syntax error): sent for a Parse dbproxy refuses.
-const REFUSED_PARSE: &[u8] = b"P\0\0\0\x31dbproxy_refused\0dbproxy refuses this Parse\0\0\0";
+/// The statement name of the Parse dbproxy sends for one it refuses; its SQL is a syntax
+/// error, so nothing of that name is ever created.
+const REFUSED_NAME: &str = "dbproxy_refused";
 
 /// A client's named statement as its Parse registered it: forgotten again if the server skips
 /// or fails that Parse (the client may then parse the name anew, as PostgreSQL lets it).
@@ -1032,7 +1036,8 @@ fn client_messages(
                 if sh.client.has_statement(name) {
                     let name = String::from_utf8_lossy(name).into_owned();
                     sh.queue.push_back(Expect::Refused(name));
-                    out.extend_from_slice(REFUSED_PARSE);
+                    frontend::parse(REFUSED_NAME, "dbproxy refuses this Parse", [], out)
+                        .expect("a fixed Parse message fits");
                     continue;
                 }
                 let statement = Arc::new(Statement::new(Bytes::copy_from_slice(rest)));
@@ -1285,7 +1290,7 @@ impl Shared<'_> {
     /// client finds none, as it would on its own connection.
     fn own_unnamed(&mut self, client_id: u64, out: &mut BytesMut) {
         if self.server.unnamed_owner != client_id {
-            out.extend_from_slice(&[b'C', 0, 0, 0, 6, b'S', 0]);
+            frontend::close(b'S', "", out).expect("a fixed Close message fits");
             self.queue.push_back(Expect::Close { swallow: true });
             self.server.unnamed_owner = client_id;
         }
@@ -1401,11 +1406,17 @@ impl Shared<'_> {
                 Some(Expect::Parse {
                     key, registered, ..
                 }) => {
-                    if let Some(key) = key {
-                        self.server.prepared.remove(&key);
-                    }
-                    if let Some(registered) = registered {
-                        self.unregister(&registered);
+                    match (key, registered) {
+                        (Some(key), registered) => {
+                            self.server.prepared.remove(&key);
+                            if let Some(registered) = registered {
+                                self.unregister(&registered);
+                            }
+                        }
+                        (None, Some(registered)) => self.unregister(&registered),
+                        // The client's Parse of the unnamed statement, skipped: the one the
+                        // server holds may be another client's.
+                        (None, None) => self.server.unnamed_owner = 0,
                     }
                 }
                 Some(Expect::Synthetic(Synthetic::ParseComplete(registered))) => {
@@ -1557,6 +1568,11 @@ fn server_messages(
                                 registered: Some(registered),
                                 ..
                             } => sh.unregister(&registered),
+                            Expect::Parse {
+                                key: None,
+                                registered: None,
+                                ..
+                            } => sh.server.unnamed_owner = 0,
                             _ => {}
                         }
                     }

@@ -2185,6 +2185,26 @@ async fn another_clients_unnamed_statement_is_out_of_reach() -> anyhow::Result<(
         first_column(&own) == [Some("rows of b".to_string())],
         "{own:?}"
     );
+    // A parses again; B's Parse of the unnamed statement is skipped behind an error, so B
+    // still has none: its Bind in the next batch must not reach A's.
+    a.send(&[msg::parse("", "SELECT 'rows of a'"), msg::sync()])
+        .await?;
+    a.until_ready().await?;
+    b.send(&[
+        msg::execute("no_such_portal"),
+        msg::parse("", "SELECT 'rows of b, skipped'"),
+        msg::sync(),
+    ])
+    .await?;
+    let skipped = b.until_ready().await?;
+    ensure!(error_codes(&skipped) == ["34000"], "{skipped:?}");
+    b.send(&[msg::bind("", "", &[]), msg::execute(""), msg::sync()])
+        .await?;
+    let after_skip = b.until_ready().await?;
+    ensure!(
+        first_column(&after_skip).is_empty(),
+        "bound another client's statement: {after_skip:?}"
+    );
     Ok(())
 }
 
