@@ -67,6 +67,9 @@ pub struct ClientContext {
     pub parker: Option<ClientParker>,
     /// Shutdown, as every client task watches it (a parked client takes its copy from here).
     pub shutdown: Shutdown,
+    /// Where plaintext session-mode sessions are forwarded (`--session-lane`, session mode
+    /// on one runtime thread).
+    pub lane: Option<Arc<crate::lane::Lane>>,
 }
 
 /// The parker of the pool mode: one per mode, so that a parked client's record in its slab
@@ -177,6 +180,43 @@ impl ParkedSession {
     /// Whether generation `g` moves this client's session under `policy`.
     pub fn moved_by(&self, policy: MigratePolicy, g: &crate::credentials::Generation) -> bool {
         policy.moves(self.st.server.generation, &self.st.server.target, g)
+    }
+
+    /// The client's socket and the server's, for the session lane.
+    pub(crate) fn lane_sockets(&self) -> [&StdTcpStream; 2] {
+        [&self.socket, &self.server]
+    }
+
+    pub(crate) fn lane_client(&self) -> &StdTcpStream {
+        &self.socket
+    }
+
+    pub(crate) fn lane_server(&self) -> &StdTcpStream {
+        &self.server
+    }
+
+    /// The custom setting names the client's statements mentioned.
+    pub(crate) fn lane_custom(&mut self) -> &mut Option<Box<crate::custom::SessionCustom>> {
+        &mut self.st.custom
+    }
+
+    /// The largest client message, and whether custom settings are tracked (for moves).
+    pub(crate) fn lane_settings(&self) -> (usize, bool) {
+        let ctx = self.conn.ctx();
+        (ctx.max_client_message, ctx.migrate != MigratePolicy::Never)
+    }
+
+    /// The bytes the client sent behind its startup packet, not forwarded yet.
+    pub(crate) fn take_initial(&mut self) -> BytesMut {
+        std::mem::take(&mut self.st.initial)
+    }
+
+    /// Back in the runtime on a task of its own, its forwarding going on from `carry` (a
+    /// session given back by the lane). Called inside the runtime.
+    pub(crate) fn resume_from(self: Box<Self>, carry: Option<Box<crate::proxy::Carry>>) {
+        let mut session = *self;
+        session.st.resume = carry;
+        crate::park::Parkable::resume(session);
     }
 }
 
@@ -305,6 +345,7 @@ async fn serve_session(mut conn: Box<ClientConn>, st: Box<SessClient>) {
     match served {
         Ok(SessExit::Done) => {}
         Ok(SessExit::Park(st, epoch)) => park(*conn, ToPark::Session(st, epoch)),
+        Ok(SessExit::Lane(st, epoch)) => park(*conn, ToPark::Lane(st, epoch)),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
     }
 }
@@ -343,6 +384,8 @@ enum ToPark {
     Transaction(Box<TxClient>),
     /// A session, with the parker's epoch as it last looked for a rotation.
     Session(Box<SessClient>, u64),
+    /// A session for the lane, with the lane's epoch as it last looked for a rotation.
+    Lane(Box<SessClient>, u64),
 }
 
 /// Hands an idle client to the parker: its task ends here, and its sockets (a session's
@@ -382,20 +425,17 @@ fn park(conn: ClientConn, what: ToPark) {
                 };
                 parker.park(parked, epoch);
             }
-            (Some(ClientParker::Session(parker)), ToPark::Session(mut st, epoch)) => {
+            (Some(ClientParker::Session(parker)), ToPark::Session(st, epoch)) => {
                 let parker = parker.clone();
-                let socket = socket.into_std()?;
-                let server = st.server.stream.detach().ok_or_else(|| {
-                    std::io::Error::other("the server connection is not plaintext")
-                })?;
-                let server = server.into_std()?;
-                let parked = ParkedSession {
-                    conn,
-                    socket,
-                    server,
-                    st: *st,
-                };
-                parker.park(parked, epoch);
+                parker.park(out_of_runtime(conn, socket, st)?, epoch);
+            }
+            (_, ToPark::Lane(st, epoch)) => {
+                let lane = conn
+                    .ctx()
+                    .lane
+                    .clone()
+                    .ok_or_else(|| std::io::Error::other("no session lane"))?;
+                lane.enter(Box::new(out_of_runtime(conn, socket, st)?), epoch);
             }
             // Parking is offered by the parker of the client's own pool mode only.
             _ => return Err(std::io::Error::other("no parker for this pool mode")),
@@ -411,6 +451,27 @@ fn park(conn: ClientConn, what: ToPark) {
             "cannot take an idle client's socket out of the runtime to park it; closing it (if this repeats, turn parking off with --client-park-after-ms 0)"
         );
     }
+}
+
+/// A session's sockets out of the runtime's reactor, with what its task resumes with.
+fn out_of_runtime(
+    conn: ParkedConn,
+    socket: TcpStream,
+    mut st: Box<SessClient>,
+) -> std::io::Result<ParkedSession> {
+    let socket = socket.into_std()?;
+    let server = st
+        .server
+        .stream
+        .detach()
+        .ok_or_else(|| std::io::Error::other("the server connection is not plaintext"))?;
+    let server = server.into_std()?;
+    Ok(ParkedSession {
+        conn,
+        socket,
+        server,
+        st: *st,
+    })
 }
 
 /// A session ended with an error: log it and tell the client where the protocol allows.
@@ -733,6 +794,8 @@ struct SessClient {
     initial: BytesMut,
     /// Custom settings the client's statements mentioned, which a move asks the server for.
     custom: Option<Box<crate::custom::SessionCustom>>,
+    /// Where forwarding stood when the session lane gave the session back.
+    resume: Option<Box<crate::proxy::Carry>>,
 }
 
 /// Session mode, login: gets a server and replays the login to the client.
@@ -791,6 +854,7 @@ async fn session_login(
         server: *server,
         initial: early,
         custom: None,
+        resume: None,
     }))
 }
 
@@ -819,10 +883,27 @@ async fn session(
     // move may change it), the client's here.
     let mut idle_wait = idle_wait(ctx, socket);
     let ended = loop {
+        // At a safe point here (after the login, a move, or an idle spell), unless the lane
+        // just gave the session back: plaintext sessions go to the lane when no rotation
+        // wants them moved.
+        if let Some(lane) = &ctx.lane
+            && st.resume.is_none()
+            && matches!(
+                (&*socket, &st.server.stream),
+                (ClientStream::Plain(_), PgStream::Plain(_))
+            )
+        {
+            // Read before the session's last look for a rotation, as for the parker.
+            let epoch = lane.epoch();
+            if moves.signal.as_ref().is_none_or(MoveSignal::settled) {
+                return Ok(SessExit::Lane(st, epoch));
+            }
+        }
         let SessClient {
             server,
             initial,
             custom,
+            resume,
             ..
         } = &mut *st;
         // Plaintext on both sides keeps the TcpStream fast path; TLS on either side goes
@@ -834,6 +915,7 @@ async fn session(
                     backend,
                     ctx.max_client_message,
                     initial,
+                    resume.take(),
                     moves.signal.as_mut(),
                     idle_wait.as_deref_mut(),
                     custom,
@@ -846,6 +928,7 @@ async fn session(
                     backend,
                     ctx.max_client_message,
                     initial,
+                    resume.take(),
                     moves.signal.as_mut(),
                     None,
                     custom,
@@ -855,7 +938,7 @@ async fn session(
         };
         *initial = BytesMut::new();
         if outcome.end == SessionEnd::Park {
-            if let Some(parker) = &ctx.parker {
+            if let Some(parker) = ctx.parker.as_ref().filter(|_| ctx.lane.is_none()) {
                 // Read before the session's last look for a rotation: one published after
                 // that look resumes the session as soon as it is parked.
                 let epoch = parker.epoch();
@@ -889,6 +972,9 @@ enum SessExit {
     /// Idle at a safe point on both sides: the client and its server go to the parker, with
     /// the parker's epoch as the session last saw it.
     Park(Box<SessClient>, u64),
+    /// At a safe point, plaintext on both sides: the client and its server go to the
+    /// session lane, with the lane's epoch as the session last saw it.
+    Lane(Box<SessClient>, u64),
 }
 
 /// A session's migration state: the rotation signal and what pinned it last time.

@@ -192,6 +192,13 @@ pub struct RunArgs {
     #[arg(long = "worker-threads", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// Session mode with --worker-threads 0: a thread of its own forwards the sessions that
+    /// are plaintext on both sides (one epoll set, no task per session: about a quarter of
+    /// the CPU per query); logins, moves, resets and everything else stay on the runtime.
+    /// `false` forwards every session on the runtime.
+    #[arg(long = "session-lane", default_value_t = true, action = clap::ArgAction::Set)]
+    pub session_lane: bool,
+
     /// TLS for clients: `disable` answers N to SSLRequest, `allow`/`prefer` accept TLS when
     /// asked, `require` refuses plaintext clients.
     #[arg(long = "client-tls", value_enum, default_value = "prefer")]

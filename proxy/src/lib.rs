@@ -20,6 +20,8 @@ pub mod credentials;
 pub mod custom;
 /// The crate's error type.
 pub mod error;
+/// Idle client connections parked out of the runtime until they speak again.
+pub mod lane;
 /// Binding listeners and accepting clients.
 pub mod listener;
 /// Handing free memory back to the system after clients park or leave.
@@ -28,7 +30,6 @@ pub mod memory;
 pub mod migrate;
 /// /healthz, /readyz and /metrics.
 pub mod ops;
-/// Idle client connections parked out of the runtime until they speak again.
 pub mod park;
 /// Server connections kept for reuse, limits, waiting and the janitor.
 pub mod pool;

@@ -165,6 +165,12 @@ impl MoveSignal {
         self.deadline.is_some()
     }
 
+    /// Whether no rotation published so far asks this session to move (looked at without
+    /// waiting: a session about to leave the runtime checks that nothing wants it back).
+    pub fn settled(&self) -> bool {
+        self.deadline.is_none() && !self.requires_move(&self.rx.borrow())
+    }
+
     /// Whether a rotation was published since this signal last looked (one that may ask
     /// for a move; never with `--migrate never`).
     pub fn rotated_unseen(&self) -> bool {

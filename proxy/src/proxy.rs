@@ -231,11 +231,13 @@ pub struct SessionOutcome {
 /// (sent right behind the startup packet). Plaintext and TLS streams alike: the returned
 /// future owns no read buffer (each read goes through a buffer on the stack) and is a few
 /// hundred bytes, which is what an idle session costs besides its sockets.
-pub fn run_session<'a, C, S>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_session<'a, C, S>(
     client: &'a mut C,
     server: &'a mut S,
     max_client_message: usize,
     initial: &[u8],
+    resume: Option<Box<Carry>>,
     signal: Option<&'a mut MoveSignal>,
     idle: Option<&'a mut IdleWait>,
     custom: &'a mut Option<Box<SessionCustom>>,
@@ -244,18 +246,28 @@ where
     C: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
     S: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
 {
+    let Carry {
+        state,
+        client_walker,
+        server_walker,
+        to_server,
+        to_client,
+        verdict,
+        client_done,
+        early_end,
+    } = resume.map_or_else(Carry::new, |c| *c);
     let mut pump = Pump {
         client,
         server,
-        state: SessionState::new(),
-        client_walker: MessageWalker::new(),
-        server_walker: MessageWalker::new(),
-        to_server: Outbox::default(),
-        to_client: Outbox::default(),
-        verdict: ClientVerdict::Continue,
+        state,
+        client_walker,
+        server_walker,
+        to_server,
+        to_client,
+        verdict,
         max_client_message,
-        client_done: false,
-        early_end: None,
+        client_done,
+        early_end,
         stop: signal,
         idle,
         custom,
@@ -290,10 +302,42 @@ where
 
 /// Bytes read from one side that the other side's socket has not taken yet.
 #[derive(Default)]
-struct Outbox {
-    bytes: Vec<u8>,
+pub(crate) struct Outbox {
+    pub(crate) bytes: Vec<u8>,
     /// Written but not flushed (TLS keeps records until flushed).
-    flush: bool,
+    pub(crate) flush: bool,
+}
+
+/// Everything a session's forwarding knows between two reads, apart from its sockets: what
+/// the session lane ([`crate::lane`]) forwards with, and hands to a [`Pump`] when it gives a
+/// session back to the runtime, which then goes on exactly where the lane stopped.
+pub(crate) struct Carry {
+    pub(crate) state: SessionState,
+    pub(crate) client_walker: MessageWalker,
+    pub(crate) server_walker: MessageWalker,
+    pub(crate) to_server: Outbox,
+    pub(crate) to_client: Outbox,
+    pub(crate) verdict: ClientVerdict,
+    /// The client sent Terminate (or an oversized message): nothing more is read from it.
+    pub(crate) client_done: bool,
+    /// How the session ended already (the lane saw it end).
+    pub(crate) early_end: Option<SessionEnd>,
+}
+
+impl Carry {
+    /// A session at a safe point: the server idle outside a transaction, nothing in flight.
+    pub(crate) fn new() -> Self {
+        Carry {
+            state: SessionState::new(),
+            client_walker: MessageWalker::new(),
+            server_walker: MessageWalker::new(),
+            to_server: Outbox::default(),
+            to_client: Outbox::default(),
+            verdict: ClientVerdict::Continue,
+            client_done: false,
+            early_end: None,
+        }
+    }
 }
 
 /// The forwarding loop of one session, as a hand-written future: both directions, the move

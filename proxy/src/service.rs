@@ -158,6 +158,7 @@ pub async fn run(
         reset_settings_between_clients: args.reset_settings_between_clients,
         known_statements: Default::default(),
         shutdown: shutdown.clone(),
+        lane: start_lane(&args, &credentials, &stats, &shutdown),
         parker: match args.client_park_after_ms {
             0 => None,
             ms => match crate::client::ClientParker::start(
@@ -225,6 +226,68 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), ops).await;
     tracing::info!("dbproxy stopped");
     Ok(())
+}
+
+/// The session lane, in session mode on one runtime thread with `--session-lane` (with
+/// worker threads the runtime's threads forward sessions side by side), and the task that
+/// gives back the sessions a rotation moves.
+fn start_lane(
+    args: &RunArgs,
+    credentials: &Arc<Credentials>,
+    stats: &Arc<Stats>,
+    shutdown: &Shutdown,
+) -> Option<Arc<crate::lane::Lane>> {
+    if !args.session_lane || args.worker_threads != 0 || args.pool_mode != PoolMode::Session {
+        return None;
+    }
+    match crate::lane::Lane::start(shutdown.clone()) {
+        Err(e) => {
+            // The lane saves CPU; sessions are served without it all the same.
+            tracing::warn!(error = %e, "cannot start the session lane (a thread and an epoll set: check the thread and open-files limits); the runtime forwards every session (--session-lane false says so and silences this)");
+            None
+        }
+        Ok(lane) => {
+            let weak = Arc::downgrade(&lane);
+            let _ = stats
+                .lane_sessions
+                .set(Box::new(move || weak.upgrade().map_or(0, |l| l.len())));
+            if args.migrate != MigratePolicy::Never {
+                tokio::spawn(resume_lane_on_rotation(
+                    credentials.clone(),
+                    lane.clone(),
+                    args.migrate,
+                    shutdown.clone(),
+                ));
+            }
+            Some(lane)
+        }
+    }
+}
+
+/// Session mode with `--migrate` and the session lane: the lane gives back the sessions a
+/// rotation moves (their tasks move them, and they enter the lane again after the move).
+async fn resume_lane_on_rotation(
+    credentials: Arc<Credentials>,
+    lane: Arc<crate::lane::Lane>,
+    policy: MigratePolicy,
+    mut shutdown: Shutdown,
+) {
+    let mut rotations = credentials.subscribe();
+    let mut stop = shutdown.recv();
+    loop {
+        tokio::select! {
+            changed = rotations.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = rotations.borrow_and_update().clone();
+                if let Some(g) = current {
+                    lane.resume_if(move |client| client.moved_by(policy, &g));
+                }
+            }
+            () = &mut stop => return,
+        }
+    }
 }
 
 /// Session mode with `--migrate`: a parked session has no task to notice a rotation, so a

@@ -43,6 +43,8 @@ pub struct Stats {
     pub registry: Registry,
     /// How many clients are parked now, read at each scrape (set when parking is on).
     pub parked_clients: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// How many sessions the session lane forwards now (set when the lane runs).
+    pub lane_sessions: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Stats {
@@ -62,6 +64,7 @@ impl Stats {
             rotation_seconds: histogram!(ROTATION_SECONDS),
             registry: Registry::default(),
             parked_clients: OnceLock::new(),
+            lane_sessions: OnceLock::new(),
         }
     }
 
@@ -107,6 +110,9 @@ impl Stats {
         }
         if let Some(parked) = self.parked_clients.get() {
             gauge!("dbproxy_clients_parked").set(parked() as f64);
+        }
+        if let Some(lane) = self.lane_sessions.get() {
+            gauge!("dbproxy_session_lane_clients").set(lane() as f64);
         }
         let mut counts: HashMap<(&'static str, u64), f64> = HashMap::new();
         for s in self.registry.servers() {

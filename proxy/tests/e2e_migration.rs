@@ -753,19 +753,49 @@ async fn in_flight_at_deadline(pool_mode: &str) -> anyhow::Result<()> {
 /// first query after the move runs on the new cluster with its setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_sessions_move_without_client_traffic() -> anyhow::Result<()> {
-    idle_sessions_move("idlemove", &[]).await
+    idle_sessions_move("idlemove", &["--session-lane", "false"], Held::Task).await
 }
 
 /// The same with the sessions parked (`--client-park-after-ms`): the parker resumes those the
 /// rotation moves, they move at once, then park again on the new cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parked_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
-    idle_sessions_move("parkmove", &["--client-park-after-ms", "50"]).await
+    idle_sessions_move(
+        "parkmove",
+        &["--session-lane", "false", "--client-park-after-ms", "50"],
+        Held::Parked,
+    )
+    .await
 }
 
-async fn idle_sessions_move(app: &str, flags: &[&str]) -> anyhow::Result<()> {
+/// The same with the sessions in the session lane (the default): the lane gives back those
+/// the rotation moves, their tasks move them, and they enter the lane again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lane_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
+    idle_sessions_move("lanemove", &[], Held::Lane).await
+}
+
+/// Where idle sessions wait.
+#[derive(PartialEq)]
+enum Held {
+    Task,
+    Parked,
+    Lane,
+}
+
+impl Held {
+    /// Waits until `n` sessions wait there.
+    async fn wait(&self, proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
+        match self {
+            Held::Task => Ok(()),
+            Held::Parked => wait_parked(proxy, n).await,
+            Held::Lane => wait_in_lane(proxy, n).await,
+        }
+    }
+}
+
+async fn idle_sessions_move(app: &str, flags: &[&str], held: Held) -> anyhow::Result<()> {
     const CLIENTS: usize = 3;
-    let parking = !flags.is_empty();
     let count =
         format!("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{app}%'");
     let a = AppCluster::start("one").await?;
@@ -787,9 +817,7 @@ async fn idle_sessions_move(app: &str, flags: &[&str]) -> anyhow::Result<()> {
         assert_eq!(server_port(&client).await?, a_port);
         clients.push(client);
     }
-    if parking {
-        wait_parked(&proxy, CLIENTS).await?;
-    }
+    held.wait(&proxy, CLIENTS).await?;
     let (admin_a, admin_b) = (a.admin().await?, b.admin().await?);
     let since = write_uri(&secret, &b.uri("app_a"))?;
     let moved = loop {
@@ -807,9 +835,7 @@ async fn idle_sessions_move(app: &str, flags: &[&str]) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("{CLIENTS} idle sessions moved {moved:?} after the Secret write, without a query");
-    if parking {
-        wait_parked(&proxy, CLIENTS).await?;
-    }
+    held.wait(&proxy, CLIENTS).await?;
     for (k, client) in clients.iter().enumerate() {
         assert_eq!(server_port(client).await?, b_port);
         assert_eq!(

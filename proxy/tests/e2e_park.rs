@@ -15,6 +15,32 @@ use tokio_postgres::Client;
 /// The parking delay the tests run with.
 const PARK_MS: &str = "50";
 
+/// Where idle sessions wait: parked (with the session lane off), or in the session lane (the
+/// default in session mode), which forwards them with no task of their own from their first
+/// idle moment. Both must keep every session's backend and state.
+#[derive(Clone, Copy, Debug)]
+enum Idle {
+    Parked,
+    Lane,
+}
+
+impl Idle {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Idle::Parked => &["--session-lane", "false", "--client-park-after-ms", PARK_MS],
+            Idle::Lane => &[],
+        }
+    }
+
+    /// Waits until `n` sessions wait there.
+    async fn wait(self, proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
+        match self {
+            Idle::Parked => wait_parked(proxy, n).await,
+            Idle::Lane => wait_in_lane(proxy, n).await,
+        }
+    }
+}
+
 async fn backend_pid(client: &Client) -> anyhow::Result<i32> {
     let row = tokio::time::timeout(
         CLIENT_OP_TIMEOUT,
@@ -32,10 +58,21 @@ async fn backend_pid(client: &Client) -> anyhow::Result<i32> {
 /// client's connection with the server's error at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> {
+    sessions_resume_on_their_backend(Idle::Parked).await
+}
+
+/// The same through the session lane: a query, a notification, a hang-up and a terminated
+/// backend reach it from either side while no task serves the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lane_sessions_keep_their_backend_and_state() -> anyhow::Result<()> {
+    sessions_resume_on_their_backend(Idle::Lane).await
+}
+
+async fn sessions_resume_on_their_backend(idle: Idle) -> anyhow::Result<()> {
     let db = AppCluster::start("one").await?;
     let secret = uri_secret(&db.uri("app_a"))?;
     let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--client-park-after-ms", PARK_MS])
+        .args(idle.flags().iter().copied())
         .start()?;
     let mut clients = Vec::new();
     for k in 0..3 {
@@ -56,7 +93,7 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
         .client
         .batch_execute("LISTEN parked_channel")
         .await?;
-    wait_parked(&proxy, 3).await?;
+    idle.wait(&proxy, 3).await?;
 
     for round in 0..2 {
         for (k, (client, statement, pid)) in clients.iter().enumerate() {
@@ -76,7 +113,7 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
                 "round {round}: session {k}: {work_mem}"
             );
         }
-        wait_parked(&proxy, 3).await?;
+        idle.wait(&proxy, 3).await?;
     }
 
     // The server speaks first: a notification wakes the parked LISTEN session.
@@ -92,7 +129,7 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
         payload.as_deref() == Some("while parked"),
         "a parked LISTEN session did not get its notification: {payload:?}"
     );
-    wait_parked(&proxy, 3).await?;
+    idle.wait(&proxy, 3).await?;
 
     // A parked client hangs up: its session ends and its server goes back to the pool.
     let idle_servers = |text: &str| {
@@ -105,7 +142,7 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
     let before = idle_servers(&scrape(&proxy)?);
     let (gone, _, _) = clients.pop().context("three clients")?;
     drop(gone);
-    wait_parked(&proxy, 2).await?;
+    idle.wait(&proxy, 2).await?;
     wait_for_metrics(
         &proxy,
         "the hung-up session's server back in the pool",
@@ -135,7 +172,7 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
         "terminated parked session ended {:?} after the kill",
         end.at - since
     );
-    wait_parked(&proxy, 1).await?;
+    idle.wait(&proxy, 1).await?;
     // The one left is untouched.
     let (survivor, statement, _) = &clients[0];
     let v: i32 = survivor.client.query_one(statement, &[&1]).await?.get(0);
@@ -147,10 +184,20 @@ async fn idle_sessions_park_and_resume_on_their_backend() -> anyhow::Result<()> 
 /// proxy exits 0 once `--shutdown-timeout` is over), and their connections end with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_resumes_parked_sessions_and_exits() -> anyhow::Result<()> {
+    sigterm_with_idle_sessions(Idle::Parked).await
+}
+
+/// The same with sessions in the session lane: it gives them back at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_takes_sessions_out_of_the_lane_and_exits() -> anyhow::Result<()> {
+    sigterm_with_idle_sessions(Idle::Lane).await
+}
+
+async fn sigterm_with_idle_sessions(idle: Idle) -> anyhow::Result<()> {
     let db = AppCluster::start("one").await?;
     let secret = uri_secret(&db.uri("app_a"))?;
     let mut proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--client-park-after-ms", PARK_MS])
+        .args(idle.flags().iter().copied())
         .args(["--shutdown-delay", "0", "--shutdown-timeout", "2"])
         .start()?;
     let mut clients = Vec::new();
@@ -159,17 +206,17 @@ async fn sigterm_resumes_parked_sessions_and_exits() -> anyhow::Result<()> {
             connect_observed(&proxy_config(proxy.port(), "any", &format!("parkterm{k}"))).await?,
         );
     }
-    wait_parked(&proxy, 2).await?;
+    idle.wait(&proxy, 2).await?;
     let (status, took) = proxy.sigterm_and_wait(Duration::from_secs(20))?;
     ensure!(
         status.success(),
         "dbproxy exited with {status} after SIGTERM"
     );
-    println!("dbproxy with 2 parked sessions exited {took:?} after SIGTERM");
+    println!("dbproxy with 2 sessions waiting ({idle:?}) exited {took:?} after SIGTERM");
     for (k, client) in clients.iter().enumerate() {
         ensure!(
             client.wait_ended(Duration::from_secs(10)).await.is_some(),
-            "parked session {k} outlived the proxy"
+            "session {k} ({idle:?}) outlived the proxy"
         );
     }
     Ok(())
@@ -189,9 +236,25 @@ async fn parking_is_on_by_default_and_parked_memory_goes_back() -> anyhow::Resul
         "no parker without --client-park-after-ms:\n{text}"
     );
     drop(default);
+    memory_goes_back(&db, &secret, Idle::Parked).await
+}
 
+/// Sessions entering the session lane free their tasks' memory the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lane_sessions_memory_goes_back() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    memory_goes_back(&db, &secret, Idle::Lane).await
+}
+
+async fn memory_goes_back(
+    _db: &AppCluster,
+    secret: &dbtests::SecretDir,
+    idle: Idle,
+) -> anyhow::Result<()> {
     let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--client-park-after-ms", PARK_MS, "--pool-size", "50"])
+        .args(idle.flags().iter().copied())
+        .args(["--pool-size", "50"])
         .env("RUST_LOG", "info,dbproxy::memory=debug")
         .start()?;
     // Each parked client frees about 1 kB; 16 KiB reported start a give-back. (Session mode:
@@ -205,7 +268,7 @@ async fn parking_is_on_by_default_and_parked_memory_goes_back() -> anyhow::Resul
         client.client.simple_query("SELECT 1").await?;
         clients.push(client);
     }
-    wait_parked(&proxy, n).await?;
+    idle.wait(&proxy, n).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !proxy.log().contains("gave free memory back to the system") {
         ensure!(

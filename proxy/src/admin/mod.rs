@@ -309,6 +309,7 @@ pub fn config_rows(args: &RunArgs) -> Vec<(String, String, String)> {
             ("max_client_message", a.max_client_message.to_string()),
             ("client_login_timeout", a.client_login_timeout.to_string()),
             ("worker_threads", a.worker_threads.to_string()),
+            ("session_lane", a.session_lane.to_string()),
         ]
     };
     let current = fields(args);
