@@ -25,7 +25,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,6 +57,9 @@ pub struct Lane {
     inbox: Mutex<Inbox>,
     /// Sessions in the lane now (for the gauge).
     count: AtomicUsize,
+    /// Set with the inbox's `closed`: read without the lock by sessions deciding whether to
+    /// enter.
+    open: AtomicBool,
     runtime: tokio::runtime::Handle,
 }
 
@@ -112,6 +115,7 @@ impl Lane {
             waker: Waker::new(poll.registry(), WAKE)?,
             inbox: Mutex::new(Inbox::default()),
             count: AtomicUsize::new(0),
+            open: AtomicBool::new(true),
             runtime: tokio::runtime::Handle::current(),
         });
         let thread = lane.clone();
@@ -130,6 +134,13 @@ impl Lane {
     /// The number of [`Lane::resume_if`] calls so far; see [`Lane::enter`].
     pub fn epoch(&self) -> u64 {
         crate::lock(&self.inbox).epoch
+    }
+
+    /// Whether the lane takes sessions (not after shutdown started or the lane stopped): a
+    /// session that would enter a closed lane stays on the runtime, or it would bounce
+    /// between [`Lane::enter`] and its task.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Relaxed)
     }
 
     /// How many sessions the lane forwards now.
@@ -172,6 +183,7 @@ impl Lane {
     fn close(&self) {
         let mut inbox = crate::lock(&self.inbox);
         inbox.closed = true;
+        self.open.store(false, Relaxed);
         inbox.messages.push(Message::Close);
         drop(inbox);
         self.wake();
@@ -209,6 +221,8 @@ impl Lane {
     /// The lane thread: forwards until the epoll set fails (then every session goes back
     /// and the lane takes no more).
     fn run(self: Arc<Self>, mut poll: Poll) {
+        // Declared first, dropped last: after the sessions, should a bug panic here.
+        let _exit = Exit(&self);
         let mut events = Events::with_capacity(1024);
         let mut sessions: Slab<Entry> = Slab::new();
         let mut buf = vec![0u8; CHUNK].into_boxed_slice();
@@ -375,6 +389,7 @@ impl Lane {
     /// Every session back to the runtime; the lane takes no more.
     fn shut(&self, poll: &Poll, sessions: &mut Slab<Entry>) {
         crate::lock(&self.inbox).closed = true;
+        self.open.store(false, Relaxed);
         for entry in sessions.drain() {
             self.give_back(poll, entry);
         }
@@ -386,6 +401,36 @@ impl Lane {
                 self.runtime.spawn(async move { session.resume_from(None) });
             }
         }
+    }
+}
+
+/// Should the lane thread panic (a bug), its sessions are lost (their sockets close, their
+/// pool slots go back), but the lane closes: sessions waiting to enter and every later one
+/// stay on the runtime.
+struct Exit<'a>(&'a Lane);
+
+impl Drop for Exit<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(
+            "the session lane thread panicked: its sessions were closed; the runtime forwards every session from now on"
+        );
+        let messages = {
+            let mut inbox = crate::lock(&self.0.inbox);
+            inbox.closed = true;
+            self.0.open.store(false, Relaxed);
+            std::mem::take(&mut inbox.messages)
+        };
+        for message in messages {
+            if let Message::Enter(session) = message {
+                self.0
+                    .runtime
+                    .spawn(async move { session.resume_from(None) });
+            }
+        }
+        self.0.count.store(0, Relaxed);
     }
 }
 

@@ -47,6 +47,9 @@ pub enum SessionEnd {
     /// Silent on both sides for `--client-park-after-ms` at a safe point (and no move
     /// wanted): the session may wait out of the runtime.
     Park,
+    /// At a safe point after the transactions a session runs before it enters the session
+    /// lane (see [`run_session`]'s `lane_after`).
+    Lane,
 }
 
 /// What both directions of one session know about the server's state. Only the session's
@@ -144,7 +147,10 @@ impl SessionState {
         client_walker: &MessageWalker,
         server_walker: &MessageWalker,
     ) -> bool {
-        if matches!(end, SessionEnd::SafePoint | SessionEnd::Park) {
+        if matches!(
+            end,
+            SessionEnd::SafePoint | SessionEnd::Park | SessionEnd::Lane
+        ) {
             return true;
         }
         if *end == SessionEnd::Deadline {
@@ -230,7 +236,9 @@ pub struct SessionOutcome {
 /// Forwards until either side ends the session. `initial` holds client bytes already read
 /// (sent right behind the startup packet). Plaintext and TLS streams alike: the returned
 /// future owns no read buffer (each read goes through a buffer on the stack) and is a few
-/// hundred bytes, which is what an idle session costs besides its sockets.
+/// hundred bytes, which is what an idle session costs besides its sockets. With `lane_after`
+/// above 0 the loop ends with [`SessionEnd::Lane`] at the `lane_after`-th safe point it
+/// reaches after a server reply (about one per transaction).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_session<'a, C, S>(
     client: &'a mut C,
@@ -238,6 +246,7 @@ pub(crate) fn run_session<'a, C, S>(
     max_client_message: usize,
     initial: &[u8],
     resume: Option<Box<Carry>>,
+    lane_after: u32,
     signal: Option<&'a mut MoveSignal>,
     idle: Option<&'a mut IdleWait>,
     custom: &'a mut Option<Box<SessionCustom>>,
@@ -274,6 +283,7 @@ where
         drain: None,
         client_watch: ReadWatch::default(),
         server_watch: ReadWatch::default(),
+        lane_after,
     };
     if !initial.is_empty() {
         // Bytes the client sent right behind its startup packet (pipelining clients).
@@ -368,6 +378,8 @@ pub struct Pump<'a, C, S> {
     /// Whether each side's read waits registered: a wake by the other side skips it.
     client_watch: ReadWatch,
     server_watch: ReadWatch,
+    /// Safe points left before the session goes to the lane (0: it does not).
+    lane_after: u32,
 }
 
 /// Which side of a forwarding step failed.
@@ -486,6 +498,16 @@ where
             && idle.poll_park(cx)
     }
 
+    /// Whether the session could leave for the lane now: at a safe point, with nothing
+    /// waiting to be written and the client not ending.
+    fn at_lane_point(&self) -> bool {
+        !self.client_done
+            && self.drain.is_none()
+            && self.to_server.bytes.is_empty()
+            && self.to_client.bytes.is_empty()
+            && self.state.at_safe_point()
+    }
+
     fn client_end(&self) -> SessionEnd {
         match self.verdict {
             ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
@@ -592,6 +614,12 @@ where
                         .server_partial
                         .store(!self.server_walker.at_boundary(), Relaxed);
                     self.spoke();
+                    if self.lane_after > 0 && self.at_lane_point() {
+                        self.lane_after -= 1;
+                        if self.lane_after == 0 {
+                            return Poll::Ready(SessionEnd::Lane);
+                        }
+                    }
                 }
                 Poll::Ready(Ok(None) | Err(Failure::Read | Failure::Invalid(_))) => {
                     return Poll::Ready(SessionEnd::ServerGone);

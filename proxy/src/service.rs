@@ -159,6 +159,7 @@ pub async fn run(
         known_statements: Default::default(),
         shutdown: shutdown.clone(),
         lane: start_lane(&args, &credentials, &stats, &shutdown),
+        lane_after: args.session_lane_after,
         parker: match args.client_park_after_ms {
             0 => None,
             ms => match crate::client::ClientParker::start(

@@ -1425,3 +1425,81 @@ async fn set_role_survives_the_move() -> anyhow::Result<()> {
     assert_eq!((session.as_str(), current.as_str()), ("app_a", "app"));
     Ok(())
 }
+
+/// A session in the session lane that is in the middle of a large result, with its client
+/// not reading, when a rotation moves it: the lane gives it back with what it had read and
+/// not yet delivered, the runtime delivers every row in order, and the session moves once the
+/// result is over, then enters the lane again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lane_session_given_back_mid_result_delivers_every_row_then_moves() -> anyhow::Result<()> {
+    const ROWS: usize = 3000;
+    const WIDTH: usize = 32 * 300;
+    let a = AppCluster::start("one").await?;
+    let b = AppCluster::start("two").await?;
+    let (a_port, b_port) = (port_of(&a), port_of(&b));
+    let secret = uri_secret(&a.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let mut raw = RawSession::connect(proxy.port(), "x").await?;
+    raw.send(&[msg::query("SELECT inet_server_port()")]).await?;
+    let port = first_column(&raw.until_ready().await?);
+    ensure!(
+        port == [Some(a_port.to_string())],
+        "first query on {port:?}"
+    );
+    wait_in_lane(&proxy, 1).await?;
+
+    raw.send(&[msg::query(&format!(
+        "SELECT i, repeat(md5(i::text), {}) FROM generate_series(1, {ROWS}) i",
+        WIDTH / 32
+    ))])
+    .await?;
+    let mut next = 1usize;
+    let mut check = |reply: Reply| -> anyhow::Result<bool> {
+        match reply {
+            Reply::DataRow(cols) => {
+                ensure!(
+                    cols.first().cloned().flatten() == Some(next.to_string()),
+                    "row {next} expected, got {:?}",
+                    cols.first()
+                );
+                let text = cols.get(1).cloned().flatten().unwrap_or_default();
+                ensure!(text.len() == WIDTH, "row {next} has {} bytes", text.len());
+                next += 1;
+                Ok(false)
+            }
+            Reply::ReadyForQuery(_) => Ok(true),
+            Reply::Error { code, message } => anyhow::bail!("{code} {message}"),
+            _ => Ok(false),
+        }
+    };
+    for _ in 0..10 {
+        check(raw.read().await?)?;
+    }
+    // The client stops reading: the socket buffers fill, the rest waits in the proxy and the
+    // server, and the rotation lands meanwhile. It takes the session out of the lane.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_uri(&secret, &b.uri("app_a"))?;
+    wait_in_lane(&proxy, 0).await?;
+    while !check(raw.read().await?)? {}
+    ensure!(
+        next - 1 == ROWS,
+        "{} rows arrived, {ROWS} were sent",
+        next - 1
+    );
+    // The result was over: the session moved, and is in the lane again.
+    let deadline = Instant::now() + MOVE_DEADLINE;
+    loop {
+        raw.send(&[msg::query("SELECT inet_server_port()")]).await?;
+        let port = first_column(&raw.until_ready().await?);
+        if port == [Some(b_port.to_string())] {
+            break;
+        }
+        ensure!(
+            port == [Some(a_port.to_string())] && Instant::now() < deadline,
+            "the session did not move: {port:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_in_lane(&proxy, 1).await?;
+    Ok(())
+}

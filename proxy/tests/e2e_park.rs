@@ -28,7 +28,14 @@ impl Idle {
     fn flags(self) -> &'static [&'static str] {
         match self {
             Idle::Parked => &["--session-lane", "false", "--client-park-after-ms", PARK_MS],
-            Idle::Lane => &[],
+            // dbproxy's count before a session enters the lane (the suite's is 0: at once):
+            // these sessions earn it by falling idle.
+            Idle::Lane => &[
+                "--session-lane-after",
+                "32",
+                "--client-park-after-ms",
+                PARK_MS,
+            ],
         }
     }
 
@@ -292,5 +299,54 @@ async fn memory_goes_back(
             "client {k}: wrong answer"
         );
     }
+    Ok(())
+}
+
+/// With dbproxy's defaults a session enters the session lane only once it has run
+/// `--session-lane-after` transactions (a connection that runs one transaction and leaves
+/// never pays the lane's entry and exit), or once it falls idle for `--client-park-after-ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_earn_the_lane_by_transactions_or_idleness() -> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let busy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--session-lane-after", "5", "--client-park-after-ms", "0"])
+        .start()?;
+    let client = connect_observed(&proxy_config(busy.port(), "any", "earn")).await?;
+    let c = &client.client;
+    for k in 0..4 {
+        c.simple_query(&format!("SELECT {k}")).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = scrape(&busy)?;
+    ensure!(
+        metric_or_zero(&text, "dbproxy_session_lane_clients", &[]) == 0.0,
+        "a session entered the lane after 4 of 5 transactions"
+    );
+    // A transaction block counts once, at its end.
+    c.batch_execute("BEGIN; SELECT 1; SELECT 2; COMMIT").await?;
+    wait_in_lane(&busy, 1).await?;
+    let pid = backend_pid(c).await?;
+    ensure!(pid > 0, "no answer from the lane");
+    drop(client);
+    wait_in_lane(&busy, 0).await?;
+
+    let idle = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args([
+            "--session-lane-after",
+            "1000",
+            "--client-park-after-ms",
+            PARK_MS,
+        ])
+        .start()?;
+    let client = connect_observed(&proxy_config(idle.port(), "any", "earn")).await?;
+    client.client.simple_query("SELECT 1").await?;
+    wait_in_lane(&idle, 1).await?;
+    let text = scrape(&idle)?;
+    ensure!(
+        metric_or_zero(&text, "dbproxy_clients_parked", &[]) == 0.0,
+        "a session-mode session parked while the lane runs"
+    );
+    ensure!(backend_pid(&client.client).await? > 0);
     Ok(())
 }

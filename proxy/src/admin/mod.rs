@@ -275,6 +275,18 @@ fn unknown(command: &str) -> (&'static str, String) {
     )
 }
 
+/// A flag value's name as written on the command line (`--migrate changed`).
+fn value_name(value: &impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+fn path_or_empty(path: Option<&std::path::Path>) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_default()
+}
+
 /// `SHOW CONFIG` rows from the effective flags, with the defaults a bare `dbproxy` would use.
 pub fn config_rows(args: &RunArgs) -> Vec<(String, String, String)> {
     let defaults = Cli::try_parse_from(["dbproxy"])
@@ -287,6 +299,7 @@ pub fn config_rows(args: &RunArgs) -> Vec<(String, String, String)> {
             ("ops_addr", a.ops_addr.to_string()),
             ("pool_mode", format!("{:?}", a.pool_mode).to_lowercase()),
             ("pool_size", a.pool_size.to_string()),
+            ("min_pool_size", a.min_pool_size.to_string()),
             ("max_clients", a.max_clients.to_string()),
             ("pool_timeout", a.pool_timeout.to_string()),
             ("server_idle_timeout", a.server_idle_timeout.to_string()),
@@ -310,6 +323,24 @@ pub fn config_rows(args: &RunArgs) -> Vec<(String, String, String)> {
             ("client_login_timeout", a.client_login_timeout.to_string()),
             ("worker_threads", a.worker_threads.to_string()),
             ("session_lane", a.session_lane.to_string()),
+            ("session_lane_after", a.session_lane_after.to_string()),
+            ("migrate", value_name(&a.migrate)),
+            ("migration_timeout", a.migration_timeout.to_string()),
+            (
+                "max_prepared_statements",
+                a.max_prepared_statements.to_string(),
+            ),
+            (
+                "reset_settings_between_clients",
+                a.reset_settings_between_clients.to_string(),
+            ),
+            ("client_park_after_ms", a.client_park_after_ms.to_string()),
+            ("client_tls", value_name(&a.client_tls)),
+            (
+                "client_tls_cert",
+                path_or_empty(a.client_tls_cert.as_deref()),
+            ),
+            ("client_tls_key", path_or_empty(a.client_tls_key.as_deref())),
         ]
     };
     let current = fields(args);
@@ -351,6 +382,26 @@ mod tests {
         let rows = config_rows(&args);
         let row = rows.iter().find(|r| r.0 == "pool_size").unwrap();
         assert_eq!((row.1.as_str(), row.2.as_str()), ("7", "20"));
+    }
+
+    /// Every flag of `dbproxy run` is a SHOW CONFIG key (its long name, `-` as `_`).
+    #[test]
+    fn config_rows_list_every_run_flag() {
+        use clap::Args;
+        let args = Cli::try_parse_from(["dbproxy"]).unwrap().into_run_args();
+        let keys: Vec<String> = config_rows(&args).into_iter().map(|r| r.0).collect();
+        let flags: Vec<String> = RunArgs::augment_args(clap::Command::new("run"))
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(|l| l.replace('-', "_"))
+            .collect();
+        assert!(flags.len() > 20, "{flags:?}");
+        let missing: Vec<&String> = flags.iter().filter(|f| !keys.contains(f)).collect();
+        assert!(missing.is_empty(), "not in SHOW CONFIG: {missing:?}");
+        let row = |k: &str| config_rows(&args).into_iter().find(|r| r.0 == k).unwrap();
+        assert_eq!(row("migrate").1, "changed");
+        assert_eq!(row("client_tls").1, "prefer");
+        assert_eq!(row("session_lane").1, "true");
     }
 
     #[test]
