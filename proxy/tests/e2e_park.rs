@@ -28,8 +28,8 @@ impl Idle {
     fn flags(self) -> &'static [&'static str] {
         match self {
             Idle::Parked => &["--session-lane", "false", "--client-park-after-ms", PARK_MS],
-            // dbproxy's count before a session enters the lane (the suite's is 0: at once):
-            // these sessions earn it by falling idle.
+            // With a count before a session enters the lane (dbproxy's default is 0: at
+            // once), these sessions earn it by falling idle.
             Idle::Lane => &[
                 "--session-lane-after",
                 "32",
@@ -302,9 +302,9 @@ async fn memory_goes_back(
     Ok(())
 }
 
-/// With dbproxy's defaults a session enters the session lane only once it has run
-/// `--session-lane-after` transactions (a connection that runs one transaction and leaves
-/// never pays the lane's entry and exit), or once it falls idle for `--client-park-after-ms`.
+/// With `--session-lane-after N` a session enters the session lane only once it has run N
+/// transactions (a connection that runs one transaction and leaves never pays the lane's
+/// entry and exit), or once it falls idle for `--client-park-after-ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_earn_the_lane_by_transactions_or_idleness() -> anyhow::Result<()> {
     let db = AppCluster::start("one").await?;

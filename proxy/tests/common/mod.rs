@@ -149,30 +149,18 @@ impl ProxyBuilder {
         // scenario through parking between its messages, `DBPROXY_TEST_WORKER_THREADS=2` on a
         // multi-threaded runtime, where a task may be polled on one thread while the reactor
         // wakes it from another.
-        //
-        // Session-mode sessions enter the session lane at once in the suite
-        // (`--session-lane-after 0`; dbproxy's default waits 32 transactions), so that every
-        // scenario is forwarded by the lane rather than by the runtime's loop, which the
-        // runtime's own tests (`--session-lane false`, TLS, transaction mode) cover;
-        // DBPROXY_TEST_LANE_AFTER=N runs the suite with another count.
-        let lane_after =
-            std::env::var("DBPROXY_TEST_LANE_AFTER").unwrap_or_else(|_| "0".to_owned());
+        // DBPROXY_TEST_LANE_AFTER=N with `--session-lane-after N`: session-mode sessions then
+        // run N transactions on the runtime's loop before they enter the session lane.
         for (var, flag) in [
             ("DBPROXY_TEST_PARK_MS", "--client-park-after-ms"),
             ("DBPROXY_TEST_WORKER_THREADS", "--worker-threads"),
+            ("DBPROXY_TEST_LANE_AFTER", "--session-lane-after"),
         ] {
             if let Ok(value) = std::env::var(var)
                 && !self.args.iter().any(|a| a == flag || a == "wait")
             {
                 cmd.arg(flag).arg(value);
             }
-        }
-        if !self
-            .args
-            .iter()
-            .any(|a| a == "--session-lane-after" || a == "wait")
-        {
-            cmd.arg("--session-lane-after").arg(lane_after);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
