@@ -255,28 +255,11 @@ where
     C: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
     S: AsyncRead + AsyncWrite + ReadHint + Unpin + Send,
 {
-    let Carry {
-        state,
-        client_walker,
-        server_walker,
-        to_server,
-        to_client,
-        verdict,
-        client_done,
-        early_end,
-    } = resume.map_or_else(Carry::new, |c| *c);
     let mut pump = Pump {
         client,
         server,
-        state,
-        client_walker,
-        server_walker,
-        to_server,
-        to_client,
-        verdict,
+        carry: resume.map_or_else(Carry::new, |c| *c),
         max_client_message,
-        client_done,
-        early_end,
         stop: signal,
         idle,
         custom,
@@ -288,23 +271,27 @@ where
     if !initial.is_empty() {
         // Bytes the client sent right behind its startup packet (pipelining clients).
         match inspect_client(
-            &mut pump.client_walker,
-            &pump.state,
+            &mut pump.carry.client_walker,
+            &pump.carry.state,
             max_client_message,
-            &mut pump.verdict,
+            &mut pump.carry.verdict,
             pump.stop.is_some().then_some(&mut *pump.custom),
             initial,
         ) {
             Ok((forward, stop)) => {
-                pump.to_server.bytes.extend_from_slice(&initial[..forward]);
-                pump.to_server.flush = true;
-                pump.client_done = stop;
-                pump.state.c2s_writing.store(true, Relaxed);
-                pump.state
+                pump.carry
+                    .to_server
+                    .bytes
+                    .extend_from_slice(&initial[..forward]);
+                pump.carry.to_server.flush = true;
+                pump.carry.client_done = stop;
+                pump.carry.state.c2s_writing.store(true, Relaxed);
+                pump.carry
+                    .state
                     .client_partial
-                    .store(!pump.client_walker.at_boundary(), Relaxed);
+                    .store(!pump.carry.client_walker.at_boundary(), Relaxed);
             }
-            Err(e) => pump.early_end = Some(SessionEnd::ClientProtocol(e)),
+            Err(e) => pump.carry.early_end = Some(SessionEnd::ClientProtocol(e)),
         }
     }
     pump
@@ -356,17 +343,10 @@ impl Carry {
 pub struct Pump<'a, C, S> {
     client: &'a mut C,
     server: &'a mut S,
-    state: SessionState,
-    client_walker: MessageWalker,
-    server_walker: MessageWalker,
-    to_server: Outbox,
-    to_client: Outbox,
-    verdict: ClientVerdict,
+    /// Where forwarding stands (what the session lane hands over when it gives a session
+    /// back).
+    carry: Carry,
     max_client_message: usize,
-    /// The client sent Terminate (or an oversized message): nothing more is read from it.
-    client_done: bool,
-    /// The bytes behind the startup packet were not a valid message stream.
-    early_end: Option<SessionEnd>,
     stop: Option<&'a mut MoveSignal>,
     /// The session's place among the idle ones, when it may be parked.
     idle: Option<&'a mut IdleWait>,
@@ -490,10 +470,10 @@ where
         let Some(idle) = self.idle.as_deref_mut() else {
             return false;
         };
-        !self.client_done
-            && self.to_server.bytes.is_empty()
-            && self.to_client.bytes.is_empty()
-            && self.state.at_safe_point()
+        !self.carry.client_done
+            && self.carry.to_server.bytes.is_empty()
+            && self.carry.to_client.bytes.is_empty()
+            && self.carry.state.at_safe_point()
             && self.stop.as_ref().is_none_or(|s| !s.wanted())
             && idle.poll_park(cx)
     }
@@ -501,15 +481,15 @@ where
     /// Whether the session could leave for the lane now: at a safe point, with nothing
     /// waiting to be written and the client not ending.
     fn at_lane_point(&self) -> bool {
-        !self.client_done
+        !self.carry.client_done
             && self.drain.is_none()
-            && self.to_server.bytes.is_empty()
-            && self.to_client.bytes.is_empty()
-            && self.state.at_safe_point()
+            && self.carry.to_server.bytes.is_empty()
+            && self.carry.to_client.bytes.is_empty()
+            && self.carry.state.at_safe_point()
     }
 
     fn client_end(&self) -> SessionEnd {
-        match self.verdict {
+        match self.carry.verdict {
             ClientVerdict::TooLarge(len) => SessionEnd::ClientMessageTooLarge(len),
             _ => SessionEnd::ClientTerminated,
         }
@@ -520,28 +500,28 @@ where
     fn poll_client(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
         self.client_watch.disarm();
         loop {
-            if !self.to_server.bytes.is_empty() || self.to_server.flush {
-                self.state.c2s_writing.store(true, Relaxed);
-                match poll_deliver(&mut *self.server, &mut self.to_server, cx) {
+            if !self.carry.to_server.bytes.is_empty() || self.carry.to_server.flush {
+                self.carry.state.c2s_writing.store(true, Relaxed);
+                match poll_deliver(&mut *self.server, &mut self.carry.to_server, cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(_)) => return Poll::Ready(SessionEnd::ServerGone),
-                    Poll::Ready(Ok(())) => self.state.c2s_writing.store(false, Relaxed),
+                    Poll::Ready(Ok(())) => self.carry.state.c2s_writing.store(false, Relaxed),
                 }
             }
-            if self.client_done {
+            if self.carry.client_done {
                 return Poll::Ready(self.client_end());
             }
             let (walker, state, verdict, max, custom) = (
-                &mut self.client_walker,
-                &self.state,
-                &mut self.verdict,
+                &mut self.carry.client_walker,
+                &self.carry.state,
+                &mut self.carry.verdict,
                 self.max_client_message,
                 self.stop.is_some().then_some(&mut *self.custom),
             );
             let read = poll_relay(
                 &mut *self.client,
                 &mut *self.server,
-                &mut self.to_server,
+                &mut self.carry.to_server,
                 cx,
                 |data| inspect_client(walker, state, max, verdict, custom, data),
             );
@@ -551,10 +531,11 @@ where
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(Some(stop))) => {
-                    self.state
+                    self.carry
+                        .state
                         .client_partial
-                        .store(!self.client_walker.at_boundary(), Relaxed);
-                    self.client_done = stop;
+                        .store(!self.carry.client_walker.at_boundary(), Relaxed);
+                    self.carry.client_done = stop;
                     self.spoke();
                 }
                 Poll::Ready(Ok(None) | Err(Failure::Read)) => {
@@ -562,9 +543,10 @@ where
                 }
                 Poll::Ready(Err(Failure::Write)) => return Poll::Ready(SessionEnd::ServerGone),
                 Poll::Ready(Err(Failure::Invalid(e))) => {
-                    self.state
+                    self.carry
+                        .state
                         .client_partial
-                        .store(!self.client_walker.at_boundary(), Relaxed);
+                        .store(!self.carry.client_walker.at_boundary(), Relaxed);
                     return Poll::Ready(SessionEnd::ClientProtocol(e));
                 }
             }
@@ -576,28 +558,28 @@ where
         let hot = hot();
         self.server_watch.disarm();
         loop {
-            if !self.to_client.bytes.is_empty() || self.to_client.flush {
-                self.state.s2c_writing.store(true, Relaxed);
-                match poll_deliver(&mut *self.client, &mut self.to_client, cx) {
+            if !self.carry.to_client.bytes.is_empty() || self.carry.to_client.flush {
+                self.carry.state.s2c_writing.store(true, Relaxed);
+                match poll_deliver(&mut *self.client, &mut self.carry.to_client, cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(_)) => return Poll::Ready(SessionEnd::ClientGone),
-                    Poll::Ready(Ok(())) => self.state.s2c_writing.store(false, Relaxed),
+                    Poll::Ready(Ok(())) => self.carry.state.s2c_writing.store(false, Relaxed),
                 }
             }
-            if self.state.draining.load(Relaxed)
-                && self.state.pending.load(Relaxed) == 0
-                && self.server_walker.at_boundary()
+            if self.carry.state.draining.load(Relaxed)
+                && self.carry.state.pending.load(Relaxed) == 0
+                && self.carry.server_walker.at_boundary()
             {
                 return Poll::Ready(SessionEnd::ClientTerminated);
             }
-            if let Some(end) = self.state.stop_after_chunk() {
+            if let Some(end) = self.carry.state.stop_after_chunk() {
                 return Poll::Ready(end);
             }
-            let (walker, state) = (&mut self.server_walker, &self.state);
+            let (walker, state) = (&mut self.carry.server_walker, &self.carry.state);
             let read = poll_relay(
                 &mut *self.server,
                 &mut *self.client,
-                &mut self.to_client,
+                &mut self.carry.to_client,
                 cx,
                 |data| {
                     inspect_server(walker, state, hot, data)?;
@@ -610,9 +592,10 @@ where
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(Some(_))) => {
-                    self.state
+                    self.carry
+                        .state
                         .server_partial
-                        .store(!self.server_walker.at_boundary(), Relaxed);
+                        .store(!self.carry.server_walker.at_boundary(), Relaxed);
                     self.spoke();
                     if self.lane_after > 0 && self.at_lane_point() {
                         self.lane_after -= 1;
@@ -634,7 +617,7 @@ where
     fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
         while let Some(signal) = self.stop.as_mut() {
             let kind = std::task::ready!(signal.poll_stop(cx));
-            if let Some(end) = self.state.request_stop(kind) {
+            if let Some(end) = self.carry.state.request_stop(kind) {
                 return Poll::Ready(end);
             }
         }
@@ -642,7 +625,7 @@ where
     }
 
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
-        if let Some(end) = self.early_end.take() {
+        if let Some(end) = self.carry.early_end.take() {
             return Poll::Ready(end);
         }
         if self.drain.is_some() {
@@ -666,18 +649,20 @@ where
             self.poll_client(cx)
         };
         match client {
-            Poll::Ready(SessionEnd::ClientTerminated) if self.state.pending.load(Relaxed) > 0 => {
+            Poll::Ready(SessionEnd::ClientTerminated)
+                if self.carry.state.pending.load(Relaxed) > 0 =>
+            {
                 // The client sent Terminate right behind queries (it may not read the
                 // answers, but PostgreSQL would have sent them): deliver them, briefly.
-                self.state.draining.store(true, Relaxed);
+                self.carry.state.draining.store(true, Relaxed);
                 self.drain = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
                 return self.poll_end(cx);
             }
             Poll::Ready(end) => return Poll::Ready(end),
             Poll::Pending => {}
         }
-        let skip_server =
-            self.state.stop.load(Relaxed) == 0 && self.server_watch.waiting(&*self.server, cx);
+        let skip_server = self.carry.state.stop.load(Relaxed) == 0
+            && self.server_watch.waiting(&*self.server, cx);
         if !skip_server && let Poll::Ready(end) = self.poll_server(cx) {
             return Poll::Ready(end);
         }
@@ -701,9 +686,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionOutcome> {
         let this = self.get_mut();
         let end = std::task::ready!(this.poll_end(cx));
-        let server_clean = this
-            .state
-            .server_clean(&end, &this.client_walker, &this.server_walker);
+        let Carry {
+            state,
+            client_walker,
+            server_walker,
+            ..
+        } = &this.carry;
+        let server_clean = state.server_clean(&end, client_walker, server_walker);
         Poll::Ready(SessionOutcome { end, server_clean })
     }
 }

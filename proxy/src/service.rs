@@ -177,11 +177,14 @@ pub async fn run(
                     if let crate::client::ClientParker::Session(parker) = &parker
                         && args.migrate != MigratePolicy::Never
                     {
-                        tokio::spawn(resume_parked_on_rotation(
+                        // A parked session has no task to notice a rotation: the rotation
+                        // resumes those it moves (they move at once, then park again after
+                        // --client-park-after-ms); the others stay parked.
+                        let (parker, policy) = (parker.clone(), args.migrate);
+                        tokio::spawn(on_rotation(
                             credentials.clone(),
-                            parker.clone(),
-                            args.migrate,
                             shutdown.clone(),
+                            move |g| parker.resume_if(|client| client.moved_by(policy, &g)),
                         ));
                     }
                     Some(parker)
@@ -253,11 +256,13 @@ fn start_lane(
                 .lane_sessions
                 .set(Box::new(move || weak.upgrade().map_or(0, |l| l.len())));
             if args.migrate != MigratePolicy::Never {
-                tokio::spawn(resume_lane_on_rotation(
+                // The lane gives back the sessions a rotation moves: their tasks move them,
+                // and they enter the lane again after the move.
+                let (lane, policy) = (lane.clone(), args.migrate);
+                tokio::spawn(on_rotation(
                     credentials.clone(),
-                    lane.clone(),
-                    args.migrate,
                     shutdown.clone(),
+                    move |g| lane.resume_if(move |client| client.moved_by(policy, &g)),
                 ));
             }
             Some(lane)
@@ -265,13 +270,12 @@ fn start_lane(
     }
 }
 
-/// Session mode with `--migrate` and the session lane: the lane gives back the sessions a
-/// rotation moves (their tasks move them, and they enter the lane again after the move).
-async fn resume_lane_on_rotation(
+/// Calls `apply` with each credential generation published, until shutdown: how sessions
+/// without a task (in the session lane, or parked) hear of a rotation.
+async fn on_rotation(
     credentials: Arc<Credentials>,
-    lane: Arc<crate::lane::Lane>,
-    policy: MigratePolicy,
     mut shutdown: Shutdown,
+    apply: impl Fn(Arc<crate::credentials::Generation>),
 ) {
     let mut rotations = credentials.subscribe();
     let mut stop = shutdown.recv();
@@ -283,34 +287,7 @@ async fn resume_lane_on_rotation(
                 }
                 let current = rotations.borrow_and_update().clone();
                 if let Some(g) = current {
-                    lane.resume_if(move |client| client.moved_by(policy, &g));
-                }
-            }
-            () = &mut stop => return,
-        }
-    }
-}
-
-/// Session mode with `--migrate`: a parked session has no task to notice a rotation, so a
-/// rotation resumes those it moves (they move at once, then park again after
-/// `--client-park-after-ms`); the others stay parked.
-async fn resume_parked_on_rotation(
-    credentials: Arc<Credentials>,
-    parker: Arc<crate::park::Parker<crate::client::ParkedSession>>,
-    policy: MigratePolicy,
-    mut shutdown: Shutdown,
-) {
-    let mut rotations = credentials.subscribe();
-    let mut stop = shutdown.recv();
-    loop {
-        tokio::select! {
-            changed = rotations.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let current = rotations.borrow_and_update().clone();
-                if let Some(g) = current {
-                    parker.resume_if(|client| client.moved_by(policy, &g));
+                    apply(g);
                 }
             }
             () = &mut stop => return,

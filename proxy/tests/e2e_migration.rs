@@ -772,7 +772,12 @@ async fn parked_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
 /// the rotation moves, their tasks move them, and they enter the lane again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lane_sessions_move_when_the_host_changes() -> anyhow::Result<()> {
-    idle_sessions_move("lanemove", &["--session-lane-after", "0"], Held::Lane).await
+    idle_sessions_move(
+        "lanemove",
+        &["--session-lane-after", "0", "--worker-threads", "0"],
+        Held::Lane,
+    )
+    .await
 }
 
 /// Where idle sessions wait.
@@ -1439,7 +1444,7 @@ async fn lane_session_given_back_mid_result_delivers_every_row_then_moves() -> a
     let (a_port, b_port) = (port_of(&a), port_of(&b));
     let secret = uri_secret(&a.uri("app_a"))?;
     let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
-        .args(["--session-lane-after", "0"])
+        .args(["--session-lane-after", "0", "--worker-threads", "0"])
         .start()?;
     let mut raw = RawSession::connect(proxy.port(), "x").await?;
     raw.send(&[msg::query("SELECT inet_server_port()")]).await?;

@@ -29,12 +29,15 @@ impl Idle {
         match self {
             Idle::Parked => &["--session-lane", "false", "--client-park-after-ms", PARK_MS],
             // With a count before a session enters the lane (dbproxy's default is 0: at
-            // once), these sessions earn it by falling idle.
+            // once), these sessions earn it by falling idle; the lane runs with one runtime
+            // thread only.
             Idle::Lane => &[
                 "--session-lane-after",
                 "32",
                 "--client-park-after-ms",
                 PARK_MS,
+                "--worker-threads",
+                "0",
             ],
         }
     }
@@ -311,6 +314,7 @@ async fn sessions_earn_the_lane_by_transactions_or_idleness() -> anyhow::Result<
     let secret = uri_secret(&db.uri("app_a"))?;
     let busy = ProxyBuilder::new(&secret.file(URI_KEY))
         .args(["--session-lane-after", "5", "--client-park-after-ms", "0"])
+        .args(["--worker-threads", "0"])
         .start()?;
     let client = connect_observed(&proxy_config(busy.port(), "any", "earn")).await?;
     let c = &client.client;
@@ -338,6 +342,7 @@ async fn sessions_earn_the_lane_by_transactions_or_idleness() -> anyhow::Result<
             "--client-park-after-ms",
             PARK_MS,
         ])
+        .args(["--worker-threads", "0"])
         .start()?;
     let client = connect_observed(&proxy_config(idle.port(), "any", "earn")).await?;
     client.client.simple_query("SELECT 1").await?;
