@@ -73,7 +73,7 @@ pub struct ClientContext {
     /// `--session-lane-after`: transactions a session runs before it enters the lane (0:
     /// right after its login). Entering and leaving cost a session about 25 µs of system
     /// calls and thread hand-offs (pgbench -C, one select-only transaction per connection:
-    /// 125 against 99 µs of CPU per transaction); a transaction through the lane saves about
+    /// 126 against 94–100 µs of CPU per transaction); a transaction through the lane saves about
     /// 1 µs, and a session that enters at once never allocates what its task would use while
     /// it forwards (about 1 kB per idle session with its server connection, against 2.7 kB
     /// when it enters after an idle spell).
