@@ -220,11 +220,21 @@ impl ParkedSession {
     }
 
     /// Back in the runtime on a task of its own, its forwarding going on from `carry` (a
-    /// session given back by the lane). Called inside the runtime.
+    /// session the lane refused or gave back). Called inside the runtime.
     pub(crate) fn resume_from(self: Box<Self>, carry: Option<Box<crate::proxy::Carry>>) {
         let mut session = *self;
         session.st.resume = carry;
         crate::park::Parkable::resume(session);
+    }
+
+    /// The same as a task for the lane thread to spawn on the runtime: the session is served
+    /// on that task, not on one more spawned from it.
+    pub(crate) async fn resumed(self: Box<Self>, carry: Option<Box<crate::proxy::Carry>>) {
+        let mut session = *self;
+        session.st.resume = carry;
+        if let Some(task) = session.into_task() {
+            task.await;
+        }
     }
 }
 
@@ -257,6 +267,17 @@ impl crate::park::Parkable for ParkedSession {
     /// Resumes on a new task. Should the reactor refuse a socket, the client is closed and
     /// its server with it.
     fn resume(self) {
+        if let Some(task) = self.into_task() {
+            drop(tokio::spawn(task));
+        }
+    }
+}
+
+impl ParkedSession {
+    /// Its sockets back in the reactor, and the session's task to run (none if the reactor
+    /// refused a socket: the client is closed then, and its server with it). Called inside the
+    /// runtime.
+    fn into_task(self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let ParkedSession {
             conn,
             socket,
@@ -267,11 +288,11 @@ impl crate::park::Parkable for ParkedSession {
             crate::park::to_runtime(socket),
             crate::park::to_runtime(server),
         ) else {
-            return;
+            return None;
         };
         st.server.stream.attach(server);
         let conn = conn.resume(socket, &st.tracked);
-        drop(tokio::spawn(serve_session(conn, Box::new(st))));
+        Some(serve_session(conn, Box::new(st)))
     }
 }
 

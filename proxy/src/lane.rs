@@ -57,8 +57,9 @@ pub struct Lane {
     inbox: Mutex<Inbox>,
     /// Sessions in the lane now (for the gauge).
     count: AtomicUsize,
-    /// Set with the inbox's `closed`: read without the lock by sessions deciding whether to
-    /// enter.
+    /// False once shutdown started or the lane thread stopped: sessions stay in the runtime.
+    /// Cleared under the inbox's lock, so that [`Lane::enter`] sees it with the epoch; read
+    /// without it by sessions deciding whether to try.
     open: AtomicBool,
     runtime: tokio::runtime::Handle,
 }
@@ -69,8 +70,6 @@ struct Inbox {
     /// Bumped by every [`Lane::resume_if`]: a session whose task last looked for a rotation
     /// before that goes back at once (it may not have seen the rotation).
     epoch: u64,
-    /// Shutdown started, or the lane thread stopped: sessions stay in the runtime.
-    closed: bool,
 }
 
 enum Message {
@@ -158,7 +157,7 @@ impl Lane {
     /// misses none). Called inside the runtime.
     pub fn enter(&self, session: Box<ParkedSession>, epoch: u64) {
         let mut inbox = crate::lock(&self.inbox);
-        if inbox.closed || inbox.epoch != epoch {
+        if !self.is_open() || inbox.epoch != epoch {
             drop(inbox);
             session.resume_from(None);
             return;
@@ -182,7 +181,6 @@ impl Lane {
     /// Gives every session back and takes no more (shutdown: their tasks see it).
     fn close(&self) {
         let mut inbox = crate::lock(&self.inbox);
-        inbox.closed = true;
         self.open.store(false, Relaxed);
         inbox.messages.push(Message::Close);
         drop(inbox);
@@ -191,7 +189,7 @@ impl Lane {
 
     fn wake(&self) {
         if let Err(e) = self.waker.wake() {
-            tracing::error!(error = %e, "cannot wake the session lane");
+            tracing::error!(error = %e, "cannot wake the session lane (its eventfd refused a write): sessions waiting to enter or to be given back are served at its next wakeup; if this repeats, restart with --session-lane false");
         }
     }
 
@@ -214,8 +212,7 @@ impl Lane {
             .store(!carry.to_client.bytes.is_empty(), Relaxed);
         carry.to_server.flush = !carry.to_server.bytes.is_empty();
         carry.to_client.flush = !carry.to_client.bytes.is_empty();
-        self.runtime
-            .spawn(async move { session.resume_from(Some(Box::new(carry))) });
+        self.runtime.spawn(session.resumed(Some(Box::new(carry))));
     }
 
     /// The lane thread: forwards until the epoll set fails (then every session goes back
@@ -367,8 +364,7 @@ impl Lane {
                 let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
             }
             self.count.fetch_sub(1, Relaxed);
-            self.runtime
-                .spawn(async move { entry.session.resume_from(None) });
+            self.runtime.spawn(entry.session.resumed(None));
             return;
         }
         crate::memory::freed(FREED_ON_ENTRY);
@@ -388,8 +384,10 @@ impl Lane {
 
     /// Every session back to the runtime; the lane takes no more.
     fn shut(&self, poll: &Poll, sessions: &mut Slab<Entry>) {
-        crate::lock(&self.inbox).closed = true;
-        self.open.store(false, Relaxed);
+        {
+            let _inbox = crate::lock(&self.inbox);
+            self.open.store(false, Relaxed);
+        }
         for entry in sessions.drain() {
             self.give_back(poll, entry);
         }
@@ -398,7 +396,7 @@ impl Lane {
         for message in messages {
             if let Message::Enter(session) = message {
                 self.count.fetch_sub(1, Relaxed);
-                self.runtime.spawn(async move { session.resume_from(None) });
+                self.runtime.spawn(session.resumed(None));
             }
         }
     }
@@ -419,15 +417,12 @@ impl Drop for Exit<'_> {
         );
         let messages = {
             let mut inbox = crate::lock(&self.0.inbox);
-            inbox.closed = true;
             self.0.open.store(false, Relaxed);
             std::mem::take(&mut inbox.messages)
         };
         for message in messages {
             if let Message::Enter(session) = message {
-                self.0
-                    .runtime
-                    .spawn(async move { session.resume_from(None) });
+                self.0.runtime.spawn(session.resumed(None));
             }
         }
         self.0.count.store(0, Relaxed);

@@ -313,10 +313,7 @@ pub fn config_rows(args: &RunArgs) -> Vec<(String, String, String)> {
             ("log_format", format!("{:?}", a.log_format).to_lowercase()),
             (
                 "client_password_file",
-                a.client_password_file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
+                path_or_empty(a.client_password_file.as_deref()),
             ),
             ("admin_user", a.admin_user.clone().unwrap_or_default()),
             ("max_client_message", a.max_client_message.to_string()),
