@@ -78,6 +78,9 @@ pub struct ClientContext {
     /// it forwards (about 1 kB per idle session with its server connection, against 2.7 kB
     /// when it enters after an idle spell).
     pub lane_after: u32,
+    /// Where idle plaintext transaction-mode clients wait and their transactions are
+    /// forwarded (`--transaction-lane`, transaction mode on one runtime thread).
+    pub tx_lane: Option<Arc<crate::txlane::TxLane>>,
 }
 
 /// The parker of the pool mode: one per mode, so that a parked client's record in its slab
@@ -296,6 +299,302 @@ impl ParkedSession {
     }
 }
 
+/// A transaction-mode client in the transaction lane (see [`crate::txlane`]): its socket
+/// out of the runtime, its session, and the bytes of its next request.
+pub struct LaneTxClient {
+    conn: ParkedConn,
+    socket: StdTcpStream,
+    session: TxSession,
+    cbuf: BytesMut,
+    watch: ReadWatch,
+    pub(crate) flags: Arc<crate::txlane::Flags>,
+}
+
+/// A server connection the transaction lane holds: its socket out of the runtime.
+pub struct LaneServer {
+    server: Box<ServerConnection>,
+    socket: StdTcpStream,
+    pub(crate) flags: Arc<crate::txlane::Flags>,
+}
+
+/// What a lane client's request needs.
+pub(crate) enum Prep {
+    /// A server.
+    Server,
+    /// The runtime (Terminate, a pinned session).
+    GiveBack,
+    /// Nothing but this reply, which dbproxy gives itself.
+    Reply(BytesMut),
+}
+
+impl LaneTxClient {
+    pub(crate) fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<ClientContext> {
+        self.conn.ctx()
+    }
+
+    pub(crate) fn params(&self) -> &crate::server::ServerParams {
+        &self.session.server_params
+    }
+
+    pub(crate) fn has_request(&self) -> bool {
+        !self.cbuf.is_empty()
+    }
+
+    /// One read of the client's socket into its request buffer.
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        let mut io = crate::txlane::LaneIo::new(&self.socket, &self.flags);
+        let read = crate::txn::poll_read_appending(&mut io, cx, &mut self.cbuf);
+        if let Poll::Ready(Ok(n)) = read {
+            crate::proxy::count_client_bytes(n);
+        }
+        read
+    }
+
+    /// What the request at hand needs.
+    pub(crate) fn prepare(&mut self) -> Prep {
+        if self.cbuf.first() == Some(&b'X') || self.session.client.is_pinned() {
+            return Prep::GiveBack;
+        }
+        let known = &self.conn.ctx().known_statements;
+        match crate::txn::answer_without_server(&mut self.session.client, &mut self.cbuf, known) {
+            Some(reply) => Prep::Reply(reply),
+            None => Prep::Server,
+        }
+    }
+
+    /// Writes `reply` as far as the socket takes it: what is left, if anything.
+    pub(crate) fn write_reply(&self, mut reply: BytesMut) -> Option<BytesMut> {
+        use std::io::Write;
+        while !reply.is_empty() {
+            match (&self.socket).write(&reply) {
+                Ok(n) => {
+                    let _ = reply.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Some(reply),
+            }
+        }
+        None
+    }
+
+    /// Marks the client waiting for a server (SHOW CLIENTS).
+    pub(crate) fn set_waiting(&self) {
+        self.session.tracked.set_waiting();
+    }
+
+    /// Takes `server` for the request at hand when nothing on it needs bringing in line
+    /// (false: the runtime syncs it, as [`transaction_step`] does).
+    pub(crate) fn begin(&mut self, server: &mut LaneServer) -> bool {
+        let owner = self
+            .conn
+            .ctx()
+            .reset_settings_between_clients
+            .then(|| self.session.tracked.id());
+        if !in_sync(&mut server.server, &self.session.client, owner) {
+            return false;
+        }
+        self.session.tracked.link(&server.server.registry);
+        true
+    }
+
+    /// Forwards one round between the client and `server`, to the first safe point.
+    pub(crate) async fn round(
+        mut self: Box<Self>,
+        mut server: Box<LaneServer>,
+    ) -> (Box<Self>, Box<LaneServer>, crate::txn::RoundOutcome) {
+        let LaneTxClient {
+            conn,
+            socket,
+            session,
+            cbuf,
+            watch,
+            flags,
+        } = &mut *self;
+        let LaneServer {
+            server: conn_s,
+            socket: server_socket,
+            flags: server_flags,
+        } = &mut *server;
+        let ctx = conn.ctx();
+        let config = RoundConfig {
+            known: &ctx.known_statements,
+            max_message: ctx.max_client_message,
+            max_prepared: ctx.max_prepared_statements,
+            end_at_safe_point: true,
+            client_id: session.tracked.id(),
+        };
+        let ServerConnection {
+            txn,
+            parameter_status,
+            ..
+        } = &mut **conn_s;
+        let outcome = run_round(
+            &mut crate::txlane::LaneIo::new(socket, flags),
+            &mut crate::txlane::LaneIo::new(server_socket, server_flags),
+            txn.get_or_insert_with(Default::default),
+            parameter_status,
+            &mut session.client,
+            cbuf,
+            &config,
+            None,
+            watch,
+        )
+        .await;
+        (self, server, outcome)
+    }
+
+    /// Whether the round ended where the lane goes on (a safe point, nothing to look at, no
+    /// pin): then the client's cancels stop going to `server`.
+    pub(crate) fn settled(
+        &mut self,
+        server: &LaneServer,
+        outcome: &crate::txn::RoundOutcome,
+    ) -> bool {
+        if outcome.end != RoundEnd::SafePoint || outcome.recheck || self.session.client.is_pinned()
+        {
+            return false;
+        }
+        self.session.tracked.unlink(&server.server.registry);
+        true
+    }
+
+    /// Back to the runtime, on a task of its own: with the server it holds, if any, and
+    /// where the lane left it. Called inside the runtime.
+    pub(crate) async fn resumed(
+        self: Box<Self>,
+        server: Option<Box<LaneServer>>,
+        resume: Option<TxResume>,
+    ) {
+        let LaneTxClient {
+            conn,
+            socket,
+            session,
+            cbuf,
+            ..
+        } = *self;
+        let pool = conn.ctx().pool.clone();
+        let held = server.and_then(|s| s.into_runtime(&pool));
+        let Some(socket) = crate::park::to_runtime(socket) else {
+            if let Some(server) = held {
+                pool.release_now(server, false);
+            }
+            return;
+        };
+        let conn = conn.resume(socket, &session.tracked);
+        let mut st = Box::new(TxClient::idle(session));
+        st.cbuf = cbuf;
+        st.assigned = held.is_some() && matches!(resume, Some(TxResume::After(_)));
+        st.held = held;
+        st.resume = resume.map(Box::new);
+        serve_transaction(conn, st).await;
+    }
+}
+
+impl LaneServer {
+    /// A server connection out of the runtime for the lane; back (in the runtime) when it
+    /// cannot be (TLS).
+    pub(crate) fn from_runtime(
+        mut server: Box<ServerConnection>,
+    ) -> std::result::Result<Box<Self>, Box<ServerConnection>> {
+        let Some(tcp) = server.stream.detach() else {
+            return Err(server);
+        };
+        match tcp.into_std() {
+            Ok(socket) => Ok(Box::new(LaneServer {
+                server,
+                socket,
+                flags: Default::default(),
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take a server connection out of the runtime for the transaction lane; closing it");
+                Err(server)
+            }
+        }
+    }
+
+    /// Back in the runtime (None, counted closed, if the reactor refuses its socket).
+    pub(crate) fn into_runtime(self, pool: &Pool) -> Option<Box<ServerConnection>> {
+        let LaneServer {
+            mut server, socket, ..
+        } = self;
+        match crate::park::to_runtime(socket) {
+            Some(tcp) => {
+                server.stream.attach(tcp);
+                Some(server)
+            }
+            None => {
+                pool.lane_close(server);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    pub(crate) fn conn(&self) -> &ServerConnection {
+        &self.server
+    }
+
+    /// Whether a cancel is on its way to this backend (it must not serve another client
+    /// before it landed).
+    pub(crate) fn cancel_in_flight(&self, ctx: &ClientContext) -> bool {
+        ctx.cancels
+            .cancel_in_flight(self.server.peer(), self.server.backend_pid)
+    }
+
+    /// Closes it (Terminate, then the socket) and gives its slot back.
+    pub(crate) fn close(self, pool: &Pool) {
+        use std::io::Write;
+        let LaneServer { server, socket, .. } = self;
+        let _ = (&socket).write(&[b'X', 0, 0, 0, 4]);
+        pool.lane_close(server);
+    }
+}
+
+/// Hands an idle transaction-mode client to the transaction lane: its task ends here.
+fn to_tx_lane(conn: ClientConn, st: TxClient) {
+    let ClientConn {
+        socket,
+        peer,
+        require_password,
+        _slot: slot,
+        ..
+    } = conn;
+    let ClientStream::Plain(socket) = socket else {
+        return;
+    };
+    let Some(lane) = slot.ctx().tx_lane.clone() else {
+        return;
+    };
+    match socket.into_std() {
+        Ok(socket) => lane.enter(Box::new(LaneTxClient {
+            conn: ParkedConn {
+                require_password,
+                slot,
+            },
+            socket,
+            session: st.into_idle(),
+            cbuf: BytesMut::new(),
+            watch: ReadWatch::default(),
+            flags: Default::default(),
+        })),
+        Err(e) => tracing::warn!(
+            %peer,
+            error = %e,
+            "cannot take an idle client's socket out of the runtime for the transaction lane; closing it (if this repeats, turn the lane off with --transaction-lane false)"
+        ),
+    }
+}
+
 /// What the startup phase produced.
 enum Startup {
     /// A session to serve, with any bytes the client sent behind its startup packet.
@@ -394,6 +693,7 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     match served {
         Ok(TxExit::Done) => {}
         Ok(TxExit::Park(st)) => park(*conn, ToPark::Transaction(st)),
+        Ok(TxExit::Lane(st)) => to_tx_lane(*conn, *st),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
     }
 }
@@ -1242,6 +1542,19 @@ struct TxClient {
     /// Rotations, while state pins the client to its server (boxed: rarely there).
     signal: Option<Box<MoveSignal>>,
     sync_failures: u32,
+    /// Where the transaction lane gave the client back (boxed: rarely there).
+    resume: Option<Box<TxResume>>,
+}
+
+/// Why the transaction lane gave a client back, when its next step is not the usual one.
+pub(crate) enum TxResume {
+    /// A round ended where the runtime decides (an error, a pinned session, a change to look
+    /// at): the client still holds the round's server.
+    After(crate::txn::RoundOutcome),
+    /// Getting a server failed.
+    Failed(ProxyError),
+    /// A reply dbproxy gave without a server, not all written yet.
+    Reply(BytesMut),
 }
 
 /// What a transaction-mode client keeps between transactions, parked too: who it is and its
@@ -1264,12 +1577,18 @@ impl TxClient {
             assigned: false,
             signal: None,
             sync_failures: 0,
+            resume: None,
         }
     }
 
     /// What an idle client keeps (it holds no server and has no bytes to forward).
     fn into_idle(self) -> TxSession {
-        debug_assert!(self.held.is_none() && self.cbuf.is_empty() && self.signal.is_none());
+        debug_assert!(
+            self.held.is_none()
+                && self.cbuf.is_empty()
+                && self.signal.is_none()
+                && self.resume.is_none()
+        );
         self.session
     }
 }
@@ -1321,6 +1640,7 @@ async fn transaction_login(
         assigned: false,
         signal: None,
         sync_failures: 0,
+        resume: None,
     }))
 }
 
@@ -1354,6 +1674,14 @@ async fn transaction_session(
             // client keeps none.
             if st.cbuf.capacity() > KEEP_IDLE_REQUEST_BUFFER {
                 st.cbuf = BytesMut::new();
+            }
+            if let Some(lane) = &ctx.tx_lane
+                && lane.is_open()
+                && matches!(socket, ClientStream::Plain(_))
+                && st.signal.is_none()
+                && !st.session.client.is_pinned()
+            {
+                return Ok(TxExit::Lane(st));
             }
             // Idle from now (a long transaction does not count as silence).
             if let Some(wait) = idle_wait.as_mut() {
@@ -1428,6 +1756,8 @@ enum TxExit {
     Done,
     /// Idle: the client's state goes to the parker.
     Park(Box<TxClient>),
+    /// Idle: the client goes to the transaction lane.
+    Lane(Box<TxClient>),
 }
 
 /// Where a transaction-mode step left the client.
@@ -1452,6 +1782,17 @@ async fn transaction_step(
 ) -> Result<Step> {
     // Armed again by the round's reads, if there is a round.
     watch.disarm();
+    if let Some(resume) = st.resume.take() {
+        match *resume {
+            TxResume::After(outcome) => return after_round(ctx, st, outcome).await,
+            TxResume::Failed(e) => return Err(e),
+            TxResume::Reply(reply) => {
+                socket.write_all(&reply).await?;
+                socket.flush().await?;
+                return Ok(Step::Again);
+            }
+        }
+    }
     let TxClient {
         session:
             TxSession {
@@ -1555,6 +1896,28 @@ async fn transaction_step(
         watch,
     )
     .await;
+    after_round(ctx, st, outcome).await
+}
+
+/// What a transaction-mode round's end leaves to do: give the server back at a safe point,
+/// look at a change to the session's state, end the client after an error.
+async fn after_round(
+    ctx: &ClientContext,
+    st: &mut TxClient,
+    outcome: crate::txn::RoundOutcome,
+) -> Result<Step> {
+    let TxClient {
+        session: TxSession {
+            tracked, client, ..
+        },
+        held,
+        assigned,
+        signal,
+        ..
+    } = st;
+    let Some(server) = held.as_mut() else {
+        return Ok(Step::Again);
+    };
     if outcome.end == RoundEnd::SafePoint && outcome.recheck {
         match Box::pin(relearn(server, client)).await {
             Ok(()) => {}

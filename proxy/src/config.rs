@@ -210,6 +210,14 @@ pub struct RunArgs {
     #[arg(long = "session-lane-after", default_value_t = 0)]
     pub session_lane_after: u32,
 
+    /// Transaction mode with --worker-threads 0: a thread of its own holds the idle
+    /// plaintext clients and forwards their transactions over the server connections it
+    /// takes from the pool (one epoll set, no task per client); logins, bringing a server in
+    /// line with a client's session, pinned sessions, errors and TLS stay on the runtime.
+    /// `false` serves every client on the runtime.
+    #[arg(long = "transaction-lane", default_value_t = true, action = clap::ArgAction::Set)]
+    pub transaction_lane: bool,
+
     /// TLS for clients: `disable` answers N to SSLRequest, `allow`/`prefer` accept TLS when
     /// asked, `require` refuses plaintext clients.
     #[arg(long = "client-tls", value_enum, default_value = "prefer")]

@@ -51,6 +51,8 @@ pub mod sql;
 pub mod stats;
 /// TLS towards clients (SSLRequest, certificate, mode) and the forwarding loop for TLS sessions.
 pub mod tls;
+/// Transaction-mode clients served out of the runtime (`--transaction-lane`).
+pub mod txlane;
 /// Transaction pooling: the per-transaction forwarding loop and the session kept between.
 pub mod txn;
 /// Waker lists for events that wake many waiting tasks at once.

@@ -1,7 +1,7 @@
 //! Session pool: idle server connections, the pool-size limit, the bounded wait for a free
 //! connection, release with reset, and the janitor that enforces idle timeout and lifetime.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,12 @@ pub struct Pool {
     /// The startup parameters of the last connection opened for a client: what
     /// `--min-pool-size` opens connections with.
     last_params: Mutex<Option<ServerParams>>,
+    /// The transaction lane's call to give back the connections it keeps idle (set once
+    /// when it starts): made when a client of the runtime must wait, at RECONNECT.
+    lane_flush: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Clients of the runtime waiting for a connection: the transaction lane gives back
+    /// instead of keeping what its clients release while there are any.
+    runtime_waiters: std::sync::atomic::AtomicUsize,
 }
 
 /// Generation, startup parameters and the ParameterStatus a server sent at login.
@@ -132,6 +138,8 @@ impl Pool {
             welcome: Mutex::new(Vec::new()),
             interned: Mutex::new(Vec::new()),
             last_params: Mutex::new(None),
+            lane_flush: std::sync::OnceLock::new(),
+            runtime_waiters: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -225,7 +233,31 @@ impl Pool {
     pub fn reconnect(&self) -> usize {
         self.retire_before
             .store(since_epoch_ns(Instant::now()) + 1, SeqCst);
+        self.flush_lane();
         self.sweep().0
+    }
+
+    /// A client's wait for a connection timed out.
+    pub fn count_timeout(&self) {
+        self.stats.pool_timeouts.increment(1);
+    }
+
+    /// Sets the transaction lane's call that gives back the connections it keeps idle.
+    pub fn set_lane_flush(&self, flush: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.lane_flush.set(flush);
+    }
+
+    /// Asks the transaction lane for the connections it keeps idle (they come back here, or
+    /// close if this pool would not keep them).
+    pub fn flush_lane(&self) {
+        if let Some(flush) = self.lane_flush.get() {
+            flush();
+        }
+    }
+
+    /// Whether clients of the runtime wait for a connection now.
+    pub fn runtime_waiters(&self) -> usize {
+        self.runtime_waiters.load(Relaxed)
     }
 
     fn retired(&self, server: &ServerConnection) -> bool {
@@ -317,9 +349,43 @@ impl Pool {
         timeout: Duration,
         exceed: bool,
     ) -> Result<Box<ServerConnection>> {
+        // Counted down by a guard: the caller may drop this future midway (shutdown).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.runtime_waiters.fetch_add(1, Relaxed);
+        let _waiting = Waiting(&self.runtime_waiters);
+        self.acquire_counted(params, timeout, exceed, false).await
+    }
+
+    /// A connection for the transaction lane's clients: [`Pool::acquire_waiting`] that does
+    /// not ask the lane for its own idle connections.
+    pub async fn acquire_for_lane(
+        &self,
+        params: &ServerParams,
+        timeout: Duration,
+    ) -> Result<Box<ServerConnection>> {
+        if let Some(server) = self.try_acquire(params) {
+            return Ok(server);
+        }
+        self.acquire_counted(params, timeout, false, true).await
+    }
+
+    async fn acquire_counted(
+        &self,
+        params: &ServerParams,
+        timeout: Duration,
+        exceed: bool,
+        for_lane: bool,
+    ) -> Result<Box<ServerConnection>> {
         let started = Instant::now();
         self.stats.clients_waiting.increment();
-        let got = self.acquire_inner(params, started + timeout, exceed).await;
+        let got = self
+            .acquire_inner(params, started + timeout, exceed, for_lane)
+            .await;
         self.stats.clients_waiting.decrement();
         let waited = started.elapsed();
         crate::stats::hot().pool_wait.record(waited);
@@ -369,6 +435,7 @@ impl Pool {
         params: &ServerParams,
         deadline: Instant,
         exceed: bool,
+        for_lane: bool,
     ) -> Result<Box<ServerConnection>> {
         loop {
             if self.is_paused() {
@@ -408,11 +475,18 @@ impl Pool {
                     return Ok(Box::new(server));
                 }
                 Decision::Wait => {
+                    if !for_lane {
+                        // Connections the transaction lane keeps idle come back for it.
+                        self.flush_lane();
+                    }
                     if tokio::time::timeout_at(deadline.into(), notified)
                         .await
                         .is_err()
                     {
-                        self.stats.pool_timeouts.increment(1);
+                        // The lane counts the timeouts that reach a client of its own.
+                        if !for_lane {
+                            self.count_timeout();
+                        }
                         return Err(ProxyError::PoolExhausted(self.config.timeout.as_secs()));
                     }
                 }
@@ -608,6 +682,51 @@ impl Pool {
         } else {
             self.close_counted(server);
         }
+    }
+
+    /// The transaction lane takes `server` (kept idle by it) for a client: counted as
+    /// [`Pool::try_acquire`] counts a connection it hands out.
+    pub fn lane_assign(&self, server: &ServerConnection) {
+        self.assigned(server, 0);
+    }
+
+    /// A client of the transaction lane released `server`, which the lane keeps idle: counted
+    /// as idle, not in the pool's list.
+    pub fn lane_idle(&self, server: &ServerConnection) {
+        self.stats.clients_active.decrement();
+        server.registry.live.release();
+    }
+
+    /// Whether the pool would keep `server` if it were released clean now (the transaction
+    /// lane asks before keeping one idle itself).
+    pub fn would_keep(&self, server: &ServerConnection) -> bool {
+        !self.is_paused() && self.keeps(server, true, Instant::now())
+    }
+
+    /// A connection the transaction lane kept idle comes back: kept idle here, or closed if
+    /// the pool would not keep it.
+    pub fn lane_return(&self, server: Box<ServerConnection>) {
+        let now = Instant::now();
+        if self.keeps(&server, true, now) {
+            self.add_idle(server, now);
+        } else {
+            self.close_counted(server);
+        }
+    }
+
+    /// The transaction lane lost `n` connections (its thread panicked): their slots go back.
+    pub fn lost_slots(&self, n: usize) {
+        for _ in 0..n {
+            self.slot_freed();
+        }
+    }
+
+    /// Closes a connection the transaction lane kept (its socket out of the runtime: the
+    /// caller sends Terminate on it), and gives its slot back.
+    pub fn lane_close(&self, server: Box<ServerConnection>) {
+        self.forget(&server);
+        drop(server);
+        self.slot_freed();
     }
 
     /// Whether a released connection goes back to the pool: clean, of the current generation,

@@ -160,6 +160,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         lane: start_lane(&args, &credentials, &stats, &shutdown),
         lane_after: args.session_lane_after,
+        tx_lane: start_tx_lane(&args, &pool, &credentials, &stats, &shutdown),
         parker: match args.client_park_after_ms {
             0 => None,
             ms => match crate::client::ClientParker::start(
@@ -265,6 +266,41 @@ fn start_lane(
                     move |g| lane.resume_if(move |client| client.moved_by(policy, &g)),
                 ));
             }
+            Some(lane)
+        }
+    }
+}
+
+/// The transaction lane, in transaction mode on one runtime thread with
+/// `--transaction-lane`, and the task that has it give back its idle connections at each
+/// rotation (the pool closes those of older generations).
+fn start_tx_lane(
+    args: &RunArgs,
+    pool: &Arc<Pool>,
+    credentials: &Arc<Credentials>,
+    stats: &Arc<Stats>,
+    shutdown: &Shutdown,
+) -> Option<Arc<crate::txlane::TxLane>> {
+    if !args.transaction_lane || args.worker_threads != 0 || args.pool_mode != PoolMode::Transaction
+    {
+        return None;
+    }
+    match crate::txlane::TxLane::start(pool.clone(), args.pool_timeout(), shutdown.clone()) {
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the transaction lane (a thread and an epoll set: check the thread and open-files limits); the runtime serves every client (--transaction-lane false says so and silences this)");
+            None
+        }
+        Ok(lane) => {
+            let weak = Arc::downgrade(&lane);
+            let _ = stats
+                .lane_clients
+                .set(Box::new(move || weak.upgrade().map_or(0, |l| l.len())));
+            let flushing = lane.clone();
+            tokio::spawn(on_rotation(
+                credentials.clone(),
+                shutdown.clone(),
+                move |_| flushing.flush(),
+            ));
             Some(lane)
         }
     }

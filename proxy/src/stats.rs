@@ -45,6 +45,8 @@ pub struct Stats {
     pub parked_clients: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
     /// How many sessions the session lane forwards now (set when the lane runs).
     pub lane_sessions: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// Clients in the transaction lane, when it runs.
+    pub lane_clients: OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Stats {
@@ -65,6 +67,7 @@ impl Stats {
             registry: Registry::default(),
             parked_clients: OnceLock::new(),
             lane_sessions: OnceLock::new(),
+            lane_clients: OnceLock::new(),
         }
     }
 
@@ -113,6 +116,9 @@ impl Stats {
         }
         if let Some(lane) = self.lane_sessions.get() {
             gauge!("dbproxy_session_lane_clients").set(lane() as f64);
+        }
+        if let Some(lane) = self.lane_clients.get() {
+            gauge!("dbproxy_transaction_lane_clients").set(lane() as f64);
         }
         let mut counts: HashMap<(&'static str, u64), f64> = HashMap::new();
         for s in self.registry.servers() {

@@ -101,3 +101,49 @@ async fn query_and_terminate_pipelined_behind_startup_are_answered() -> anyhow::
     );
     Ok(())
 }
+
+/// Transaction mode: a client idle in the transaction lane that sends a query and Terminate
+/// in one write gets the whole answer before its connection closes (the round delivers what
+/// the server still owes a terminating client, as PostgreSQL would), and the server
+/// connection serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_and_terminate_from_an_idle_transaction_mode_client_are_answered()
+-> anyhow::Result<()> {
+    let db = AppCluster::start("one").await?;
+    let secret = uri_secret(&db.uri("app_a"))?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(["--pool-mode", "transaction", "--pool-size", "1"])
+        .args(["--worker-threads", "0"])
+        .start()?;
+    for round in 0..3 {
+        let mut stream = TcpStream::connect(("127.0.0.1", proxy.port())).await?;
+        stream
+            .write_all(&startup(&[("user", "x"), ("database", "y")]))
+            .await?;
+        // Up to the login's ReadyForQuery.
+        let mut login = Vec::new();
+        while !login.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+            let mut b = [0u8; 512];
+            let n = tokio::time::timeout(CLIENT_OP_TIMEOUT, stream.read(&mut b)).await??;
+            anyhow::ensure!(n > 0, "round {round}: closed during the login");
+            login.extend_from_slice(&b[..n]);
+        }
+        wait_in_tx_lane(&proxy, 1).await?;
+        let mut bytes = message(b'Q', b"SELECT pg_sleep(0.2)::text || current_user\0");
+        bytes.extend(message(b'X', b""));
+        stream.write_all(&bytes).await?;
+        let messages = read_all(&mut stream).await?;
+        let tags: String = messages.iter().map(|(t, _)| *t as char).collect();
+        let row = messages
+            .iter()
+            .find(|(t, _)| *t == b'D')
+            .ok_or_else(|| anyhow::anyhow!("round {round}: no DataRow in {tags}"))?;
+        let value = String::from_utf8_lossy(&row.1[6..]).into_owned();
+        assert_eq!(value, "app_a", "round {round}");
+        assert!(
+            tags.ends_with("CZ"),
+            "round {round}: the query must complete: {tags}"
+        );
+    }
+    Ok(())
+}

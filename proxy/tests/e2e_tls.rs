@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
 use common::*;
 use dbcred::Dsn;
 use dbcred::tls::{Attempt, DsnTls, PgStream, ServerTlsPolicy, negotiate, tls_server_end_point};
@@ -696,5 +697,58 @@ async fn sessions_over_tls_to_the_server_are_not_parked() -> anyhow::Result<()> 
         "{text}"
     );
     assert_eq!(whoami(&plain).await?.0, "app_a");
+    Ok(())
+}
+
+/// The transaction lane keeps the server connection its plaintext client released for its
+/// next request; a TLS client (served on the runtime) that needs it gets it from there at
+/// once, not after `--pool-timeout`, and back and forth with one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_get_the_connection_the_transaction_lane_keeps() -> anyhow::Result<()> {
+    let c = tls_cluster("tls-lane", ServerCert::Valid).await?;
+    let (certs, _, _) = client_side_cert(&c)?;
+    let mut flags = client_side_cert_flags(&certs);
+    flags.extend(
+        [
+            "--pool-mode",
+            "transaction",
+            "--pool-size",
+            "1",
+            "--pool-timeout",
+            "5",
+            "--worker-threads",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (_s, builder) = proxy_for(&c.app, &dsn_with(&c.app, "sslmode=disable"), &flags)?;
+    let proxy = builder.start()?;
+    let tls = tls_client(proxy.port(), &c.pki.ca_cert).await?;
+    let plain = proxy.connect().await?;
+    for round in 0..3 {
+        plain.simple_query("SELECT 1").await?;
+        wait_in_tx_lane(&proxy, 1).await?;
+        let t = std::time::Instant::now();
+        tls.simple_query("SELECT 1")
+            .await
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!("round {round}: the TLS client did not get the connection the lane kept")
+            })?;
+        // Not a speed check: without the lane's hand-over the client waits for the lane's
+        // sweep (one to two seconds) or the pool timeout.
+        let waited = t.elapsed();
+        anyhow::ensure!(
+            waited < Duration::from_millis(900),
+            "round {round}: the TLS client waited {waited:?} for the connection the lane kept idle"
+        );
+    }
+    let text = scrape(&proxy)?;
+    assert_eq!(
+        metric_or_zero(&text, "dbproxy_pool_timeouts_total", &[]),
+        0.0,
+        "{text}"
+    );
     Ok(())
 }

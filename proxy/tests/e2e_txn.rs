@@ -3175,21 +3175,55 @@ async fn set_role_follows_its_client_only() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where idle clients wait out of the runtime.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Idle {
+    /// Parked (`--client-park-after-ms`, the transaction lane off).
+    Parked,
+    /// In the transaction lane (the default).
+    Lane,
+}
+
+impl Idle {
+    async fn wait(self, proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
+        match self {
+            Idle::Parked => wait_parked(proxy, n).await,
+            Idle::Lane => wait_in_tx_lane(proxy, n).await,
+        }
+    }
+}
+
 /// `--client-park-after-ms`: idle clients leave the runtime and come back when they speak,
 /// with their session intact (a setting, a protocol-level prepared statement); a parked
 /// client that hangs up is forgotten at once; SIGTERM ends parked clients without waiting
 /// for --shutdown-timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_clients_park_and_resume_with_their_session() -> anyhow::Result<()> {
-    let (_db, _secret, mut proxy) = txn_proxy(&[
+    idle_clients_keep_their_session(Idle::Parked).await
+}
+
+/// The same in the transaction lane: idle clients wait there from their login, their
+/// transactions are forwarded there, and they keep their session (settings applied on
+/// whichever server they get, protocol-level prepared statements).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_clients_in_the_transaction_lane_keep_their_session() -> anyhow::Result<()> {
+    idle_clients_keep_their_session(Idle::Lane).await
+}
+
+async fn idle_clients_keep_their_session(idle: Idle) -> anyhow::Result<()> {
+    let mut args = vec![
         "--client-park-after-ms",
         "50",
         "--shutdown-delay",
         "0",
         "--shutdown-timeout",
         "60",
-    ])
-    .await?;
+    ];
+    args.extend(match idle {
+        Idle::Parked => ["--transaction-lane", "false"],
+        Idle::Lane => ["--worker-threads", "0"],
+    });
+    let (_db, _secret, mut proxy) = txn_proxy(&args).await?;
     let mut clients = Vec::new();
     for i in 0..5 {
         let client = proxy.connect().await?;
@@ -3199,7 +3233,7 @@ async fn idle_clients_park_and_resume_with_their_session() -> anyhow::Result<()>
         let statement = client.prepare("SELECT $1::int + 1").await?;
         clients.push((client, statement));
     }
-    wait_parked(&proxy, 5).await?;
+    idle.wait(&proxy, 5).await?;
     for round in 0..2 {
         for (i, (client, statement)) in clients.iter().enumerate() {
             let v: i32 = tokio::time::timeout(
@@ -3217,18 +3251,18 @@ async fn idle_clients_park_and_resume_with_their_session() -> anyhow::Result<()>
             );
         }
         // Idle again: parked again.
-        wait_parked(&proxy, 5).await?;
+        idle.wait(&proxy, 5).await?;
     }
     let gone = clients.pop();
     drop(gone);
-    wait_parked(&proxy, 4).await?;
+    idle.wait(&proxy, 4).await?;
     let text = scrape(&proxy)?;
     ensure!(
         metric_or_zero(&text, "dbproxy_clients", &[]) == 4.0,
-        "a client that hung up while parked is still counted:\n{text}"
+        "a client that hung up while {idle:?} is still counted:\n{text}"
     );
 
-    proxy.sigterm_expect_prompt_exit("4 parked clients")?;
+    proxy.sigterm_expect_prompt_exit(&format!("4 clients {idle:?}"))?;
     for (client, _) in &clients {
         ensure!(
             client.simple_query("SELECT 1").await.is_err(),
@@ -3289,6 +3323,192 @@ async fn big_rows_pass_through_between_small_ones() -> anyhow::Result<()> {
             v == format!("after {round}"),
             "round {round}: the next client got {v:?}"
         );
+    }
+    Ok(())
+}
+
+/// Waits until `app_a` has `n` server connections, at most 15 s; how long it took.
+async fn wait_app_backends(admin: &Client, n: i64, what: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let now = app_backends(admin).await?;
+        if now == n {
+            return Ok(t.elapsed());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "{what}: app_a still has {now} server connections 15 s later (expected {n})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The transaction lane keeps the connections its clients released for their next requests;
+/// a rotation (`app_a` -> `app_b`) closes the old generation's among them at once, as the
+/// pool closes its own idle ones, and the next transactions run as `app_b`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_closes_the_connections_the_transaction_lane_keeps() -> anyhow::Result<()> {
+    let (db, secret, proxy) = txn_proxy(&["--pool-size", "4", "--worker-threads", "0"]).await?;
+    let admin = db.admin().await?;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(proxy.connect().await?);
+    }
+    // Three transactions at once: three server connections, then idle in the lane.
+    let mut pids = HashSet::new();
+    for c in &clients {
+        pids.insert(hold(c).await?);
+    }
+    ensure!(
+        pids.len() == 3,
+        "three open transactions shared backends: {pids:?}"
+    );
+    for c in &clients {
+        release(c).await?;
+    }
+    wait_in_tx_lane(&proxy, 3).await?;
+    let before = app_backends(&admin).await?;
+    ensure!(before >= 3, "only {before} server connections of app_a");
+    let written = write_uri(&secret, &db.uri("app_b"))?;
+    let took = wait_app_backends(&admin, 0, "after the rotation to app_b").await?;
+    println!(
+        "{before} connections of app_a closed {:?} after the Secret write ({took:?} of waiting)",
+        written.elapsed()
+    );
+    for c in &clients {
+        let user = simple_value(c, "SELECT current_user").await?;
+        ensure!(
+            user == "app_b",
+            "a transaction after the rotation ran as {user}"
+        );
+    }
+    Ok(())
+}
+
+/// Connections the transaction lane keeps unused go back to the pool within about two
+/// seconds, where `--server-idle-timeout` closes them; the client's next request gets a new
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unused_connections_leave_the_transaction_lane_for_the_idle_timeout() -> anyhow::Result<()>
+{
+    let (db, _secret, proxy) =
+        txn_proxy(&["--server-idle-timeout", "1", "--worker-threads", "0"]).await?;
+    let admin = db.admin().await?;
+    let client = proxy.connect().await?;
+    let first: String = simple_value(&client, "SELECT pg_backend_pid()::text").await?;
+    wait_in_tx_lane(&proxy, 1).await?;
+    let took = wait_app_backends(&admin, 0, "unused, with --server-idle-timeout 1").await?;
+    println!("the unused connection closed {took:?} after the client went idle");
+    let second: String = simple_value(&client, "SELECT pg_backend_pid()::text").await?;
+    ensure!(first != second, "the closed backend {first} served again");
+    Ok(())
+}
+
+/// With one server connection, a lane client's request waits in the lane while another
+/// lane client's transaction holds it, and runs as soon as that transaction ends; a client
+/// whose wait outlasts `--pool-timeout` gets the pool's error, and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lane_clients_wait_for_the_server_another_holds() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&[
+        "--pool-size",
+        "1",
+        "--pool-timeout",
+        "2",
+        "--worker-threads",
+        "0",
+    ])
+    .await?;
+    let a = proxy.connect().await?;
+    let b = proxy.connect().await?;
+    let pid = hold(&a).await?;
+    // b waits in the lane; a's COMMIT hands it the server.
+    let waiting = tokio::spawn(async move {
+        let v = simple_value(&b, "SELECT pg_backend_pid()::text").await;
+        (b, v)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(!waiting.is_finished(), "b ran while a held the only server");
+    release(&a).await?;
+    let (b, v) = tokio::time::timeout(CLIENT_OP_TIMEOUT, waiting).await??;
+    ensure!(v? == pid.to_string(), "b did not get the server a released");
+    // Now a holds it past b's --pool-timeout.
+    hold(&a).await?;
+    let t = Instant::now();
+    let err = tokio::time::timeout(CLIENT_OP_TIMEOUT, b.simple_query("SELECT 1"))
+        .await
+        .context("b's wait did not end")?
+        .expect_err("b got a server while a held the only one");
+    let text = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_else(|| err.to_string());
+    ensure!(
+        text.contains("pool"),
+        "b's error does not say the pool timed out: {text}"
+    );
+    ensure!(
+        t.elapsed() >= Duration::from_secs(2),
+        "b gave up before --pool-timeout"
+    );
+    release(&a).await?;
+    ensure!(simple_value(&a, "SELECT 1").await? == "1");
+    let c = proxy.connect().await?;
+    ensure!(simple_value(&c, "SELECT 1").await? == "1");
+    let text = scrape(&proxy)?;
+    ensure!(
+        metric_or_zero(&text, "dbproxy_pool_timeouts_total", &[]) == 1.0,
+        "one client timed out:\n{text}"
+    );
+    Ok(())
+}
+
+/// A server connection that ends while idle (a terminated backend, an idle-session timeout)
+/// is never handed to a client: the next request runs on a new one, without an error. With
+/// the transaction lane, which keeps the connections its clients released, and without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_server_connection_that_ends_is_replaced_without_an_error() -> anyhow::Result<()> {
+    for lane in ["true", "false"] {
+        let (db, _secret, proxy) = txn_proxy(&[
+            "--transaction-lane",
+            lane,
+            "--worker-threads",
+            "0",
+            "--pool-size",
+            "1",
+        ])
+        .await?;
+        let admin = db.admin().await?;
+        let client = proxy.connect().await?;
+        for round in 0..3 {
+            let pid: i32 = simple_value(&client, "SELECT pg_backend_pid()")
+                .await?
+                .parse()?;
+            if lane == "true" {
+                wait_in_tx_lane(&proxy, 1).await?;
+            }
+            admin
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await?;
+            let t = Instant::now();
+            while admin
+                .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await?
+                .is_some()
+            {
+                ensure!(
+                    t.elapsed() < Duration::from_secs(15),
+                    "backend {pid} did not end"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let next: i32 = simple_value(&client, "SELECT pg_backend_pid()")
+                .await
+                .with_context(|| {
+                    format!("lane {lane}, round {round}: the request after backend {pid} ended")
+                })?
+                .parse()?;
+            ensure!(next != pid, "lane {lane}: the ended backend {pid} answered");
+        }
     }
     Ok(())
 }

@@ -967,6 +967,18 @@ pub async fn wait_in_lane(proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Waits until the transaction lane holds `n` clients (`dbproxy_transaction_lane_clients`).
+pub async fn wait_in_tx_lane(proxy: &ProxyProcess, n: usize) -> anyhow::Result<()> {
+    wait_for_metrics(
+        proxy,
+        &format!("{n} clients in the transaction lane"),
+        Duration::from_secs(10),
+        |text| metric_or_zero(text, "dbproxy_transaction_lane_clients", &[]) == n as f64,
+    )
+    .await?;
+    Ok(())
+}
+
 /// An admin console session (database `pgbouncer` or `dbproxy`) through the first listener.
 pub async fn admin_connect(port: u16, dbname: &str) -> Result<Client, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();

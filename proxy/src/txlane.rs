@@ -1,0 +1,944 @@
+//! The transaction lane: idle plaintext transaction-mode clients wait, and their
+//! transactions are forwarded, on a thread of its own with one epoll set, out of the tokio
+//! runtime.
+//!
+//! Through the runtime a select-only transaction costs about 7600 instructions, twice
+//! pgbouncer's: readiness bookkeeping and waker registration for each read and write, the
+//! scheduler, the timer wheel and clock reads at each park, an acquire and a release on the
+//! pool's lock. The lane keeps the server connections its clients use (as many as they use
+//! at once, out of the pool's slots), hands one to a client whose request arrives, forwards
+//! the round with the same [`crate::txn`] code the runtime runs (polled from epoll events,
+//! with non-blocking reads and writes), and takes it back at the round's safe point.
+//!
+//! Anything that needs a decision goes back to the runtime, with the server the client holds
+//! and where the round ended: a server that must be brought in line with the client's
+//! session first, a round that ended other than at a plain safe point (an error, a client
+//! that ended, state that pins the session, statements that may have changed it), Terminate,
+//! a failed wait for a server, shutdown. The runtime's step goes on from there, and the client
+//! comes back once idle and unpinned.
+//!
+//! Connections the lane keeps idle go back to the pool when a client of the runtime waits for
+//! one, at a rotation or RECONNECT (the pool then closes those it would not keep), and after
+//! one to two seconds unused (the pool's idle timeout and lifetime then apply as usual).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Token};
+use slab::Slab;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::client::{LaneServer, LaneTxClient, Prep, TxResume};
+use crate::error::ProxyError;
+use crate::pool::Pool;
+use crate::server::ServerParams;
+use crate::shutdown::Shutdown;
+use crate::txn::RoundOutcome;
+
+/// The token of the lane's waker; client tokens are `key << 1`, server tokens `key << 1 | 1`.
+const WAKE: Token = Token(usize::MAX);
+
+/// How often idle connections are looked at: one unused for a whole period goes back to the
+/// pool.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// Loop turns between sweeps while events keep coming.
+const SWEEP_TURNS: u32 = 4096;
+
+/// Readiness of a socket in the lane, as its epoll events reported it.
+#[derive(Default)]
+pub struct Flags {
+    /// Bytes (or a FIN) may be there: an event came and no read since found it drained.
+    ready: AtomicBool,
+    /// The peer's FIN (or an error) was reported: readable until a read says so.
+    hup: AtomicBool,
+}
+
+impl Flags {
+    fn event(&self, hup: bool) {
+        self.ready.store(true, Relaxed);
+        if hup {
+            self.hup.store(true, Relaxed);
+        }
+    }
+}
+
+/// A socket in the lane as the round's code reads and writes it: non-blocking, `Pending`
+/// when it would block (the lane polls the round again at the socket's next event).
+pub struct LaneIo<'a> {
+    socket: &'a TcpStream,
+    flags: &'a Flags,
+}
+
+impl<'a> LaneIo<'a> {
+    pub fn new(socket: &'a TcpStream, flags: &'a Flags) -> Self {
+        LaneIo { socket, flags }
+    }
+}
+
+impl AsyncRead for LaneIo<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // SAFETY: recv writes at most `len` bytes into the buffer's unfilled part, and only
+        // the bytes it reports written are marked initialized.
+        let unfilled = unsafe { buf.unfilled_mut() };
+        let len = unfilled.len();
+        loop {
+            // SAFETY: as above; the pointer and length describe the unfilled part.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    unfilled.as_mut_ptr().cast(),
+                    len,
+                    0,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                // SAFETY: recv initialized the first `n` bytes of the unfilled part.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                if n > 0 && n < len && !self.flags.hup.load(Relaxed) {
+                    // Edge-triggered: a short read drained the socket; later bytes report.
+                    self.flags.ready.store(false, Relaxed);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    self.flags.ready.store(false, Relaxed);
+                    return Poll::Pending;
+                }
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for LaneIo<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match (&*self.socket).write(data) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.socket.shutdown(std::net::Shutdown::Write))
+    }
+}
+
+impl crate::ready::ReadHint for LaneIo<'_> {
+    #[inline]
+    fn may_read(&self) -> bool {
+        self.flags.ready.load(Relaxed)
+    }
+}
+
+/// Shared between the lane thread and the runtime.
+pub struct TxLane {
+    waker: mio::Waker,
+    inbox: Mutex<Vec<Message>>,
+    /// Clients in the lane now (for the gauge).
+    count: AtomicUsize,
+    /// False once shutdown started or the lane thread stopped: clients stay on the runtime.
+    open: AtomicBool,
+    /// False once the lane thread stopped (a panic, a failed epoll set).
+    alive: AtomicBool,
+    /// A generation whose server connections are TLS, which the lane cannot hold: clients
+    /// stay on the runtime while it is the current one.
+    tls_generation: AtomicU64,
+    /// Server connections the lane holds (given back to the pool's count should its thread
+    /// panic).
+    servers: AtomicUsize,
+    runtime: tokio::runtime::Handle,
+    pool: Arc<Pool>,
+    /// `--pool-timeout`: how long a client waits for a server.
+    timeout: Duration,
+}
+
+enum Message {
+    Enter(Box<LaneTxClient>),
+    /// What a wait for a server connection (started then) brought.
+    Server(ServerParams, Instant, Fetched),
+    /// Give the idle connections back to the pool.
+    Flush,
+    /// A round's waker (a timer inside the round).
+    Wake(usize),
+    Close,
+}
+
+enum Fetched {
+    Ready(Box<LaneServer>),
+    /// A TLS connection: it went back to the pool.
+    Tls(u64),
+    Failed(ProxyError),
+}
+
+type Done = (Box<LaneTxClient>, Box<LaneServer>, RoundOutcome);
+
+/// A client in the lane.
+struct Client {
+    state: ClientState,
+    flags: Arc<Flags>,
+    waker: Waker,
+    fd: RawFd,
+}
+
+enum ClientState {
+    Idle(Box<LaneTxClient>),
+    /// Waiting for a server since then.
+    Waiting(Box<LaneTxClient>, Instant),
+    /// In a round with server `usize`.
+    Active(Pin<Box<dyn Future<Output = Done> + Send>>, usize),
+    /// Being moved.
+    Gone,
+}
+
+/// A server connection the lane holds.
+struct Server {
+    state: ServerState,
+    flags: Arc<Flags>,
+    fd: RawFd,
+    /// Used since the last sweep.
+    used: bool,
+}
+
+enum ServerState {
+    Idle(Box<LaneServer>),
+    /// In a round of client `usize`.
+    Busy(usize),
+}
+
+/// Wakes the lane for a client's round (its timers).
+struct RoundWaker {
+    lane: Weak<TxLane>,
+    key: usize,
+}
+
+impl Wake for RoundWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(lane) = self.lane.upgrade() {
+            lane.push(Message::Wake(self.key));
+        }
+    }
+}
+
+impl TxLane {
+    /// Starts the lane thread. Must be called inside the runtime, where clients go back.
+    pub fn start(pool: Arc<Pool>, timeout: Duration, shutdown: Shutdown) -> io::Result<Arc<Self>> {
+        let poll = mio::Poll::new()?;
+        let lane = Arc::new(TxLane {
+            waker: mio::Waker::new(poll.registry(), WAKE)?,
+            inbox: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            open: AtomicBool::new(true),
+            alive: AtomicBool::new(true),
+            tls_generation: AtomicU64::new(u64::MAX),
+            servers: AtomicUsize::new(0),
+            runtime: tokio::runtime::Handle::current(),
+            pool,
+            timeout,
+        });
+        let thread = Lanes {
+            lane: lane.clone(),
+            poll,
+            clients: Slab::new(),
+            servers: Slab::new(),
+            idle: Vec::new(),
+            waiting: VecDeque::new(),
+            fetching: 0,
+            fetches: Vec::new(),
+            closed: false,
+        };
+        std::thread::Builder::new()
+            .name("dbproxy-txlane".into())
+            .spawn(move || thread.run())?;
+        let weak = Arc::downgrade(&lane);
+        lane.pool.set_lane_flush(Box::new(move || {
+            if let Some(lane) = weak.upgrade() {
+                lane.push(Message::Flush);
+            }
+        }));
+        let closing = lane.clone();
+        let mut shutdown = shutdown;
+        tokio::spawn(async move {
+            shutdown.recv().await;
+            closing.open.store(false, Relaxed);
+            closing.push(Message::Close);
+        });
+        Ok(lane)
+    }
+
+    /// Whether the lane takes clients: not after shutdown started or its thread stopped, nor
+    /// while the current generation's server connections are TLS.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Relaxed)
+            && self.tls_generation.load(Relaxed) != self.pool.credentials().current_number()
+    }
+
+    /// How many clients the lane holds now.
+    pub fn len(&self) -> usize {
+        self.count.load(Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Gives the connections the lane keeps idle back to the pool (a rotation).
+    pub fn flush(&self) {
+        self.push(Message::Flush);
+    }
+
+    /// Takes an idle client (its socket out of the runtime). It goes back at once if the lane
+    /// is closed. Called inside the runtime.
+    pub fn enter(&self, client: Box<LaneTxClient>) {
+        let mut inbox = crate::lock(&self.inbox);
+        if !self.open.load(Relaxed) {
+            drop(inbox);
+            tokio::spawn(client.resumed(None, None));
+            return;
+        }
+        inbox.push(Message::Enter(client));
+        self.count.fetch_add(1, Relaxed);
+        drop(inbox);
+        self.wake();
+    }
+
+    fn push(&self, message: Message) {
+        crate::lock(&self.inbox).push(message);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            tracing::error!(error = %e, "cannot wake the transaction lane (its eventfd refused a write): clients waiting to enter and servers waiting to be handed over are served at its next wakeup; if this repeats, restart with --transaction-lane false");
+        }
+    }
+}
+
+/// The lane thread's state.
+struct Lanes {
+    lane: Arc<TxLane>,
+    poll: mio::Poll,
+    clients: Slab<Client>,
+    servers: Slab<Server>,
+    /// Idle servers, the most recently released last.
+    idle: Vec<usize>,
+    /// Clients waiting for a server, first come first.
+    waiting: VecDeque<usize>,
+    /// Waits for a server running on the runtime for the lane.
+    fetching: usize,
+    fetches: Vec<tokio::task::AbortHandle>,
+    closed: bool,
+}
+
+/// Should the lane thread panic (a bug), its clients are closed (their slots go back with
+/// them), the pool counts its servers as closed, and the lane closes: clients waiting to
+/// enter and every later one stay on the runtime.
+struct Exit(Arc<TxLane>);
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(
+            "the transaction lane thread panicked: its clients were closed; the runtime serves every client from now on"
+        );
+        let lane = &self.0;
+        let messages = {
+            let mut inbox = crate::lock(&lane.inbox);
+            lane.open.store(false, Relaxed);
+            lane.alive.store(false, Relaxed);
+            std::mem::take(&mut *inbox)
+        };
+        for message in messages {
+            match message {
+                Message::Enter(client) => drop(lane.runtime.spawn(client.resumed(None, None))),
+                Message::Server(_, _, Fetched::Ready(server)) => server.close(&lane.pool),
+                _ => {}
+            }
+        }
+        lane.pool.lost_slots(lane.servers.swap(0, Relaxed));
+        lane.count.store(0, Relaxed);
+    }
+}
+
+impl Lanes {
+    fn run(mut self) {
+        let lane = self.lane.clone();
+        let _exit = Exit(lane.clone());
+        // Rounds create timers and clients go back on tasks: the runtime's context.
+        let _runtime = lane.runtime.enter();
+        let mut events = Events::with_capacity(1024);
+        let mut turns = 0u32;
+        loop {
+            let timeout = (!self.idle.is_empty()).then_some(SWEEP);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "the transaction lane's epoll set failed: its clients go back to the runtime, and new ones stay there");
+                {
+                    let _inbox = crate::lock(&lane.inbox);
+                    lane.open.store(false, Relaxed);
+                    lane.alive.store(false, Relaxed);
+                }
+                self.closed = true;
+                self.close();
+                // Rounds in flight cannot be moved: they end with their sockets, and the
+                // servers they hold close.
+                for client in self.clients.drain() {
+                    if let ClientState::Active(..) = client.state {
+                        lane.count.fetch_sub(1, Relaxed);
+                    }
+                }
+                for server in self.servers.drain() {
+                    if let ServerState::Idle(server) = server.state {
+                        server.close(&lane.pool);
+                    } else {
+                        lane.pool.lost_slots(1);
+                    }
+                }
+                lane.servers.store(0, Relaxed);
+                return;
+            }
+            turns += 1;
+            if events.is_empty() || turns >= SWEEP_TURNS {
+                turns = 0;
+                self.sweep();
+            }
+            for event in events.iter() {
+                if event.token() == WAKE {
+                    self.take_messages();
+                    continue;
+                }
+                let key = event.token().0 >> 1;
+                let hup = event.is_read_closed() || event.is_error();
+                let readable = event.is_readable() || hup;
+                if event.token().0 & 1 == 0 {
+                    let Some(client) = self.clients.get(key) else {
+                        continue;
+                    };
+                    if readable {
+                        client.flags.event(hup);
+                    }
+                    self.drive(key);
+                } else {
+                    let Some(server) = self.servers.get(key) else {
+                        continue;
+                    };
+                    if readable {
+                        server.flags.event(hup);
+                    }
+                    match server.state {
+                        ServerState::Busy(client) => self.drive(client),
+                        ServerState::Idle(_) if readable => self.idle_server_spoke(key),
+                        ServerState::Idle(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_messages(&mut self) {
+        let messages = std::mem::take(&mut *crate::lock(&self.lane.inbox));
+        for message in messages {
+            match message {
+                Message::Enter(client) => self.admit(client),
+                Message::Server(params, started, fetched) => self.fetched(params, started, fetched),
+                Message::Flush => self.flush(),
+                Message::Wake(key) => self.drive(key),
+                Message::Close => {
+                    self.closed = true;
+                    self.close();
+                }
+            }
+        }
+    }
+
+    /// A new client: registered, then served (bytes may be there already).
+    fn admit(&mut self, client: Box<LaneTxClient>) {
+        if self.closed {
+            self.lane.count.fetch_sub(1, Relaxed);
+            drop(tokio::spawn(client.resumed(None, None)));
+            return;
+        }
+        let key = self.clients.vacant_key();
+        let fd = client.fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(key << 1),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(error = %e, "cannot add a client to the transaction lane; the runtime serves it (check fs.epoll.max_user_watches and the open-files limit)");
+            self.lane.count.fetch_sub(1, Relaxed);
+            drop(tokio::spawn(client.resumed(None, None)));
+            return;
+        }
+        let flags = client.flags.clone();
+        flags.ready.store(true, Relaxed);
+        let waker = Waker::from(Arc::new(RoundWaker {
+            lane: Arc::downgrade(&self.lane),
+            key,
+        }));
+        self.clients.insert(Client {
+            state: ClientState::Idle(client),
+            flags,
+            waker,
+            fd,
+        });
+        self.drive(key);
+    }
+
+    /// Moves client `key` on as far as it goes.
+    fn drive(&mut self, key: usize) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        match &mut client.state {
+            ClientState::Active(round, _) => {
+                let mut cx = Context::from_waker(&client.waker);
+                if let Poll::Ready(done) = round.as_mut().poll(&mut cx) {
+                    self.finish(key, done);
+                }
+            }
+            ClientState::Idle(_) => self.serve_idle(key),
+            // Its request waits for a server; a client waiting to enter is not here yet.
+            ClientState::Waiting(..) | ClientState::Gone => {}
+        }
+    }
+
+    /// An idle client: read its request, answer it or get it a server.
+    fn serve_idle(&mut self, key: usize) {
+        loop {
+            let entry = &mut self.clients[key];
+            let ClientState::Idle(client) = &mut entry.state else {
+                return;
+            };
+            if !client.has_request() {
+                if !entry.flags.ready.load(Relaxed) {
+                    return;
+                }
+                let mut cx = Context::from_waker(&entry.waker);
+                match client.poll_read(&mut cx) {
+                    Poll::Pending => return,
+                    // Gone: the runtime ends it as it would have.
+                    Poll::Ready(Ok(0) | Err(_)) => return self.give_back(key, None, None),
+                    Poll::Ready(Ok(_)) => {}
+                }
+            }
+            match client.prepare() {
+                Prep::GiveBack => return self.give_back(key, None, None),
+                Prep::Reply(reply) => {
+                    if let Some(rest) = client.write_reply(reply) {
+                        return self.give_back(key, None, Some(TxResume::Reply(rest)));
+                    }
+                }
+                Prep::Server => return self.assign(key),
+            }
+        }
+    }
+
+    /// Client `key` needs a server: an idle one with its parameters, else it waits.
+    fn assign(&mut self, key: usize) {
+        let ClientState::Idle(client) = &self.clients[key].state else {
+            return;
+        };
+        let params = client.params().clone();
+        if let Some(server) = self.take_idle(&params) {
+            return self.start(key, server);
+        }
+        let ClientState::Idle(client) =
+            std::mem::replace(&mut self.clients[key].state, ClientState::Gone)
+        else {
+            return;
+        };
+        client.set_waiting();
+        self.clients[key].state = ClientState::Waiting(client, Instant::now());
+        self.waiting.push_back(key);
+        self.fetch_for_waiting(params);
+    }
+
+    /// One wait for a server per waiting client (`params`: the last one's).
+    fn fetch_for_waiting(&mut self, params: ServerParams) {
+        if self.fetching < self.waiting.len() {
+            self.fetch(params);
+        }
+    }
+
+    /// The most recently released idle server with `params` the pool would still keep;
+    /// those it would not keep are given back on the way (the pool closes them).
+    fn take_idle(&mut self, params: &ServerParams) -> Option<usize> {
+        while let Some(pos) = self.idle.iter().rposition(|&s| {
+            matches!(&self.servers[s].state, ServerState::Idle(server) if server.conn().params == *params)
+        }) {
+            let skey = self.idle.swap_remove(pos);
+            let ServerState::Idle(server) = &self.servers[skey].state else {
+                continue;
+            };
+            if self.lane.pool.would_keep(server.conn()) {
+                return Some(skey);
+            }
+            self.return_server(skey);
+        }
+        None
+    }
+
+    /// Asks the runtime for a server connection with `params` (the pool's wait, with its
+    /// timeout; a new connection if the pool has room).
+    fn fetch(&mut self, params: ServerParams) {
+        self.fetching += 1;
+        let lane = self.lane.clone();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            let fetched = match lane.pool.acquire_for_lane(&params, lane.timeout).await {
+                Ok(server) => match LaneServer::from_runtime(server) {
+                    Ok(server) => Fetched::Ready(server),
+                    Err(server) => {
+                        let generation = server.generation;
+                        lane.pool.release_now(server, true);
+                        Fetched::Tls(generation)
+                    }
+                },
+                Err(e) => Fetched::Failed(e),
+            };
+            if !lane.alive.load(Relaxed) {
+                // The lane thread stopped: nobody takes it.
+                if let Fetched::Ready(server) = fetched {
+                    server.close(&lane.pool);
+                }
+                return;
+            }
+            lane.push(Message::Server(params, started, fetched));
+        });
+        self.fetches.push(task.abort_handle());
+    }
+
+    /// No client waits any more: the waits for servers still running end (a connection
+    /// being opened for one is closed, its slot freed).
+    fn no_more_waiting(&mut self) {
+        if self.waiting.is_empty() && !self.fetches.is_empty() {
+            for fetch in self.fetches.drain(..) {
+                fetch.abort();
+            }
+            self.fetching = 0;
+        }
+    }
+
+    /// A wait for a server ended.
+    fn fetched(&mut self, params: ServerParams, started: Instant, fetched: Fetched) {
+        self.fetching = self.fetching.saturating_sub(1);
+        self.fetches.retain(|f| !f.is_finished());
+        match fetched {
+            Fetched::Ready(server) => {
+                // Counted as handed out by the pool: idle in the lane until a client takes it.
+                self.lane.pool.lane_idle(server.conn());
+                let Some(skey) = self.add_server(server) else {
+                    return;
+                };
+                self.released(skey);
+            }
+            Fetched::Failed(e) => {
+                // The client that has waited since before this wait started gets the error
+                // (the pool's timeout, a failed login); one that came later, whose wait this
+                // was not, waits on.
+                let since = |key: usize| match &self.clients[key].state {
+                    ClientState::Waiting(c, since) if *c.params() == params => Some(*since),
+                    _ => None,
+                };
+                let first = self
+                    .waiting
+                    .iter()
+                    .position(|&key| since(key).is_some_and(|since| since <= started));
+                if let Some(pos) = first
+                    && let Some(key) = self.waiting.remove(pos)
+                {
+                    if matches!(e, ProxyError::PoolExhausted(_)) {
+                        self.lane.pool.count_timeout();
+                    }
+                    self.give_back(key, None, Some(TxResume::Failed(e)));
+                }
+                if let Some(&key) = self.waiting.front()
+                    && let ClientState::Waiting(c, _) = &self.clients[key].state
+                {
+                    let params = c.params().clone();
+                    self.fetch_for_waiting(params);
+                }
+                self.no_more_waiting();
+            }
+            Fetched::Tls(generation) => {
+                // The runtime serves this generation's clients.
+                self.lane.tls_generation.store(generation, Relaxed);
+                while let Some(key) = self.first_waiting(&params) {
+                    self.give_back(key, None, None);
+                }
+            }
+        }
+    }
+
+    /// Registers a server connection with the lane (None: it could not be, and closed).
+    fn add_server(&mut self, server: Box<LaneServer>) -> Option<usize> {
+        let skey = self.servers.vacant_key();
+        let fd = server.fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(skey << 1 | 1),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(error = %e, "cannot add a server connection to the transaction lane; closing it (check fs.epoll.max_user_watches and the open-files limit)");
+            server.close(&self.lane.pool);
+            return None;
+        }
+        let flags = server.flags.clone();
+        self.servers.insert(Server {
+            state: ServerState::Idle(server),
+            flags,
+            fd,
+            used: true,
+        });
+        self.lane.servers.fetch_add(1, Relaxed);
+        Some(skey)
+    }
+
+    /// Server `skey` is idle (released by its client, or new): to the first client waiting
+    /// for its parameters, else kept idle, or back to the pool if a client of the runtime
+    /// waits, the pool would not keep it or the lane is closing.
+    fn released(&mut self, skey: usize) {
+        let ServerState::Idle(server) = &self.servers[skey].state else {
+            return;
+        };
+        let pool = &self.lane.pool;
+        if self.closed || pool.runtime_waiters() > 0 || !pool.would_keep(server.conn()) {
+            return self.return_server(skey);
+        }
+        let params = server.conn().params.clone();
+        if let Some(key) = self.first_waiting(&params) {
+            return self.start(key, skey);
+        }
+        if !self.waiting.is_empty() {
+            // Clients wait for other parameters: the slot serves them better in the pool.
+            return self.return_server(skey);
+        }
+        self.idle.push(skey);
+    }
+
+    /// Takes the first waiting client with `params` off the queue.
+    fn first_waiting(&mut self, params: &ServerParams) -> Option<usize> {
+        let pos = self.waiting.iter().position(|&key| {
+            matches!(&self.clients[key].state, ClientState::Waiting(c, _) if c.params() == params)
+        })?;
+        let key = self.waiting.remove(pos);
+        self.no_more_waiting();
+        key
+    }
+
+    /// Client `key` takes idle server `skey` and its round starts.
+    fn start(&mut self, key: usize, skey: usize) {
+        let ServerState::Idle(mut server) =
+            std::mem::replace(&mut self.servers[skey].state, ServerState::Busy(key))
+        else {
+            return;
+        };
+        self.servers[skey].used = true;
+        let (ClientState::Idle(mut client) | ClientState::Waiting(mut client, _)) =
+            std::mem::replace(&mut self.clients[key].state, ClientState::Gone)
+        else {
+            unreachable!("only idle or waiting clients take a server");
+        };
+        self.lane.pool.lane_assign(server.conn());
+        if !client.begin(&mut server) {
+            // Something on the server needs bringing in line: the runtime does it.
+            self.remove_server(skey);
+            self.clients[key].state = ClientState::Idle(client);
+            return self.give_back(key, Some(server), None);
+        }
+        self.clients[key].state = ClientState::Active(Box::pin(client.round(server)), skey);
+        self.drive(key);
+    }
+
+    /// A round ended.
+    fn finish(&mut self, key: usize, (mut client, server, outcome): Done) {
+        let ClientState::Active(_, skey) =
+            std::mem::replace(&mut self.clients[key].state, ClientState::Gone)
+        else {
+            unreachable!("a round ends for an active client");
+        };
+        if !client.settled(&server, &outcome) {
+            self.remove_server(skey);
+            self.clients[key].state = ClientState::Idle(client);
+            return self.give_back(key, Some(server), Some(TxResume::After(outcome)));
+        }
+        if server.cancel_in_flight(client.ctx()) {
+            // It serves nobody before the cancel landed (as the runtime's release).
+            self.remove_server(skey);
+            let ctx = client.ctx().clone();
+            if let Some(server) = server.into_runtime(&ctx.pool) {
+                drop(tokio::spawn(async move {
+                    let landed = ctx
+                        .cancels
+                        .wait_no_cancel_in_flight(server.peer(), server.backend_pid)
+                        .await;
+                    ctx.pool.release_with(server, landed, false).await;
+                }));
+            }
+        } else {
+            self.lane.pool.lane_idle(server.conn());
+            self.servers[skey].state = ServerState::Idle(server);
+            self.released(skey);
+        }
+        self.clients[key].state = ClientState::Idle(client);
+        if self.closed {
+            return self.give_back(key, None, None);
+        }
+        self.serve_idle(key);
+    }
+
+    /// An idle server's socket reported bytes or a FIN: a server that speaks unasked is
+    /// ending (an idle-session timeout, a terminated backend). Checked with a peek, since the
+    /// event may be from its last round.
+    fn idle_server_spoke(&mut self, skey: usize) {
+        let server = &self.servers[skey];
+        let mut probe = [0u8; 1];
+        // SAFETY: a one-byte peek into a stack buffer.
+        let n = unsafe {
+            libc::recv(
+                server.fd,
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+            server.flags.ready.store(false, Relaxed);
+            return;
+        }
+        if let Some(pos) = self.idle.iter().position(|&s| s == skey) {
+            self.idle.swap_remove(pos);
+        }
+        if let Some(ServerState::Idle(server)) = self.remove_server(skey) {
+            server.close(&self.lane.pool);
+        }
+    }
+
+    /// Unregisters server `skey` and takes it out of the lane.
+    fn remove_server(&mut self, skey: usize) -> Option<ServerState> {
+        let server = self.servers.try_remove(skey)?;
+        let _ = self.poll.registry().deregister(&mut SourceFd(&server.fd));
+        self.lane.servers.fetch_sub(1, Relaxed);
+        Some(server.state)
+    }
+
+    /// Idle server `skey` back to the pool (which closes it if it would not keep it).
+    fn return_server(&mut self, skey: usize) {
+        if let Some(ServerState::Idle(server)) = self.remove_server(skey)
+            && let Some(server) = server.into_runtime(&self.lane.pool)
+        {
+            self.lane.pool.lane_return(server);
+        }
+    }
+
+    /// Every idle server back to the pool.
+    fn flush(&mut self) {
+        for skey in std::mem::take(&mut self.idle) {
+            self.return_server(skey);
+        }
+    }
+
+    /// Idle servers unused since the last sweep go back to the pool.
+    fn sweep(&mut self) {
+        let mut keep = Vec::with_capacity(self.idle.len());
+        for skey in std::mem::take(&mut self.idle) {
+            let server = &mut self.servers[skey];
+            if server.used {
+                server.used = false;
+                keep.push(skey);
+            } else {
+                self.return_server(skey);
+            }
+        }
+        self.idle = keep;
+    }
+
+    /// Client `key` back to the runtime, with `server` if it holds one.
+    fn give_back(&mut self, key: usize, server: Option<Box<LaneServer>>, resume: Option<TxResume>) {
+        let Some(entry) = self.clients.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut SourceFd(&entry.fd));
+        self.lane.count.fetch_sub(1, Relaxed);
+        let client = match entry.state {
+            ClientState::Idle(client) => client,
+            ClientState::Waiting(client, _) => {
+                if let Some(pos) = self.waiting.iter().position(|&k| k == key) {
+                    self.waiting.remove(pos);
+                }
+                self.no_more_waiting();
+                client
+            }
+            ClientState::Active(..) | ClientState::Gone => {
+                unreachable!("only idle or waiting clients go back")
+            }
+        };
+        drop(tokio::spawn(client.resumed(server, resume)));
+    }
+
+    /// Shutdown (or a failed epoll set): idle and waiting clients go back to the runtime,
+    /// idle servers to the pool; clients in a round go back when it ends.
+    fn close(&mut self) {
+        let keys: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ClientState::Idle(_) | ClientState::Waiting(..)))
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            self.give_back(key, None, None);
+        }
+        self.flush();
+        let messages = std::mem::take(&mut *crate::lock(&self.lane.inbox));
+        for message in messages {
+            match message {
+                Message::Enter(client) => {
+                    self.lane.count.fetch_sub(1, Relaxed);
+                    drop(tokio::spawn(client.resumed(None, None)));
+                }
+                Message::Server(params, started, fetched) => self.fetched(params, started, fetched),
+                Message::Wake(key) => self.drive(key),
+                Message::Flush | Message::Close => {}
+            }
+        }
+    }
+}
