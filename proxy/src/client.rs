@@ -321,7 +321,9 @@ pub struct LaneServer {
 pub(crate) enum Prep {
     /// A server.
     Server,
-    /// The runtime (Terminate, a pinned session).
+    /// Nothing: the client said Terminate.
+    Terminate,
+    /// The runtime (a pinned session).
     GiveBack,
     /// Nothing but this reply, which dbproxy gives itself.
     Reply(BytesMut),
@@ -359,7 +361,10 @@ impl LaneTxClient {
 
     /// What the request at hand needs.
     pub(crate) fn prepare(&mut self) -> Prep {
-        if self.cbuf.first() == Some(&b'X') || self.session.client.is_pinned() {
+        if self.cbuf.first() == Some(&b'X') {
+            return Prep::Terminate;
+        }
+        if self.session.client.is_pinned() {
             return Prep::GiveBack;
         }
         let known = &self.conn.ctx().known_statements;
@@ -397,7 +402,8 @@ impl LaneTxClient {
             .ctx()
             .reset_settings_between_clients
             .then(|| self.session.tracked.id());
-        if !in_sync(&mut server.server, &self.session.client, owner) {
+        let (server_conn, client) = (&mut server.server, &self.session.client);
+        if !in_sync(server_conn, client, owner) && !sync_is_empty(server_conn, client, owner) {
             return false;
         }
         self.session.tracked.link(&server.server.registry);
@@ -2066,6 +2072,34 @@ fn in_sync(server: &mut ServerConnection, client: &ClientSession, owner: Option<
         && !txn.custom.unnamed
         && !other_client
         && std::ptr::eq(&client.seen[..], &server.parameter_status[..]);
+    if nothing && let Some(id) = owner {
+        server.txn_mut().owner = id;
+    }
+    nothing
+}
+
+/// Whether [`sync_session`] would do nothing: the server already has the client's settings
+/// and SQL prepared statements (a client that set something, on the server it set it on or on
+/// one that another client with the same settings used), and reports what the client has
+/// seen. Records the owner then.
+fn sync_is_empty(
+    server: &mut ServerConnection,
+    client: &ClientSession,
+    owner: Option<u64>,
+) -> bool {
+    let last = server.txn().owner;
+    let other_client = owner.is_some_and(|id| last != 0 && last != id);
+    let txn = server.txn();
+    let nothing = crate::migrate::restore_statements(
+        &txn.settings,
+        client.settings(),
+        &txn.sql_prepared,
+        client.sql_prepared(),
+        server.policy_role(),
+        txn.custom.unnamed || other_client,
+    )
+    .is_empty()
+        && crate::migrate::reported_changes(&client.seen, &server.parameter_status).is_empty();
     if nothing && let Some(id) = owner {
         server.txn_mut().owner = id;
     }

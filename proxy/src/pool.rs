@@ -382,15 +382,35 @@ impl Pool {
         for_lane: bool,
     ) -> Result<Box<ServerConnection>> {
         let started = Instant::now();
-        self.stats.clients_waiting.increment();
+        // The transaction lane counts its clients' waits itself (a wait on its behalf may
+        // outlast them). Counted down by a guard: the caller may drop this future midway.
+        struct Waiting<'a>(&'a crate::stats::Level);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.decrement();
+            }
+        }
+        let waiting = (!for_lane).then(|| {
+            self.stats.clients_waiting.increment();
+            Waiting(&self.stats.clients_waiting)
+        });
         let got = self
             .acquire_inner(params, started + timeout, exceed, for_lane)
             .await;
-        self.stats.clients_waiting.decrement();
+        drop(waiting);
         let waited = started.elapsed();
-        crate::stats::hot().pool_wait.record(waited);
+        if !for_lane {
+            crate::stats::hot().pool_wait.record(waited);
+        }
         if let Ok(server) = &got {
-            self.assigned(server, waited.as_micros() as u64);
+            self.assigned(
+                server,
+                if for_lane {
+                    0
+                } else {
+                    waited.as_micros() as u64
+                },
+            );
         }
         got
     }
@@ -686,8 +706,26 @@ impl Pool {
 
     /// The transaction lane takes `server` (kept idle by it) for a client: counted as
     /// [`Pool::try_acquire`] counts a connection it hands out.
-    pub fn lane_assign(&self, server: &ServerConnection) {
-        self.assigned(server, 0);
+    pub fn lane_assign(&self, server: &ServerConnection, waited: Option<Duration>) {
+        match waited {
+            None => {
+                crate::stats::hot().pool_wait.record_ns(0);
+                self.assigned(server, 0);
+            }
+            Some(waited) => {
+                crate::stats::hot().pool_wait.record(waited);
+                self.assigned(server, waited.as_micros() as u64);
+            }
+        }
+    }
+
+    /// A client of the transaction lane starts (or stops) waiting for a connection.
+    pub fn lane_waiting(&self, waiting: bool) {
+        if waiting {
+            self.stats.clients_waiting.increment();
+        } else {
+            self.stats.clients_waiting.decrement();
+        }
     }
 
     /// A client of the transaction lane released `server`, which the lane keeps idle: counted
@@ -697,10 +735,11 @@ impl Pool {
         server.registry.live.release();
     }
 
-    /// Whether the pool would keep `server` if it were released clean now (the transaction
-    /// lane asks before keeping one idle itself).
-    pub fn would_keep(&self, server: &ServerConnection) -> bool {
-        !self.is_paused() && self.keeps(server, true, Instant::now())
+    /// Whether the pool would keep `server` if it were released clean at `now` (the
+    /// transaction lane asks before keeping one idle itself, with a clock it reads about
+    /// every second rather than once per transaction).
+    pub fn would_keep(&self, server: &ServerConnection, now: Instant) -> bool {
+        !self.is_paused() && self.keeps(server, true, now)
     }
 
     /// A connection the transaction lane kept idle comes back: kept idle here, or closed if

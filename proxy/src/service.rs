@@ -281,7 +281,12 @@ fn start_tx_lane(
     stats: &Arc<Stats>,
     shutdown: &Shutdown,
 ) -> Option<Arc<crate::txlane::TxLane>> {
-    if !args.transaction_lane || args.worker_threads != 0 || args.pool_mode != PoolMode::Transaction
+    // With --reset-settings-between-clients a server that changes client is reset first, on
+    // the runtime: nearly every transaction would leave the lane and come back.
+    if !args.transaction_lane
+        || args.worker_threads != 0
+        || args.pool_mode != PoolMode::Transaction
+        || args.reset_settings_between_clients
     {
         return None;
     }

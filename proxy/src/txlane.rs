@@ -54,6 +54,9 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// Loop turns between sweeps while events keep coming.
 const SWEEP_TURNS: u32 = 4096;
 
+/// Loop turns between clock reads.
+const CLOCK_TURNS: u32 = 64;
+
 /// Readiness of a socket in the lane, as its epoll events reported it.
 #[derive(Default)]
 pub struct Flags {
@@ -236,6 +239,39 @@ enum ServerState {
     Busy(usize),
 }
 
+/// Why a client went back to the runtime (`dbproxy_transaction_lane_returns_total`).
+#[derive(Clone, Copy)]
+enum Back {
+    /// Its session is pinned to a server.
+    Pinned,
+    /// The server it got must be brought in line with its session first.
+    Sync,
+    /// Its round ended other than at a plain safe point (an error, a pin, a change to look
+    /// at).
+    Round,
+    /// Its wait for a server failed.
+    WaitFailed,
+    /// A reply dbproxy gave did not fit in the socket.
+    Reply,
+    /// The generation's server connections are TLS.
+    Tls,
+    Shutdown,
+}
+
+impl Back {
+    fn name(self) -> &'static str {
+        match self {
+            Back::Pinned => "pinned",
+            Back::Sync => "sync",
+            Back::Round => "round",
+            Back::WaitFailed => "wait_failed",
+            Back::Reply => "reply",
+            Back::Tls => "tls",
+            Back::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Wakes the lane for a client's round (its timers).
 struct RoundWaker {
     lane: Weak<TxLane>,
@@ -278,8 +314,8 @@ impl TxLane {
             idle: Vec::new(),
             waiting: VecDeque::new(),
             fetching: 0,
-            fetches: Vec::new(),
             closed: false,
+            now: Instant::now(),
         };
         std::thread::Builder::new()
             .name("dbproxy-txlane".into())
@@ -360,8 +396,11 @@ struct Lanes {
     waiting: VecDeque<usize>,
     /// Waits for a server running on the runtime for the lane.
     fetching: usize,
-    fetches: Vec<tokio::task::AbortHandle>,
     closed: bool,
+    /// The time, read after each wait that could be long and every [`CLOCK_TURNS`] turns:
+    /// what server lifetimes are checked against (a clock read per transaction cost about
+    /// 130 instructions).
+    now: Instant,
 }
 
 /// Should the lane thread panic (a bug), its clients are closed (their slots go back with
@@ -436,6 +475,10 @@ impl Lanes {
                 return;
             }
             turns += 1;
+            // After a wait without a timeout the clock may be far behind.
+            if timeout.is_none() || events.is_empty() || turns.is_multiple_of(CLOCK_TURNS) {
+                self.now = Instant::now();
+            }
             if events.is_empty() || turns >= SWEEP_TURNS {
                 turns = 0;
                 self.sweep();
@@ -556,15 +599,16 @@ impl Lanes {
                 match client.poll_read(&mut cx) {
                     Poll::Pending => return,
                     // Gone: the runtime ends it as it would have.
-                    Poll::Ready(Ok(0) | Err(_)) => return self.give_back(key, None, None),
+                    Poll::Ready(Ok(0) | Err(_)) => return self.end(key),
                     Poll::Ready(Ok(_)) => {}
                 }
             }
             match client.prepare() {
-                Prep::GiveBack => return self.give_back(key, None, None),
+                Prep::Terminate => return self.end(key),
+                Prep::GiveBack => return self.give_back(key, Back::Pinned, None, None),
                 Prep::Reply(reply) => {
                     if let Some(rest) = client.write_reply(reply) {
-                        return self.give_back(key, None, Some(TxResume::Reply(rest)));
+                        return self.give_back(key, Back::Reply, None, Some(TxResume::Reply(rest)));
                     }
                 }
                 Prep::Server => return self.assign(key),
@@ -587,6 +631,7 @@ impl Lanes {
             return;
         };
         client.set_waiting();
+        self.lane.pool.lane_waiting(true);
         self.clients[key].state = ClientState::Waiting(client, Instant::now());
         self.waiting.push_back(key);
         self.fetch_for_waiting(params);
@@ -609,7 +654,7 @@ impl Lanes {
             let ServerState::Idle(server) = &self.servers[skey].state else {
                 continue;
             };
-            if self.lane.pool.would_keep(server.conn()) {
+            if self.lane.pool.would_keep(server.conn(), self.now) {
                 return Some(skey);
             }
             self.return_server(skey);
@@ -623,7 +668,9 @@ impl Lanes {
         self.fetching += 1;
         let lane = self.lane.clone();
         let started = Instant::now();
-        let task = tokio::spawn(async move {
+        // Not aborted when its client gets another server meanwhile: it may be opening a
+        // connection, which the lane then keeps (or gives back after the sweep).
+        drop(tokio::spawn(async move {
             let fetched = match lane.pool.acquire_for_lane(&params, lane.timeout).await {
                 Ok(server) => match LaneServer::from_runtime(server) {
                     Ok(server) => Fetched::Ready(server),
@@ -643,25 +690,12 @@ impl Lanes {
                 return;
             }
             lane.push(Message::Server(params, started, fetched));
-        });
-        self.fetches.push(task.abort_handle());
-    }
-
-    /// No client waits any more: the waits for servers still running end (a connection
-    /// being opened for one is closed, its slot freed).
-    fn no_more_waiting(&mut self) {
-        if self.waiting.is_empty() && !self.fetches.is_empty() {
-            for fetch in self.fetches.drain(..) {
-                fetch.abort();
-            }
-            self.fetching = 0;
-        }
+        }));
     }
 
     /// A wait for a server ended.
     fn fetched(&mut self, params: ServerParams, started: Instant, fetched: Fetched) {
         self.fetching = self.fetching.saturating_sub(1);
-        self.fetches.retain(|f| !f.is_finished());
         match fetched {
             Fetched::Ready(server) => {
                 // Counted as handed out by the pool: idle in the lane until a client takes it.
@@ -689,7 +723,7 @@ impl Lanes {
                     if matches!(e, ProxyError::PoolExhausted(_)) {
                         self.lane.pool.count_timeout();
                     }
-                    self.give_back(key, None, Some(TxResume::Failed(e)));
+                    self.give_back(key, Back::WaitFailed, None, Some(TxResume::Failed(e)));
                 }
                 if let Some(&key) = self.waiting.front()
                     && let ClientState::Waiting(c, _) = &self.clients[key].state
@@ -697,13 +731,12 @@ impl Lanes {
                     let params = c.params().clone();
                     self.fetch_for_waiting(params);
                 }
-                self.no_more_waiting();
             }
             Fetched::Tls(generation) => {
                 // The runtime serves this generation's clients.
                 self.lane.tls_generation.store(generation, Relaxed);
                 while let Some(key) = self.first_waiting(&params) {
-                    self.give_back(key, None, None);
+                    self.give_back(key, Back::Tls, None, None);
                 }
             }
         }
@@ -741,7 +774,7 @@ impl Lanes {
             return;
         };
         let pool = &self.lane.pool;
-        if self.closed || pool.runtime_waiters() > 0 || !pool.would_keep(server.conn()) {
+        if self.closed || pool.runtime_waiters() > 0 || !pool.would_keep(server.conn(), self.now) {
             return self.return_server(skey);
         }
         let params = server.conn().params.clone();
@@ -760,9 +793,7 @@ impl Lanes {
         let pos = self.waiting.iter().position(|&key| {
             matches!(&self.clients[key].state, ClientState::Waiting(c, _) if c.params() == params)
         })?;
-        let key = self.waiting.remove(pos);
-        self.no_more_waiting();
-        key
+        self.waiting.remove(pos)
     }
 
     /// Client `key` takes idle server `skey` and its round starts.
@@ -773,19 +804,24 @@ impl Lanes {
             return;
         };
         self.servers[skey].used = true;
-        let (ClientState::Idle(mut client) | ClientState::Waiting(mut client, _)) =
-            std::mem::replace(&mut self.clients[key].state, ClientState::Gone)
-        else {
-            unreachable!("only idle or waiting clients take a server");
-        };
-        self.lane.pool.lane_assign(server.conn());
+        let (mut client, waited) =
+            match std::mem::replace(&mut self.clients[key].state, ClientState::Gone) {
+                ClientState::Idle(client) => (client, None),
+                ClientState::Waiting(client, since) => {
+                    self.lane.pool.lane_waiting(false);
+                    (client, Some(since.elapsed()))
+                }
+                _ => unreachable!("only idle or waiting clients take a server"),
+            };
+        self.lane.pool.lane_assign(server.conn(), waited);
         if !client.begin(&mut server) {
             // Something on the server needs bringing in line: the runtime does it.
             self.remove_server(skey);
             self.clients[key].state = ClientState::Idle(client);
-            return self.give_back(key, Some(server), None);
+            return self.give_back(key, Back::Sync, Some(server), None);
         }
-        self.clients[key].state = ClientState::Active(Box::pin(client.round(server)), skey);
+        let fut = client.round(server);
+        self.clients[key].state = ClientState::Active(Box::pin(fut), skey);
         self.drive(key);
     }
 
@@ -799,7 +835,12 @@ impl Lanes {
         if !client.settled(&server, &outcome) {
             self.remove_server(skey);
             self.clients[key].state = ClientState::Idle(client);
-            return self.give_back(key, Some(server), Some(TxResume::After(outcome)));
+            return self.give_back(
+                key,
+                Back::Round,
+                Some(server),
+                Some(TxResume::After(outcome)),
+            );
         }
         if server.cancel_in_flight(client.ctx()) {
             // It serves nobody before the cancel landed (as the runtime's release).
@@ -821,7 +862,7 @@ impl Lanes {
         }
         self.clients[key].state = ClientState::Idle(client);
         if self.closed {
-            return self.give_back(key, None, None);
+            return self.give_back(key, Back::Shutdown, None, None);
         }
         self.serve_idle(key);
     }
@@ -892,8 +933,28 @@ impl Lanes {
         self.idle = keep;
     }
 
+    /// Client `key` ended (Terminate, or its socket closed or broke) while idle: closed here,
+    /// as the runtime would (its slot, SHOW CLIENTS entry and cancel key go with it), without
+    /// a trip back for a client that connects for one transaction.
+    fn end(&mut self, key: usize) {
+        let Some(entry) = self.clients.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut SourceFd(&entry.fd));
+        self.lane.count.fetch_sub(1, Relaxed);
+        drop(entry);
+    }
+
     /// Client `key` back to the runtime, with `server` if it holds one.
-    fn give_back(&mut self, key: usize, server: Option<Box<LaneServer>>, resume: Option<TxResume>) {
+    fn give_back(
+        &mut self,
+        key: usize,
+        why: Back,
+        server: Option<Box<LaneServer>>,
+        resume: Option<TxResume>,
+    ) {
+        metrics::counter!("dbproxy_transaction_lane_returns_total", "reason" => why.name())
+            .increment(1);
         let Some(entry) = self.clients.try_remove(key) else {
             return;
         };
@@ -905,7 +966,7 @@ impl Lanes {
                 if let Some(pos) = self.waiting.iter().position(|&k| k == key) {
                     self.waiting.remove(pos);
                 }
-                self.no_more_waiting();
+                self.lane.pool.lane_waiting(false);
                 client
             }
             ClientState::Active(..) | ClientState::Gone => {
@@ -925,7 +986,7 @@ impl Lanes {
             .map(|(key, _)| key)
             .collect();
         for key in keys {
-            self.give_back(key, None, None);
+            self.give_back(key, Back::Shutdown, None, None);
         }
         self.flush();
         let messages = std::mem::take(&mut *crate::lock(&self.lane.inbox));

@@ -3512,3 +3512,39 @@ async fn an_idle_server_connection_that_ends_is_replaced_without_an_error() -> a
     }
     Ok(())
 }
+
+/// A client whose session has settings (a `SET` right after connecting, as many drivers and
+/// frameworks do) keeps its transactions in the transaction lane: the server it gets already
+/// has them, so nothing sends it back to the runtime but the `SET` itself (a statement that
+/// may change the session is looked at there). Each transaction sees the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_with_settings_stays_in_the_transaction_lane() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&["--worker-threads", "0"]).await?;
+    let client = proxy.connect().await?;
+    client
+        .batch_execute("SET search_path = lane_test, public")
+        .await?;
+    for i in 0..50 {
+        let path = simple_value(&client, "SELECT current_setting('search_path')").await?;
+        ensure!(
+            path == "lane_test, public",
+            "transaction {i}: search_path {path}"
+        );
+    }
+    wait_in_tx_lane(&proxy, 1).await?;
+    let text = scrape(&proxy)?;
+    let back = |reason: &str| {
+        metric_or_zero(
+            &text,
+            "dbproxy_transaction_lane_returns_total",
+            &[("reason", reason)],
+        )
+    };
+    ensure!(
+        back("sync") == 0.0 && back("round") <= 1.0,
+        "transactions went back to the runtime: sync {}, round {}:\n{text}",
+        back("sync"),
+        back("round")
+    );
+    Ok(())
+}
