@@ -28,6 +28,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -51,11 +52,19 @@ const WAKE: Token = Token(usize::MAX);
 /// pool.
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// Loop turns between sweeps while events keep coming.
-const SWEEP_TURNS: u32 = 4096;
-
 /// Loop turns between clock reads.
 const CLOCK_TURNS: u32 = 64;
+
+/// Reads a client's turn may make before the others go first (a round delivering a large
+/// result to a fast reader would otherwise hold the lane until the result's end).
+const READS_PER_TURN: u32 = 16;
+
+thread_local! {
+    /// Reads left in the current turn (a turn is one [`Lanes::drive`]).
+    static BUDGET: Cell<u32> = const { Cell::new(READS_PER_TURN) };
+    /// The current turn ran out of reads: it goes on after the others had theirs.
+    static YIELDED: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Readiness of a socket in the lane, as its epoll events reported it.
 #[derive(Default)]
@@ -99,6 +108,12 @@ impl AsyncRead for LaneIo<'_> {
             // this, a round's reads found nothing 0.78 times per select-only transaction.)
             return Poll::Pending;
         }
+        let left = BUDGET.get();
+        if left == 0 {
+            YIELDED.set(true);
+            return Poll::Pending;
+        }
+        BUDGET.set(left - 1);
         // SAFETY: recv writes at most `len` bytes into the buffer's unfilled part, and only
         // the bytes it reports written are marked initialized.
         let unfilled = unsafe { buf.unfilled_mut() };
@@ -318,6 +333,8 @@ impl TxLane {
             servers: Slab::new(),
             idle: Vec::new(),
             waiting: VecDeque::new(),
+            again: Vec::new(),
+            swept: Instant::now(),
             fetching: 0,
             closed: false,
             now: Instant::now(),
@@ -399,6 +416,10 @@ struct Lanes {
     idle: Vec<usize>,
     /// Clients waiting for a server, first come first.
     waiting: VecDeque<usize>,
+    /// Clients whose turn ran out of reads, driven again after the others.
+    again: Vec<usize>,
+    /// When idle servers were last swept.
+    swept: Instant,
     /// Waits for a server running on the runtime for the lane.
     fetching: usize,
     closed: bool,
@@ -449,7 +470,11 @@ impl Lanes {
         let mut events = Events::with_capacity(1024);
         let mut turns = 0u32;
         loop {
-            let timeout = (!self.idle.is_empty()).then_some(SWEEP);
+            let timeout = if !self.again.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                (!self.idle.is_empty()).then_some(SWEEP)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -484,8 +509,8 @@ impl Lanes {
             if timeout.is_none() || events.is_empty() || turns.is_multiple_of(CLOCK_TURNS) {
                 self.now = Instant::now();
             }
-            if events.is_empty() || turns >= SWEEP_TURNS {
-                turns = 0;
+            if self.now.saturating_duration_since(self.swept) >= SWEEP {
+                self.swept = self.now;
                 self.sweep();
             }
             for event in events.iter() {
@@ -517,6 +542,9 @@ impl Lanes {
                         ServerState::Idle(_) => {}
                     }
                 }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.drive(key);
             }
         }
     }
@@ -573,6 +601,16 @@ impl Lanes {
 
     /// Moves client `key` on as far as it goes.
     fn drive(&mut self, key: usize) {
+        BUDGET.set(READS_PER_TURN);
+        YIELDED.set(false);
+        self.turn(key);
+        if YIELDED.get() {
+            self.again.push(key);
+        }
+    }
+
+    /// [`Lanes::drive`] within a turn's budget.
+    fn turn(&mut self, key: usize) {
         let Some(client) = self.clients.get_mut(key) else {
             return;
         };
