@@ -21,6 +21,7 @@
 //! one, at a rotation or RECONNECT (the pool then closes those it would not keep), and after
 //! one to two seconds unused (the pool's idle timeout and lifetime then apply as usual).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, Write};
@@ -28,7 +29,6 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::cell::Cell;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
