@@ -81,6 +81,9 @@ pub struct ClientContext {
     /// Where idle plaintext transaction-mode clients wait and their transactions are
     /// forwarded (`--transaction-lane`, transaction mode on one runtime thread).
     pub tx_lane: Option<Arc<crate::txlane::TxLane>>,
+    /// `--transaction-lane-after`: transactions a client runs before it enters the
+    /// transaction lane.
+    pub tx_lane_after: u32,
 }
 
 /// The parker of the pool mode: one per mode, so that a parked client's record in its slab
@@ -499,6 +502,8 @@ impl LaneTxClient {
         st.assigned = held.is_some() && matches!(resume, Some(TxResume::After(_)));
         st.held = held;
         st.resume = resume.map(Box::new);
+        // It earned the lane: it goes back as soon as it is idle again.
+        st.transactions = u32::MAX;
         serve_transaction(conn, st).await;
     }
 }
@@ -698,6 +703,12 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     .await;
     match served {
         Ok(TxExit::Done) => {}
+        // Silent for --client-park-after-ms before --transaction-lane-after transactions:
+        // the lane, if it takes clients, rather than the parker.
+        Ok(TxExit::Park(mut st)) if c.ctx.tx_lane.as_ref().is_some_and(|l| l.is_open()) => {
+            st.transactions = u32::MAX;
+            to_tx_lane(*conn, *st)
+        }
         Ok(TxExit::Park(st)) => park(*conn, ToPark::Transaction(st)),
         Ok(TxExit::Lane(st)) => to_tx_lane(*conn, *st),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
@@ -1550,6 +1561,9 @@ struct TxClient {
     sync_failures: u32,
     /// Where the transaction lane gave the client back (boxed: rarely there).
     resume: Option<Box<TxResume>>,
+    /// Transactions run on the runtime, up to `--transaction-lane-after` (`u32::MAX` once
+    /// the client has been in the transaction lane).
+    transactions: u32,
 }
 
 /// Why the transaction lane gave a client back, when its next step is not the usual one.
@@ -1584,6 +1598,7 @@ impl TxClient {
             signal: None,
             sync_failures: 0,
             resume: None,
+            transactions: 0,
         }
     }
 
@@ -1647,6 +1662,7 @@ async fn transaction_login(
         signal: None,
         sync_failures: 0,
         resume: None,
+        transactions: 0,
     }))
 }
 
@@ -1682,6 +1698,7 @@ async fn transaction_session(
                 st.cbuf = BytesMut::new();
             }
             if let Some(lane) = &ctx.tx_lane
+                && st.transactions >= ctx.tx_lane_after
                 && lane.is_open()
                 && matches!(socket, ClientStream::Plain(_))
                 && st.signal.is_none()
@@ -1902,6 +1919,7 @@ async fn transaction_step(
         watch,
     )
     .await;
+    st.transactions = st.transactions.saturating_add(1);
     after_round(ctx, st, outcome).await
 }
 

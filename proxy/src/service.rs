@@ -161,6 +161,7 @@ pub async fn run(
         lane: start_lane(&args, &credentials, &stats, &shutdown),
         lane_after: args.session_lane_after,
         tx_lane: start_tx_lane(&args, &pool, &credentials, &stats, &shutdown),
+        tx_lane_after: args.transaction_lane_after,
         parker: match args.client_park_after_ms {
             0 => None,
             ms => match crate::client::ClientParker::start(

@@ -565,7 +565,7 @@ impl Lanes {
         }
     }
 
-    /// A new client: registered, then served (bytes may be there already).
+    /// A new client: registered; its first event serves it.
     fn admit(&mut self, client: Box<LaneTxClient>) {
         if self.closed {
             self.lane.count.fetch_sub(1, Relaxed);
@@ -584,8 +584,9 @@ impl Lanes {
             drop(tokio::spawn(client.resumed(None, None)));
             return;
         }
+        // Bytes (or a FIN) already there are reported by the registration itself: no read
+        // before the first event (it would find nothing after most logins).
         let flags = client.flags.clone();
-        flags.ready.store(true, Relaxed);
         let waker = Waker::from(Arc::new(RoundWaker {
             lane: Arc::downgrade(&self.lane),
             key,
@@ -596,7 +597,6 @@ impl Lanes {
             waker,
             fd,
         });
-        self.drive(key);
     }
 
     /// Moves client `key` on as far as it goes.

@@ -3548,3 +3548,40 @@ async fn a_session_with_settings_stays_in_the_transaction_lane() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// `--transaction-lane-after 2`: a client runs its first two transactions on the runtime and
+/// enters the transaction lane after them (clients that connect for one transaction never
+/// do), or after an idle spell of `--client-park-after-ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_enter_the_transaction_lane_after_their_first_transactions() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = txn_proxy(&[
+        "--worker-threads",
+        "0",
+        "--transaction-lane-after",
+        "2",
+        "--client-park-after-ms",
+        "1000",
+    ])
+    .await?;
+    let lane = |text: &str| metric_or_zero(text, "dbproxy_transaction_lane_clients", &[]);
+    let busy = proxy.connect().await?;
+    for i in 0..2 {
+        ensure!(
+            lane(&scrape(&proxy)?) == 0.0,
+            "in the lane after {i} transactions"
+        );
+        ensure!(simple_value(&busy, "SELECT 1").await? == "1");
+    }
+    wait_in_tx_lane(&proxy, 1).await?;
+    // A client that stays silent enters after its idle spell instead.
+    let quiet = proxy.connect().await?;
+    ensure!(
+        lane(&scrape(&proxy)?) == 1.0,
+        "the quiet client entered at once"
+    );
+    wait_in_tx_lane(&proxy, 2).await?;
+    ensure!(simple_value(&quiet, "SELECT 2").await? == "2");
+    ensure!(simple_value(&busy, "SELECT 3").await? == "3");
+    wait_in_tx_lane(&proxy, 2).await?;
+    Ok(())
+}

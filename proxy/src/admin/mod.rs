@@ -322,6 +322,10 @@ pub fn config_rows(args: &RunArgs) -> Vec<(String, String, String)> {
             ("session_lane", a.session_lane.to_string()),
             ("session_lane_after", a.session_lane_after.to_string()),
             ("transaction_lane", a.transaction_lane.to_string()),
+            (
+                "transaction_lane_after",
+                a.transaction_lane_after.to_string(),
+            ),
             ("migrate", value_name(&a.migrate)),
             ("migration_timeout", a.migration_timeout.to_string()),
             (
