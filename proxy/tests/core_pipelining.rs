@@ -113,7 +113,7 @@ async fn query_and_terminate_from_an_idle_transaction_mode_client_are_answered()
     let secret = uri_secret(&db.uri("app_a"))?;
     let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
         .args(["--pool-mode", "transaction", "--pool-size", "1"])
-        .args(["--worker-threads", "0"])
+        .args(["--worker-threads", "0", "--transaction-lane", "true"])
         .start()?;
     for round in 0..3 {
         let mut stream = TcpStream::connect(("127.0.0.1", proxy.port())).await?;

@@ -718,6 +718,8 @@ async fn tls_clients_get_the_connection_the_transaction_lane_keeps() -> anyhow::
             "5",
             "--worker-threads",
             "0",
+            "--transaction-lane",
+            "true",
         ]
         .map(String::from),
     );

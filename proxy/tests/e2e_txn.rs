@@ -3220,8 +3220,8 @@ async fn idle_clients_keep_their_session(idle: Idle) -> anyhow::Result<()> {
         "60",
     ];
     args.extend(match idle {
-        Idle::Parked => ["--transaction-lane", "false"],
-        Idle::Lane => ["--worker-threads", "0"],
+        Idle::Parked => ["--transaction-lane", "false", "--worker-threads", "0"],
+        Idle::Lane => ["--transaction-lane", "true", "--worker-threads", "0"],
     });
     let (_db, _secret, mut proxy) = txn_proxy(&args).await?;
     let mut clients = Vec::new();
@@ -3348,7 +3348,15 @@ async fn wait_app_backends(admin: &Client, n: i64, what: &str) -> anyhow::Result
 /// pool closes its own idle ones, and the next transactions run as `app_b`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotation_closes_the_connections_the_transaction_lane_keeps() -> anyhow::Result<()> {
-    let (db, secret, proxy) = txn_proxy(&["--pool-size", "4", "--worker-threads", "0"]).await?;
+    let (db, secret, proxy) = txn_proxy(&[
+        "--pool-size",
+        "4",
+        "--worker-threads",
+        "0",
+        "--transaction-lane",
+        "true",
+    ])
+    .await?;
     let admin = db.admin().await?;
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -3391,8 +3399,15 @@ async fn a_rotation_closes_the_connections_the_transaction_lane_keeps() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unused_connections_leave_the_transaction_lane_for_the_idle_timeout() -> anyhow::Result<()>
 {
-    let (db, _secret, proxy) =
-        txn_proxy(&["--server-idle-timeout", "1", "--worker-threads", "0"]).await?;
+    let (db, _secret, proxy) = txn_proxy(&[
+        "--server-idle-timeout",
+        "1",
+        "--worker-threads",
+        "0",
+        "--transaction-lane",
+        "true",
+    ])
+    .await?;
     let admin = db.admin().await?;
     let client = proxy.connect().await?;
     let first: String = simple_value(&client, "SELECT pg_backend_pid()::text").await?;
@@ -3416,6 +3431,8 @@ async fn lane_clients_wait_for_the_server_another_holds() -> anyhow::Result<()> 
         "2",
         "--worker-threads",
         "0",
+        "--transaction-lane",
+        "true",
     ])
     .await?;
     let a = proxy.connect().await?;
@@ -3519,7 +3536,8 @@ async fn an_idle_server_connection_that_ends_is_replaced_without_an_error() -> a
 /// may change the session is looked at there). Each transaction sees the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_session_with_settings_stays_in_the_transaction_lane() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) = txn_proxy(&["--worker-threads", "0"]).await?;
+    let (_db, _secret, proxy) =
+        txn_proxy(&["--worker-threads", "0", "--transaction-lane", "true"]).await?;
     let client = proxy.connect().await?;
     client
         .batch_execute("SET search_path = lane_test, public")
@@ -3557,6 +3575,8 @@ async fn clients_enter_the_transaction_lane_after_their_first_transactions() -> 
     let (_db, _secret, proxy) = txn_proxy(&[
         "--worker-threads",
         "0",
+        "--transaction-lane",
+        "true",
         "--transaction-lane-after",
         "2",
         "--client-park-after-ms",
