@@ -27,6 +27,13 @@ async fn txn_proxy(extra: &[&str]) -> anyhow::Result<(AppCluster, SecretDir, Pro
     Ok((db, secret, proxy))
 }
 
+/// [`txn_proxy`] with the transaction lane on (off by default) and on one runtime thread.
+async fn lane_proxy(extra: &[&str]) -> anyhow::Result<(AppCluster, SecretDir, ProxyProcess)> {
+    let mut args = vec!["--worker-threads", "0", "--transaction-lane", "true"];
+    args.extend_from_slice(extra);
+    txn_proxy(&args).await
+}
+
 /// Opens a transaction on `client`, so it holds one server connection until [`release`];
 /// returns that backend's pid. Used to force other clients onto another backend.
 async fn hold(client: &Client) -> anyhow::Result<i32> {
@@ -3348,15 +3355,7 @@ async fn wait_app_backends(admin: &Client, n: i64, what: &str) -> anyhow::Result
 /// pool closes its own idle ones, and the next transactions run as `app_b`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotation_closes_the_connections_the_transaction_lane_keeps() -> anyhow::Result<()> {
-    let (db, secret, proxy) = txn_proxy(&[
-        "--pool-size",
-        "4",
-        "--worker-threads",
-        "0",
-        "--transaction-lane",
-        "true",
-    ])
-    .await?;
+    let (db, secret, proxy) = lane_proxy(&["--pool-size", "4"]).await?;
     let admin = db.admin().await?;
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -3399,15 +3398,7 @@ async fn a_rotation_closes_the_connections_the_transaction_lane_keeps() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unused_connections_leave_the_transaction_lane_for_the_idle_timeout() -> anyhow::Result<()>
 {
-    let (db, _secret, proxy) = txn_proxy(&[
-        "--server-idle-timeout",
-        "1",
-        "--worker-threads",
-        "0",
-        "--transaction-lane",
-        "true",
-    ])
-    .await?;
+    let (db, _secret, proxy) = lane_proxy(&["--server-idle-timeout", "1"]).await?;
     let admin = db.admin().await?;
     let client = proxy.connect().await?;
     let first: String = simple_value(&client, "SELECT pg_backend_pid()::text").await?;
@@ -3424,17 +3415,7 @@ async fn unused_connections_leave_the_transaction_lane_for_the_idle_timeout() ->
 /// whose wait outlasts `--pool-timeout` gets the pool's error, and the others go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lane_clients_wait_for_the_server_another_holds() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) = txn_proxy(&[
-        "--pool-size",
-        "1",
-        "--pool-timeout",
-        "2",
-        "--worker-threads",
-        "0",
-        "--transaction-lane",
-        "true",
-    ])
-    .await?;
+    let (_db, _secret, proxy) = lane_proxy(&["--pool-size", "1", "--pool-timeout", "2"]).await?;
     let a = proxy.connect().await?;
     let b = proxy.connect().await?;
     let pid = hold(&a).await?;
@@ -3536,8 +3517,7 @@ async fn an_idle_server_connection_that_ends_is_replaced_without_an_error() -> a
 /// may change the session is looked at there). Each transaction sees the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_session_with_settings_stays_in_the_transaction_lane() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) =
-        txn_proxy(&["--worker-threads", "0", "--transaction-lane", "true"]).await?;
+    let (_db, _secret, proxy) = lane_proxy(&[]).await?;
     let client = proxy.connect().await?;
     client
         .batch_execute("SET search_path = lane_test, public")
@@ -3572,11 +3552,7 @@ async fn a_session_with_settings_stays_in_the_transaction_lane() -> anyhow::Resu
 /// do), or after an idle spell of `--client-park-after-ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_enter_the_transaction_lane_after_their_first_transactions() -> anyhow::Result<()> {
-    let (_db, _secret, proxy) = txn_proxy(&[
-        "--worker-threads",
-        "0",
-        "--transaction-lane",
-        "true",
+    let (_db, _secret, proxy) = lane_proxy(&[
         "--transaction-lane-after",
         "2",
         "--client-park-after-ms",
