@@ -495,10 +495,10 @@ impl Pool {
                     return Ok(Box::new(server));
                 }
                 Decision::Wait => {
-                    if !for_lane {
-                        // Connections the transaction lane keeps idle come back for it.
-                        self.flush_lane();
-                    }
+                    // Connections the transaction lane keeps idle come back for it (for a
+                    // wait of the lane's own too: those it keeps have other parameters, and
+                    // here one can make room for a connection with these).
+                    self.flush_lane();
                     if tokio::time::timeout_at(deadline.into(), notified)
                         .await
                         .is_err()

@@ -22,7 +22,7 @@
 //! one to two seconds unused (the pool's idle timeout and lifetime then apply as usual).
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -332,10 +332,10 @@ impl TxLane {
             clients: Slab::new(),
             servers: Slab::new(),
             idle: Vec::new(),
-            waiting: VecDeque::new(),
+            waiting: HashMap::new(),
+            waiters: 0,
             again: Vec::new(),
             swept: Instant::now(),
-            fetching: 0,
             closed: false,
             now: Instant::now(),
         };
@@ -414,19 +414,31 @@ struct Lanes {
     servers: Slab<Server>,
     /// Idle servers, the most recently released last.
     idle: Vec<usize>,
-    /// Clients waiting for a server, first come first.
-    waiting: VecDeque<usize>,
+    /// Clients waiting for a server, by the startup parameters they need.
+    waiting: HashMap<ServerParams, Demand>,
+    /// Clients waiting for a server, all parameters together.
+    waiters: usize,
     /// Clients whose turn ran out of reads, driven again after the others.
     again: Vec<usize>,
     /// When idle servers were last swept.
     swept: Instant,
-    /// Waits for a server running on the runtime for the lane.
-    fetching: usize,
     closed: bool,
     /// The time, read after each wait that could be long and every [`CLOCK_TURNS`] turns:
     /// what server lifetimes are checked against (a clock read per transaction cost about
     /// 130 instructions).
     now: Instant,
+}
+
+/// Clients of the lane waiting for a server with one set of startup parameters, and the
+/// waits for one running on the runtime for them. There is at least one wait per waiting
+/// client: a wait whose client got a server meanwhile (another client released one) is not
+/// aborted, it may be opening a connection, which the lane then keeps (or gives back after
+/// the sweep).
+#[derive(Default)]
+struct Demand {
+    /// First come first.
+    clients: VecDeque<usize>,
+    fetching: usize,
 }
 
 /// Should the lane thread panic (a bug), its clients are closed (their slots go back with
@@ -676,14 +688,28 @@ impl Lanes {
         client.set_waiting();
         self.lane.pool.lane_waiting(true);
         self.clients[key].state = ClientState::Waiting(client, Instant::now());
-        self.waiting.push_back(key);
-        self.fetch_for_waiting(params);
+        self.waiting
+            .entry(params.clone())
+            .or_default()
+            .clients
+            .push_back(key);
+        self.waiters += 1;
+        self.top_up(&params);
     }
 
-    /// One wait for a server per waiting client (`params`: the last one's).
-    fn fetch_for_waiting(&mut self, params: ServerParams) {
-        if self.fetching < self.waiting.len() {
-            self.fetch(params);
+    /// Starts waits for a server with `params` until there is one per client waiting for
+    /// such a server, and forgets `params` once nobody waits and no wait runs.
+    fn top_up(&mut self, params: &ServerParams) {
+        let Some(demand) = self.waiting.get_mut(params) else {
+            return;
+        };
+        let missing = demand.clients.len().saturating_sub(demand.fetching);
+        demand.fetching += missing;
+        if demand.clients.is_empty() && demand.fetching == 0 {
+            self.waiting.remove(params);
+        }
+        for _ in 0..missing {
+            self.fetch(params.clone());
         }
     }
 
@@ -706,13 +732,10 @@ impl Lanes {
     }
 
     /// Asks the runtime for a server connection with `params` (the pool's wait, with its
-    /// timeout; a new connection if the pool has room).
-    fn fetch(&mut self, params: ServerParams) {
-        self.fetching += 1;
+    /// timeout; a new connection if the pool has room). Counted by [`Lanes::top_up`].
+    fn fetch(&self, params: ServerParams) {
         let lane = self.lane.clone();
         let started = Instant::now();
-        // Not aborted when its client gets another server meanwhile: it may be opening a
-        // connection, which the lane then keeps (or gives back after the sweep).
         drop(tokio::spawn(async move {
             let fetched = match lane.pool.acquire_for_lane(&params, lane.timeout).await {
                 Ok(server) => match LaneServer::from_runtime(server) {
@@ -738,41 +761,36 @@ impl Lanes {
 
     /// A wait for a server ended.
     fn fetched(&mut self, params: ServerParams, started: Instant, fetched: Fetched) {
-        self.fetching = self.fetching.saturating_sub(1);
+        if let Some(demand) = self.waiting.get_mut(&params) {
+            demand.fetching = demand.fetching.saturating_sub(1);
+        }
         match fetched {
             Fetched::Ready(server) => {
                 // Counted as handed out by the pool: idle in the lane until a client takes it.
                 self.lane.pool.lane_idle(server.conn());
-                let Some(skey) = self.add_server(server) else {
-                    return;
-                };
-                self.released(skey);
+                if let Some(skey) = self.add_server(server) {
+                    self.released(skey);
+                }
             }
             Fetched::Failed(e) => {
                 // The client that has waited since before this wait started gets the error
                 // (the pool's timeout, a failed login); one that came later, whose wait this
                 // was not, waits on.
-                let since = |key: usize| match &self.clients[key].state {
-                    ClientState::Waiting(c, since) if *c.params() == params => Some(*since),
-                    _ => None,
-                };
-                let first = self
+                let oldest = self
                     .waiting
-                    .iter()
-                    .position(|&key| since(key).is_some_and(|since| since <= started));
-                if let Some(pos) = first
-                    && let Some(key) = self.waiting.remove(pos)
+                    .get(&params)
+                    .and_then(|d| d.clients.front())
+                    .and_then(|&key| match &self.clients[key].state {
+                        ClientState::Waiting(_, since) => Some(*since),
+                        _ => None,
+                    });
+                if oldest.is_some_and(|since| since <= started)
+                    && let Some(key) = self.first_waiting(&params)
                 {
                     if matches!(e, ProxyError::PoolExhausted(_)) {
                         self.lane.pool.count_timeout();
                     }
                     self.give_back(key, Back::WaitFailed, None, Some(TxResume::Failed(e)));
-                }
-                if let Some(&key) = self.waiting.front()
-                    && let ClientState::Waiting(c, _) = &self.clients[key].state
-                {
-                    let params = c.params().clone();
-                    self.fetch_for_waiting(params);
                 }
             }
             Fetched::Tls(generation) => {
@@ -783,6 +801,8 @@ impl Lanes {
                 }
             }
         }
+        // Whatever this wait brought, the clients still waiting keep one wait each.
+        self.top_up(&params);
     }
 
     /// Registers a server connection with the lane (None: it could not be, and closed).
@@ -821,22 +841,44 @@ impl Lanes {
             return self.return_server(skey);
         }
         let params = server.conn().params.clone();
+        if self.older_elsewhere(&params) {
+            // First come first across parameters too: in the pool the slot goes to the
+            // oldest wait, which replaces this connection with one for its client.
+            return self.return_server(skey);
+        }
         if let Some(key) = self.first_waiting(&params) {
             return self.start(key, skey);
-        }
-        if !self.waiting.is_empty() {
-            // Clients wait for other parameters: the slot serves them better in the pool.
-            return self.return_server(skey);
         }
         self.idle.push(skey);
     }
 
-    /// Takes the first waiting client with `params` off the queue.
+    /// Whether a client waiting for a server with other parameters has waited longer than
+    /// the first one waiting for `params` (or at all, when nobody waits for `params`).
+    fn older_elsewhere(&self, params: &ServerParams) -> bool {
+        let mine = self.waiting.get(params);
+        if self.waiters == mine.map_or(0, |d| d.clients.len()) {
+            return false;
+        }
+        let since = |key: &usize| match &self.clients[*key].state {
+            ClientState::Waiting(_, since) => Some(*since),
+            _ => None,
+        };
+        let Some(first) = mine.and_then(|d| d.clients.front()).and_then(since) else {
+            return true;
+        };
+        self.waiting
+            .iter()
+            .filter(|(p, _)| *p != params)
+            .filter_map(|(_, d)| d.clients.front().and_then(since))
+            .any(|other| other < first)
+    }
+
+    /// Takes the first client waiting for a server with `params` off the queue (its
+    /// [`Demand`] stays until [`Lanes::top_up`] finds it empty).
     fn first_waiting(&mut self, params: &ServerParams) -> Option<usize> {
-        let pos = self.waiting.iter().position(|&key| {
-            matches!(&self.clients[key].state, ClientState::Waiting(c, _) if c.params() == params)
-        })?;
-        self.waiting.remove(pos)
+        let key = self.waiting.get_mut(params)?.clients.pop_front()?;
+        self.waiters -= 1;
+        Some(key)
     }
 
     /// Client `key` takes idle server `skey` and its round starts.
@@ -1006,8 +1048,14 @@ impl Lanes {
         let client = match entry.state {
             ClientState::Idle(client) => client,
             ClientState::Waiting(client, _) => {
-                if let Some(pos) = self.waiting.iter().position(|&k| k == key) {
-                    self.waiting.remove(pos);
+                // Still queued unless its wait failed or its generation is TLS.
+                let params = client.params().clone();
+                if let Some(demand) = self.waiting.get_mut(&params)
+                    && let Some(pos) = demand.clients.iter().position(|&k| k == key)
+                {
+                    demand.clients.remove(pos);
+                    self.waiters -= 1;
+                    self.top_up(&params);
                 }
                 self.lane.pool.lane_waiting(false);
                 client

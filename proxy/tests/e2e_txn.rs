@@ -7,9 +7,11 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use common::*;
 use dbtests::SecretDir;
 use tokio_postgres::Client;
@@ -3579,5 +3581,230 @@ async fn clients_enter_the_transaction_lane_after_their_first_transactions() -> 
     ensure!(simple_value(&quiet, "SELECT 2").await? == "2");
     ensure!(simple_value(&busy, "SELECT 3").await? == "3");
     wait_in_tx_lane(&proxy, 2).await?;
+    Ok(())
+}
+
+/// Many clients log in at once and each sets up its session the way an application does (a
+/// `SET`, a query, a named prepared statement), then runs its statements in a loop, with the
+/// transaction lane on. Each client has an application_name of its own, so each needs server
+/// connections of its own. Every client finishes, seeing only its own setting. (bench
+/// --migration's workload stalled here: 1 of 50 clients got past its `SET`, because a wait
+/// for a server started for one client's parameters was counted as serving another's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_setting_up_sessions_at_once_all_run_in_the_transaction_lane() -> anyhow::Result<()>
+{
+    const CLIENTS: usize = 50;
+    const ROUNDS: usize = 30;
+    let (_db, _secret, proxy) = lane_proxy(&["--pool-size", "60"]).await?;
+    let port = proxy.port();
+    // Per client: 1 connected, 2 set, 3 queried, 4 prepared, then 4 + rounds done.
+    let progress: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..CLIENTS).map(|_| AtomicUsize::new(0)).collect());
+    let step = |p: &AtomicUsize| {
+        p.fetch_add(1, Ordering::Relaxed);
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in 0..CLIENTS {
+        let progress = progress.clone();
+        tasks.spawn(async move {
+            let me = &progress[id];
+            let client = connect_with(
+                tokio_postgres::Config::new()
+                    .host("127.0.0.1")
+                    .port(port)
+                    .user("app")
+                    .dbname("app")
+                    .application_name(format!("setup-{id}"))
+                    .connect_timeout(Duration::from_secs(30)),
+            )
+            .await
+            .with_context(|| format!("client {id}: connect"))?;
+            step(me);
+            // Not a whole number of seconds, or PostgreSQL shows it as such.
+            let timeout = format!("{}ms", 60_001 + id);
+            client
+                .batch_execute(&format!("SET statement_timeout = '{timeout}'"))
+                .await
+                .with_context(|| format!("client {id}: SET"))?;
+            step(me);
+            let first: String = client
+                .query_one("SELECT current_setting('statement_timeout')", &[])
+                .await
+                .with_context(|| format!("client {id}: first query"))?
+                .get(0);
+            step(me);
+            let stmt = client
+                .prepare("SELECT current_setting('statement_timeout'), $1::int + 1")
+                .await
+                .with_context(|| format!("client {id}: prepare"))?;
+            step(me);
+            let mut seen = vec![first];
+            for i in 0..ROUNDS as i32 {
+                let row = client
+                    .query_one(&stmt, &[&i])
+                    .await
+                    .with_context(|| format!("client {id}: round {i}"))?;
+                ensure!(row.get::<_, i32>(1) == i + 1, "client {id}: wrong answer");
+                seen.push(row.get(0));
+                let simple = simple_value(&client, "SELECT 1")
+                    .await
+                    .with_context(|| format!("client {id}: simple query {i}"))?;
+                ensure!(simple == "1", "client {id}: SELECT 1 gave {simple}");
+                step(me);
+            }
+            ensure!(
+                seen.iter().all(|s| *s == timeout),
+                "client {id} saw other settings than its {timeout}: {seen:?}"
+            );
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    match all {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "only {} of {CLIENTS} clients finished within 60 s; steps done per client \
+             (1 connected, 2 set, 3 queried, 4 prepared, 4 + n after n rounds): {:?}",
+            CLIENTS - tasks.len(),
+            progress
+                .iter()
+                .map(|p| p.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// A client of the lane that needs a server with other startup parameters than the ones the
+/// lane keeps idle, on a full pool, gets one made in their place at once: the lane gives its
+/// idle ones back when its wait has to wait, not a second or two later at its sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_pool_makes_room_from_the_idle_connections_the_lane_keeps() -> anyhow::Result<()> {
+    let (db, _secret, proxy) = lane_proxy(&["--pool-size", "2"]).await?;
+    let admin = db.admin().await?;
+    let app = |name: &str| {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(proxy.port())
+            .user("app")
+            .dbname("app")
+            .application_name(name)
+            .connect_timeout(Duration::from_secs(30));
+        cfg
+    };
+    // Each logs in (and learns its server's parameters) while the pool has room.
+    let c = connect_with(&app("lane-c")).await?;
+    let a = connect_with(&app("lane-a")).await?;
+    let b = connect_with(&app("lane-b")).await?;
+    wait_in_tx_lane(&proxy, 3).await?;
+    let backends = async || -> anyhow::Result<Vec<String>> {
+        let rows = admin
+            .query(
+                "SELECT application_name FROM pg_stat_activity \
+                 WHERE usename = 'app_a' ORDER BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    };
+    // a and b take the pool's two slots and leave their connections idle in the lane.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        ensure!(simple_value(&a, "SELECT 1").await? == "1");
+        ensure!(simple_value(&b, "SELECT 2").await? == "2");
+        if backends().await? == ["lane-a", "lane-b"] {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a and b never held the two connections: {:?}",
+            backends().await?
+        );
+    }
+    let asked = Instant::now();
+    ensure!(simple_value(&c, "SELECT 3").await? == "3");
+    let took = asked.elapsed();
+    // The sweep gives an idle connection back only once unused for a whole second.
+    ensure!(
+        took < Duration::from_millis(900),
+        "c waited {took:?} for a connection: the lane's idle ones came back at its sweep"
+    );
+    ensure!(
+        backends().await?.contains(&"lane-c".to_owned()),
+        "no connection for c: {:?}",
+        backends().await?
+    );
+    Ok(())
+}
+
+/// On a full pool the lane serves waiting clients first come first whatever their startup
+/// parameters: clients with one application_name keeping every connection busy (each
+/// released one has one of them waiting) do not starve a client with another one until the
+/// pool's timeout. (Handing each released connection to a waiting client with its parameters
+/// made that client wait 0.5 to 1 s per query here, and fail with the 1 s timeout in two
+/// runs of three.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_clients_do_not_starve_a_lane_client_with_other_parameters() -> anyhow::Result<()> {
+    let (_db, _secret, proxy) = lane_proxy(&["--pool-size", "2", "--pool-timeout", "1"]).await?;
+    let app = |name: &str| {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(proxy.port())
+            .user("app")
+            .dbname("app")
+            .application_name(name)
+            .connect_timeout(Duration::from_secs(30));
+        cfg
+    };
+    let other = connect_with(&app("starve-y")).await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut busy = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let client = connect_with(&app("starve-x")).await?;
+        let stop = stop.clone();
+        busy.spawn(async move {
+            let mut n = 0u64;
+            // Bounded: stopped below, and at most 200k transactions.
+            while !stop.load(Ordering::Relaxed) && n < 200_000 {
+                client.simple_query("SELECT 1").await?;
+                n += 1;
+            }
+            Ok::<_, tokio_postgres::Error>(n)
+        });
+    }
+    // The busy clients are running (and waiting for each other's connections).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answered = Vec::new();
+    let mut failed = None;
+    for i in 0..10 {
+        match simple_value(&other, &format!("SELECT {i}")).await {
+            Ok(v) => answered.push(v),
+            Err(e) => {
+                failed = Some(format!("query {i}: {e:?}"));
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut done = 0;
+    while let Some(r) = busy.join_next().await {
+        done += r??;
+    }
+    ensure!(
+        failed.is_none(),
+        "the client with other parameters starved ({} answered first): {}",
+        answered.len(),
+        failed.unwrap_or_default()
+    );
+    ensure!(
+        answered == (0..10).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "answers {answered:?}"
+    );
+    ensure!(done > 0, "the busy clients ran nothing");
     Ok(())
 }

@@ -86,6 +86,10 @@ struct Args {
     /// Pause of each migration client between two iterations, in milliseconds (0: as fast as it can).
     #[arg(long, default_value_t = 0)]
     migration_pause_ms: u64,
+    /// One more dbproxy flag for every dbproxy the run starts (repeatable), for example
+    /// `--dbproxy-arg=--transaction-lane=true`.
+    #[arg(long, allow_hyphen_values = true)]
+    dbproxy_arg: Vec<String>,
 }
 
 /// pgbench's built-in scripts.
@@ -211,6 +215,8 @@ struct Plan {
     pool_size: u32,
     max_clients: u32,
     pool_modes: Vec<PoolMode>,
+    /// `--dbproxy-arg`s, appended to every dbproxy's command line.
+    dbproxy_args: Vec<String>,
 }
 
 /// Everything a target needs to start, shared by all targets.
@@ -232,6 +238,7 @@ struct BenchEnv {
     redactor: Redactor,
     plan_pool_size: u32,
     plan_max_clients: u32,
+    plan_dbproxy_args: Vec<String>,
 }
 
 /// The first PgBouncer release with `max_prepared_statements` (prepared statements in
@@ -322,6 +329,7 @@ fn plan(args: &Args) -> Plan {
         pool_size,
         max_clients: pool_size * 2 + 100,
         pool_modes,
+        dbproxy_args: args.dbproxy_arg.clone(),
     }
 }
 
@@ -441,6 +449,7 @@ async fn run(args: &Args, redactor: &Redactor) -> anyhow::Result<()> {
         redactor: redactor.clone(),
         plan_pool_size: plan.pool_size,
         plan_max_clients: plan.max_clients,
+        plan_dbproxy_args: plan.dbproxy_args.clone(),
     };
 
     println!("pgbench -i -s {} ...", plan.scale);
@@ -719,15 +728,15 @@ async fn conditions(env: &BenchEnv, plan: &Plan, pgbench: &Path) -> String {
         plan.runs,
         plan.pool_size,
         pgbench.display(),
-        dbproxy = dbproxy_origin(&commit),
+        dbproxy = dbproxy_origin(&commit, &plan.dbproxy_args),
     );
     c
 }
 
 /// Where the measured dbproxy came from: the work tree, or a binary named by `DBPROXY_BIN`
-/// (then the tree's commit says nothing about it).
-fn dbproxy_origin(commit: &str) -> String {
-    match std::env::var_os("DBPROXY_BIN") {
+/// (then the tree's commit says nothing about it), and the `--dbproxy-arg`s it ran with.
+fn dbproxy_origin(commit: &str, extra: &[String]) -> String {
+    let origin = match std::env::var_os("DBPROXY_BIN") {
         Some(p) => format!(
             "from `DBPROXY_BIN={}` (work tree at {commit})",
             Path::new(&p).display()
@@ -740,6 +749,11 @@ fn dbproxy_origin(commit: &str) -> String {
                 "release"
             }
         ),
+    };
+    if extra.is_empty() {
+        origin
+    } else {
+        format!("{origin}, run with `{}`", extra.join(" "))
     }
 }
 
@@ -928,6 +942,7 @@ async fn start_target(
             cfg.max_clients = Some(env.plan_max_clients);
             cfg.pool_mode = spec.pool_mode.map(|m| m.arg().to_owned());
             cfg.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+            cfg.extra_args.extend(env.plan_dbproxy_args.iter().cloned());
             let process = load::start_dbproxy(&cfg, Duration::from_secs(60), &env.redactor)
                 .await
                 .with_context(|| format!("starting {}", spec.label()))?;
@@ -1580,6 +1595,7 @@ mod migration {
                     rotations,
                     hold: Duration::from_secs(args.migration_hold),
                     pause: Duration::from_millis(args.migration_pause_ms),
+                    dbproxy_args: plan.dbproxy_args.clone(),
                 },
                 &bin,
                 [&a, &b],
@@ -1638,6 +1654,7 @@ mod migration {
         rotations: u32,
         hold: Duration,
         pause: Duration,
+        dbproxy_args: Vec<String>,
     }
 
     async fn measure(
@@ -1654,6 +1671,7 @@ mod migration {
             rotations,
             hold,
             pause,
+            dbproxy_args,
         } = setup;
         println!(
             "migration, {} mode: {clients} clients, {rotations} rotations",
@@ -1671,6 +1689,7 @@ mod migration {
         cfg.pool_size = Some(clients as u32 * 2 + 10);
         cfg.max_clients = Some(clients as u32 * 2 + 100);
         cfg.pool_mode = Some(mode.arg().to_owned());
+        cfg.extra_args = dbproxy_args;
         let mut proxy = load::start_dbproxy(&cfg, Duration::from_secs(60), redactor)
             .await
             .context("starting dbproxy")?;
@@ -2013,7 +2032,7 @@ mod migration {
                 ", without pause".into()
             },
             hold = args.migration_hold,
-            dbproxy = super::dbproxy_origin(&commit),
+            dbproxy = super::dbproxy_origin(&commit, &args.dbproxy_arg),
             bound = ROTATION_BOUND.as_secs(),
         )
     }
