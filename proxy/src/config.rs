@@ -215,10 +215,7 @@ pub struct RunArgs {
     /// takes from the pool (one epoll set, no task per client); logins, bringing a server in
     /// line with a client's session, pinned sessions, errors and TLS stay on the runtime.
     /// `false` serves every client on the runtime.
-    ///
-    /// Off by default for now: `bench --migration` in transaction mode (50 clients, each with
-    /// a SET and a named prepared statement, moving between two hosts) stalled with it.
-    #[arg(long = "transaction-lane", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long = "transaction-lane", default_value_t = true, action = clap::ArgAction::Set)]
     pub transaction_lane: bool,
 
     /// Transactions a client runs on the runtime before it enters the transaction lane (an
