@@ -855,6 +855,10 @@ impl Lanes {
     /// Whether a client waiting for a server with other parameters has waited longer than
     /// the first one waiting for `params` (or at all, when nobody waits for `params`).
     fn older_elsewhere(&self, params: &ServerParams) -> bool {
+        // Nobody waits, nearly always: no hashing of the parameters per transaction.
+        if self.waiters == 0 {
+            return false;
+        }
         let mine = self.waiting.get(params);
         if self.waiters == mine.map_or(0, |d| d.clients.len()) {
             return false;
@@ -876,6 +880,9 @@ impl Lanes {
     /// Takes the first client waiting for a server with `params` off the queue (its
     /// [`Demand`] stays until [`Lanes::top_up`] finds it empty).
     fn first_waiting(&mut self, params: &ServerParams) -> Option<usize> {
+        if self.waiters == 0 {
+            return None;
+        }
         let key = self.waiting.get_mut(params)?.clients.pop_front()?;
         self.waiters -= 1;
         Some(key)
