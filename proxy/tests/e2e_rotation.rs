@@ -514,11 +514,25 @@ async fn invalid_password_window_is_invisible_to_clients() -> anyhow::Result<()>
 /// errors, and each rotation observed by a new session within 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_workload_across_rotations() -> anyhow::Result<()> {
+    workload_across_rotations(&[]).await
+}
+
+/// The same in transaction mode on 4 server connections: the 14 clients' transactions run in
+/// the transaction lane (on by default), waiting there for the connections each other hold
+/// across every rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transaction_mode_workload_across_rotations() -> anyhow::Result<()> {
+    workload_across_rotations(&["--pool-mode", "transaction", "--pool-size", "4"]).await
+}
+
+async fn workload_across_rotations(extra: &[&str]) -> anyhow::Result<()> {
     const ROTATIONS: usize = 24;
     let db = AppCluster::start("one").await?;
     let admin = db.admin().await?;
     let secret = uri_secret(&db.uri("app_a"))?;
-    let proxy = ProxyBuilder::new(&secret.file(URI_KEY)).start()?;
+    let proxy = ProxyBuilder::new(&secret.file(URI_KEY))
+        .args(extra.iter().copied())
+        .start()?;
     let port = proxy.port();
     let workload = Workload::start(port, 12, 2);
     wait_for_traffic(&workload, 100).await;
@@ -527,6 +541,8 @@ async fn concurrent_workload_across_rotations() -> anyhow::Result<()> {
     let mut current = "app_a";
     let mut latencies = Vec::new();
     let (mut switches, mut password_only) = (0, 0);
+    // Clients seen in the transaction lane after a rotation, at most.
+    let mut in_lane = 0.0f64;
     for i in 0..ROTATIONS {
         let latency = if i % 3 == 2 {
             // same user, new password: observable as a session on a backend that logged in
@@ -555,6 +571,11 @@ async fn concurrent_workload_across_rotations() -> anyhow::Result<()> {
             wait_for_session_user(port, next, since, SWITCH_DEADLINE).await?
         };
         latencies.push(latency);
+        in_lane = in_lane.max(metric_or_zero(
+            &scrape(&proxy)?,
+            "dbproxy_transaction_lane_clients",
+            &[],
+        ));
         let errors = workload.errors();
         assert!(
             errors.is_empty(),
@@ -566,10 +587,16 @@ async fn concurrent_workload_across_rotations() -> anyhow::Result<()> {
     wait_for_traffic(&workload, 100).await;
     let report = workload.stop().await;
     assert_clean(&report, "clients across rotations");
+    if extra.contains(&"transaction") {
+        anyhow::ensure!(
+            in_lane > 0.0,
+            "no client was ever in the transaction lane: the test did not test it"
+        );
+    }
     let max = latencies.iter().max().copied().unwrap_or_default();
     let mean = latencies.iter().sum::<Duration>() / latencies.len() as u32;
     println!(
-        "summary: {} rotations ({switches} user switches, {password_only} password-only) in {:?}; \
+        "summary ({extra:?}): {} rotations ({switches} user switches, {password_only} password-only) in {:?}; \
          {} sessions, {} queries, {} errors; switch latency (Secret write -> first new session \
          on new credentials): mean {mean:?}, max {max:?}",
         latencies.len(),
@@ -578,6 +605,7 @@ async fn concurrent_workload_across_rotations() -> anyhow::Result<()> {
         report.queries,
         report.errors.len()
     );
+    println!("clients in the transaction lane after a rotation, at most: {in_lane}");
     Ok(())
 }
 
