@@ -518,11 +518,20 @@ async fn concurrent_workload_across_rotations() -> anyhow::Result<()> {
 }
 
 /// The same in transaction mode on 4 server connections: the 14 clients' transactions run in
-/// the transaction lane (on by default), waiting there for the connections each other hold
-/// across every rotation.
+/// the transaction lane (on by default; on one runtime thread whatever
+/// `DBPROXY_TEST_WORKER_THREADS` says, since the lane needs it), waiting there for the
+/// connections each other hold across every rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_transaction_mode_workload_across_rotations() -> anyhow::Result<()> {
-    workload_across_rotations(&["--pool-mode", "transaction", "--pool-size", "4"]).await
+    workload_across_rotations(&[
+        "--pool-mode",
+        "transaction",
+        "--pool-size",
+        "4",
+        "--worker-threads",
+        "0",
+    ])
+    .await
 }
 
 async fn workload_across_rotations(extra: &[&str]) -> anyhow::Result<()> {

@@ -3584,6 +3584,19 @@ async fn clients_enter_the_transaction_lane_after_their_first_transactions() -> 
     Ok(())
 }
 
+/// A client of the proxy on `port` with an application_name of its own (transaction mode
+/// gives each set of startup parameters server connections of its own).
+fn named_client(port: u16, application_name: &str) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .dbname("app")
+        .application_name(application_name)
+        .connect_timeout(Duration::from_secs(30));
+    cfg
+}
+
 /// Many clients log in at once and each sets up its session the way an application does (a
 /// `SET`, a query, a named prepared statement), then runs its statements in a loop, with the
 /// transaction lane on. Each client has an application_name of its own, so each needs server
@@ -3608,17 +3621,9 @@ async fn clients_setting_up_sessions_at_once_all_run_in_the_transaction_lane() -
         let progress = progress.clone();
         tasks.spawn(async move {
             let me = &progress[id];
-            let client = connect_with(
-                tokio_postgres::Config::new()
-                    .host("127.0.0.1")
-                    .port(port)
-                    .user("app")
-                    .dbname("app")
-                    .application_name(format!("setup-{id}"))
-                    .connect_timeout(Duration::from_secs(30)),
-            )
-            .await
-            .with_context(|| format!("client {id}: connect"))?;
+            let client = connect_with(&named_client(port, &format!("setup-{id}")))
+                .await
+                .with_context(|| format!("client {id}: connect"))?;
             step(me);
             // Not a whole number of seconds, or PostgreSQL shows it as such.
             let timeout = format!("{}ms", 60_001 + id);
@@ -3687,16 +3692,7 @@ async fn clients_setting_up_sessions_at_once_all_run_in_the_transaction_lane() -
 async fn a_full_pool_makes_room_from_the_idle_connections_the_lane_keeps() -> anyhow::Result<()> {
     let (db, _secret, proxy) = lane_proxy(&["--pool-size", "2"]).await?;
     let admin = db.admin().await?;
-    let app = |name: &str| {
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1")
-            .port(proxy.port())
-            .user("app")
-            .dbname("app")
-            .application_name(name)
-            .connect_timeout(Duration::from_secs(30));
-        cfg
-    };
+    let app = |name: &str| named_client(proxy.port(), name);
     // Each logs in (and learns its server's parameters) while the pool has room.
     let c = connect_with(&app("lane-c")).await?;
     let a = connect_with(&app("lane-a")).await?;
@@ -3751,16 +3747,7 @@ async fn a_full_pool_makes_room_from_the_idle_connections_the_lane_keeps() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn busy_clients_do_not_starve_a_lane_client_with_other_parameters() -> anyhow::Result<()> {
     let (_db, _secret, proxy) = lane_proxy(&["--pool-size", "2", "--pool-timeout", "1"]).await?;
-    let app = |name: &str| {
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1")
-            .port(proxy.port())
-            .user("app")
-            .dbname("app")
-            .application_name(name)
-            .connect_timeout(Duration::from_secs(30));
-        cfg
-    };
+    let app = |name: &str| named_client(proxy.port(), name);
     let other = connect_with(&app("starve-y")).await?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut busy = tokio::task::JoinSet::new();
