@@ -52,6 +52,10 @@ const WAKE: Token = Token(usize::MAX);
 /// pool.
 const SWEEP: Duration = Duration::from_secs(1);
 
+/// The shortest wait for a server the lane starts (for a client with no time left of
+/// `--pool-timeout`, which then gets the pool's error).
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
 /// Loop turns between clock reads.
 const CLOCK_TURNS: u32 = 64;
 
@@ -698,18 +702,37 @@ impl Lanes {
     }
 
     /// Starts waits for a server with `params` until there is one per client waiting for
-    /// such a server, and forgets `params` once nobody waits and no wait runs.
+    /// such a server, and forgets `params` once nobody waits and no wait runs. The running
+    /// waits count for the first clients; a new one is for a later client and lasts what that
+    /// client has left of `--pool-timeout`, so a client gets the pool's error when it has
+    /// waited the timeout, as on the runtime (not a timeout after a wait started for another
+    /// client ended).
     fn top_up(&mut self, params: &ServerParams) {
         let Some(demand) = self.waiting.get_mut(params) else {
             return;
         };
-        let missing = demand.clients.len().saturating_sub(demand.fetching);
-        demand.fetching += missing;
-        if demand.clients.is_empty() && demand.fetching == 0 {
-            self.waiting.remove(params);
+        let running = demand.fetching;
+        let missing = demand.clients.len().saturating_sub(running);
+        if missing == 0 {
+            if demand.clients.is_empty() && running == 0 {
+                self.waiting.remove(params);
+            }
+            return;
         }
-        for _ in 0..missing {
-            self.fetch(params.clone());
+        demand.fetching += missing;
+        let now = Instant::now();
+        let timeout = self.lane.timeout;
+        let left: Vec<Duration> = demand
+            .clients
+            .iter()
+            .skip(running)
+            .map(|&key| match &self.clients[key].state {
+                ClientState::Waiting(_, since) => (*since + timeout).saturating_duration_since(now),
+                _ => timeout,
+            })
+            .collect();
+        for left in left {
+            self.fetch(params.clone(), left.max(MIN_WAIT));
         }
     }
 
@@ -731,13 +754,13 @@ impl Lanes {
         None
     }
 
-    /// Asks the runtime for a server connection with `params` (the pool's wait, with its
-    /// timeout; a new connection if the pool has room). Counted by [`Lanes::top_up`].
-    fn fetch(&self, params: ServerParams) {
+    /// Asks the runtime for a server connection with `params` (the pool's wait, for at most
+    /// `timeout`; a new connection if the pool has room). Counted by [`Lanes::top_up`].
+    fn fetch(&self, params: ServerParams, timeout: Duration) {
         let lane = self.lane.clone();
         let started = Instant::now();
         drop(tokio::spawn(async move {
-            let fetched = match lane.pool.acquire_for_lane(&params, lane.timeout).await {
+            let fetched = match lane.pool.acquire_for_lane(&params, timeout).await {
                 Ok(server) => match LaneServer::from_runtime(server) {
                     Ok(server) => Fetched::Ready(server),
                     Err(server) => {

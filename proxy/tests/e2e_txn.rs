@@ -3446,9 +3446,16 @@ async fn lane_clients_wait_for_the_server_another_holds() -> anyhow::Result<()> 
         text.contains("pool"),
         "b's error does not say the pool timed out: {text}"
     );
+    let waited = t.elapsed();
     ensure!(
-        t.elapsed() >= Duration::from_secs(2),
+        waited >= Duration::from_secs(2),
         "b gave up before --pool-timeout"
+    );
+    // Not the 2 s of the lane's wait still running from b's first request (which a's release
+    // answered) plus 2 s of a new one.
+    ensure!(
+        waited < Duration::from_secs(3),
+        "b waited {waited:?} for its error, not --pool-timeout (2 s)"
     );
     release(&a).await?;
     ensure!(simple_value(&a, "SELECT 1").await? == "1");
