@@ -358,20 +358,32 @@ impl Pool {
         }
         self.runtime_waiters.fetch_add(1, Relaxed);
         let _waiting = Waiting(&self.runtime_waiters);
-        self.acquire_counted(params, timeout, exceed, false).await
+        match self.acquire_counted(params, timeout, exceed, None).await? {
+            Some(server) => Ok(server),
+            // Only a wait of the lane's gives up unasked.
+            None => Err(ProxyError::PoolExhausted(self.config.timeout.as_secs())),
+        }
     }
 
     /// A connection for the transaction lane's clients: [`Pool::acquire_waiting`] that does
-    /// not ask the lane for its own idle connections.
+    /// not count as a client of the runtime waiting. `wanted` counts the lane's clients still
+    /// waiting for a connection with these parameters: once it is 0 (another client released
+    /// one to them), the wait ends with `None` before it takes or opens a connection (with a
+    /// full pool, opening one closes another: a login for nobody).
     pub async fn acquire_for_lane(
         &self,
         params: &ServerParams,
         timeout: Duration,
-    ) -> Result<Box<ServerConnection>> {
-        if let Some(server) = self.try_acquire(params) {
-            return Ok(server);
+        wanted: &std::sync::atomic::AtomicUsize,
+    ) -> Result<Option<Box<ServerConnection>>> {
+        if wanted.load(Relaxed) == 0 {
+            return Ok(None);
         }
-        self.acquire_counted(params, timeout, false, true).await
+        if let Some(server) = self.try_acquire(params) {
+            return Ok(Some(server));
+        }
+        self.acquire_counted(params, timeout, false, Some(wanted))
+            .await
     }
 
     async fn acquire_counted(
@@ -379,8 +391,9 @@ impl Pool {
         params: &ServerParams,
         timeout: Duration,
         exceed: bool,
-        for_lane: bool,
-    ) -> Result<Box<ServerConnection>> {
+        lane: Option<&std::sync::atomic::AtomicUsize>,
+    ) -> Result<Option<Box<ServerConnection>>> {
+        let for_lane = lane.is_some();
         let started = Instant::now();
         // The transaction lane counts its clients' waits itself (a wait on its behalf may
         // outlast them). Counted down by a guard: the caller may drop this future midway.
@@ -395,14 +408,14 @@ impl Pool {
             Waiting(&self.stats.clients_waiting)
         });
         let got = self
-            .acquire_inner(params, started + timeout, exceed, for_lane)
+            .acquire_inner(params, started + timeout, exceed, lane)
             .await;
         drop(waiting);
         let waited = started.elapsed();
         if !for_lane {
             crate::stats::hot().pool_wait.record(waited);
         }
-        if let Ok(server) = &got {
+        if let Ok(Some(server)) = &got {
             self.assigned(
                 server,
                 if for_lane {
@@ -455,9 +468,20 @@ impl Pool {
         params: &ServerParams,
         deadline: Instant,
         exceed: bool,
-        for_lane: bool,
-    ) -> Result<Box<ServerConnection>> {
+        lane: Option<&std::sync::atomic::AtomicUsize>,
+    ) -> Result<Option<Box<ServerConnection>>> {
+        let for_lane = lane.is_some();
+        let mut woken = false;
         loop {
+            if let Some(wanted) = lane
+                && wanted.load(Relaxed) == 0
+            {
+                if woken {
+                    // The release that woke this wait is for another waiter.
+                    self.changed.notify_one();
+                }
+                return Ok(None);
+            }
             if self.is_paused() {
                 Box::pin(self.wait_unpaused(deadline)).await?;
             }
@@ -480,7 +504,7 @@ impl Pool {
                 }
             };
             match decision {
-                Decision::Take(server) => return Ok(server),
+                Decision::Take(server) => return Ok(Some(server)),
                 Decision::Open(victim) => {
                     if let Some(v) = victim {
                         self.forget(&v);
@@ -492,7 +516,7 @@ impl Pool {
                     // acquire (one per transaction in transaction mode) a 3.5 kB future.
                     let server = Box::pin(self.open_new(generation, params, deadline)).await?;
                     slot.disarm();
-                    return Ok(Box::new(server));
+                    return Ok(Some(Box::new(server)));
                 }
                 Decision::Wait => {
                     // Connections the transaction lane keeps idle come back for it (for a
@@ -509,6 +533,7 @@ impl Pool {
                         }
                         return Err(ProxyError::PoolExhausted(self.config.timeout.as_secs()));
                     }
+                    woken = true;
                 }
             }
         }

@@ -223,6 +223,8 @@ enum Message {
 
 enum Fetched {
     Ready(Box<LaneServer>),
+    /// Nobody waited for it any more when it would have taken or opened a connection.
+    NotNeeded,
     /// A TLS connection: it went back to the pool.
     Tls(u64),
     Failed(ProxyError),
@@ -443,6 +445,31 @@ struct Demand {
     /// First come first.
     clients: VecDeque<usize>,
     fetching: usize,
+    /// How many clients wait (`clients.len()`), shared with the waits: one that finds it 0
+    /// ends before it takes or opens a connection nobody waits for.
+    wanted: Arc<AtomicUsize>,
+}
+
+impl Demand {
+    fn push(&mut self, key: usize) {
+        self.clients.push_back(key);
+        self.wanted.store(self.clients.len(), Relaxed);
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        let key = self.clients.pop_front()?;
+        self.wanted.store(self.clients.len(), Relaxed);
+        Some(key)
+    }
+
+    fn remove(&mut self, key: usize) -> bool {
+        let Some(pos) = self.clients.iter().position(|&k| k == key) else {
+            return false;
+        };
+        self.clients.remove(pos);
+        self.wanted.store(self.clients.len(), Relaxed);
+        true
+    }
 }
 
 /// Should the lane thread panic (a bug), its clients are closed (their slots go back with
@@ -692,11 +719,7 @@ impl Lanes {
         client.set_waiting();
         self.lane.pool.lane_waiting(true);
         self.clients[key].state = ClientState::Waiting(client, Instant::now());
-        self.waiting
-            .entry(params.clone())
-            .or_default()
-            .clients
-            .push_back(key);
+        self.waiting.entry(params.clone()).or_default().push(key);
         self.waiters += 1;
         self.top_up(&params);
     }
@@ -731,8 +754,9 @@ impl Lanes {
                 _ => timeout,
             })
             .collect();
+        let wanted = demand.wanted.clone();
         for left in left {
-            self.fetch(params.clone(), left.max(MIN_WAIT));
+            self.fetch(params.clone(), left.max(MIN_WAIT), wanted.clone());
         }
     }
 
@@ -756,12 +780,13 @@ impl Lanes {
 
     /// Asks the runtime for a server connection with `params` (the pool's wait, for at most
     /// `timeout`; a new connection if the pool has room). Counted by [`Lanes::top_up`].
-    fn fetch(&self, params: ServerParams, timeout: Duration) {
+    fn fetch(&self, params: ServerParams, timeout: Duration, wanted: Arc<AtomicUsize>) {
         let lane = self.lane.clone();
         let started = Instant::now();
         drop(tokio::spawn(async move {
-            let fetched = match lane.pool.acquire_for_lane(&params, timeout).await {
-                Ok(server) => match LaneServer::from_runtime(server) {
+            let fetched = match lane.pool.acquire_for_lane(&params, timeout, &wanted).await {
+                Ok(None) => Fetched::NotNeeded,
+                Ok(Some(server)) => match LaneServer::from_runtime(server) {
                     Ok(server) => Fetched::Ready(server),
                     Err(server) => {
                         let generation = server.generation;
@@ -792,9 +817,11 @@ impl Lanes {
                 // Counted as handed out by the pool: idle in the lane until a client takes it.
                 self.lane.pool.lane_idle(server.conn());
                 if let Some(skey) = self.add_server(server) {
-                    self.released(skey);
+                    self.released(skey, true);
                 }
             }
+            // Its clients got connections others released: topped up below if some wait.
+            Fetched::NotNeeded => {}
             Fetched::Failed(e) => {
                 // The client that has waited since before this wait started gets the error
                 // (the pool's timeout, a failed login); one that came later, whose wait this
@@ -852,25 +879,35 @@ impl Lanes {
         Some(skey)
     }
 
-    /// Server `skey` is idle (released by its client, or new): to the first client waiting
-    /// for its parameters, else kept idle, or back to the pool if a client of the runtime
-    /// waits, the pool would not keep it or the lane is closing.
-    fn released(&mut self, skey: usize) {
+    /// Server `skey` is idle: released by its client, or `fresh` from the pool for the
+    /// lane's waiting clients. To the first client waiting for its parameters, else kept
+    /// idle, or back to the pool if the lane is closing, the pool would not keep it, or
+    /// clients wait for other parameters or on the runtime.
+    ///
+    /// A released one also goes back to the pool when a client of the runtime or one with
+    /// other parameters has waited longer (first come first, as in the pool, whose waits then
+    /// replace it with a connection for theirs). A fresh one goes to a client of its
+    /// parameters regardless: it may have cost a login, and sending it back would make the
+    /// pool close it for the next wait in line (at 50 clients with their own
+    /// application_name on 10 connections that was 33 logins per transaction).
+    fn released(&mut self, skey: usize, fresh: bool) {
         let ServerState::Idle(server) = &self.servers[skey].state else {
             return;
         };
         let pool = &self.lane.pool;
-        if self.closed || pool.runtime_waiters() > 0 || !pool.would_keep(server.conn(), self.now) {
+        if self.closed || !pool.would_keep(server.conn(), self.now) {
             return self.return_server(skey);
         }
         let params = server.conn().params.clone();
-        if self.older_elsewhere(&params) {
-            // First come first across parameters too: in the pool the slot goes to the
-            // oldest wait, which replaces this connection with one for its client.
+        if !fresh && (pool.runtime_waiters() > 0 || self.older_elsewhere(&params)) {
             return self.return_server(skey);
         }
         if let Some(key) = self.first_waiting(&params) {
             return self.start(key, skey);
+        }
+        if self.waiters > 0 || self.lane.pool.runtime_waiters() > 0 {
+            // Nobody here waits for its parameters: the slot serves the others in the pool.
+            return self.return_server(skey);
         }
         self.idle.push(skey);
     }
@@ -906,7 +943,7 @@ impl Lanes {
         if self.waiters == 0 {
             return None;
         }
-        let key = self.waiting.get_mut(params)?.clients.pop_front()?;
+        let key = self.waiting.get_mut(params)?.pop()?;
         self.waiters -= 1;
         Some(key)
     }
@@ -973,7 +1010,7 @@ impl Lanes {
         } else {
             self.lane.pool.lane_idle(server.conn());
             self.servers[skey].state = ServerState::Idle(server);
-            self.released(skey);
+            self.released(skey, false);
         }
         self.clients[key].state = ClientState::Idle(client);
         if self.closed {
@@ -1081,9 +1118,8 @@ impl Lanes {
                 // Still queued unless its wait failed or its generation is TLS.
                 let params = client.params().clone();
                 if let Some(demand) = self.waiting.get_mut(&params)
-                    && let Some(pos) = demand.clients.iter().position(|&k| k == key)
+                    && demand.remove(key)
                 {
-                    demand.clients.remove(pos);
                     self.waiters -= 1;
                     self.top_up(&params);
                 }

@@ -3802,3 +3802,63 @@ async fn busy_clients_do_not_starve_a_lane_client_with_other_parameters() -> any
     ensure!(done > 0, "the busy clients ran nothing");
     Ok(())
 }
+
+/// More clients with an application_name of their own than server connections: every
+/// transaction needs a connection opened for its client's parameters (each replaces another),
+/// as on the runtime, and no more: one login per transaction. (The lane used to hand a fresh
+/// connection back to the pool when a client with other parameters had waited longer, and
+/// the pool closed it for the next wait in line: 33 logins per transaction here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_with_their_own_parameters_on_a_small_pool_cost_a_login_each() -> anyhow::Result<()>
+{
+    const CLIENTS: usize = 30;
+    const ROUNDS: usize = 10;
+    let (db, _secret, proxy) = lane_proxy(&["--pool-size", "6"]).await?;
+    let admin = db.admin().await?;
+    let logins = async || -> anyhow::Result<i64> {
+        admin
+            .batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await?;
+        Ok(admin
+            .query_one(
+                "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await?
+            .get(0))
+    };
+    let mut clients = Vec::new();
+    for id in 0..CLIENTS {
+        clients.push(connect_with(&named_client(proxy.port(), &format!("own-{id}"))).await?);
+    }
+    let before = logins().await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, client) in clients.into_iter().enumerate() {
+        tasks.spawn(async move {
+            for i in 0..ROUNDS {
+                let v = simple_value(&client, &format!("SELECT {i}"))
+                    .await
+                    .with_context(|| format!("client {id}: transaction {i}"))?;
+                ensure!(v == i.to_string(), "client {id}: {v} for {i}");
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .context("the clients did not finish within 60 s")??;
+    // Backends report their session at once; a closed one has reported already.
+    let opened = logins().await? - before;
+    let transactions = (CLIENTS * ROUNDS) as i64;
+    ensure!(
+        opened <= transactions + transactions / 5,
+        "{opened} server logins for {transactions} transactions"
+    );
+    println!("{opened} server logins for {transactions} transactions");
+    Ok(())
+}

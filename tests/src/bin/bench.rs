@@ -733,6 +733,25 @@ async fn conditions(env: &BenchEnv, plan: &Plan, pgbench: &Path) -> String {
     c
 }
 
+/// Appends the `--dbproxy-arg`s to `cfg`; a `--pool-size`, `--max-clients` or `--pool-mode`
+/// among them replaces the bench's own (dbproxy refuses a flag given twice).
+fn with_dbproxy_args(cfg: &mut DbproxyConfig, args: &[String]) {
+    let given = |flag: &str| {
+        args.iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    if given("--pool-size") {
+        cfg.pool_size = None;
+    }
+    if given("--max-clients") {
+        cfg.max_clients = None;
+    }
+    if given("--pool-mode") {
+        cfg.pool_mode = None;
+    }
+    cfg.extra_args.extend(args.iter().cloned());
+}
+
 /// Where the measured dbproxy came from: the work tree, or a binary named by `DBPROXY_BIN`
 /// (then the tree's commit says nothing about it), and the `--dbproxy-arg`s it ran with.
 fn dbproxy_origin(commit: &str, extra: &[String]) -> String {
@@ -942,7 +961,7 @@ async fn start_target(
             cfg.max_clients = Some(env.plan_max_clients);
             cfg.pool_mode = spec.pool_mode.map(|m| m.arg().to_owned());
             cfg.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
-            cfg.extra_args.extend(env.plan_dbproxy_args.iter().cloned());
+            with_dbproxy_args(&mut cfg, &env.plan_dbproxy_args);
             let process = load::start_dbproxy(&cfg, Duration::from_secs(60), &env.redactor)
                 .await
                 .with_context(|| format!("starting {}", spec.label()))?;
@@ -1689,7 +1708,7 @@ mod migration {
         cfg.pool_size = Some(clients as u32 * 2 + 10);
         cfg.max_clients = Some(clients as u32 * 2 + 100);
         cfg.pool_mode = Some(mode.arg().to_owned());
-        cfg.extra_args = dbproxy_args;
+        super::with_dbproxy_args(&mut cfg, &dbproxy_args);
         let mut proxy = load::start_dbproxy(&cfg, Duration::from_secs(60), redactor)
             .await
             .context("starting dbproxy")?;
