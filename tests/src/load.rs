@@ -110,10 +110,26 @@ pub fn write_uri_dsn(secret: &SecretDir, uri: &str) -> anyhow::Result<()> {
         .context("writing uri_dsn.txt into the Secret directory")
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; good enough on loopback).
+/// A free TCP port on 127.0.0.1 (bound then released). The kernel may hand out a port it
+/// has just released again, so a port this process handed out recently is not handed out
+/// twice: a proxy's listener and ops port, asked for in a row, once got the same one.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port")?;
-    Ok(l.local_addr()?.port())
+    static RECENT: std::sync::Mutex<std::collections::VecDeque<u16>> =
+        std::sync::Mutex::new(std::collections::VecDeque::new());
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").context("binding an ephemeral port")?;
+        let port = l.local_addr()?.port();
+        let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.contains(&port) {
+            continue;
+        }
+        if recent.len() >= 1024 {
+            recent.pop_front();
+        }
+        recent.push_back(port);
+        return Ok(port);
+    }
+    bail!("no free TCP port on 127.0.0.1 that this process has not handed out recently")
 }
 
 /// A free `127.0.0.1:port` address.

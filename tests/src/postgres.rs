@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::{PermissionsExt, lchown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -1000,8 +1000,7 @@ fn write_config(data_dir: &Path, socket_dir: &Path, options: &PgOptions) -> anyh
 
 /// A port the kernel considered free a moment ago (start retries if someone takes it meanwhile).
 fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    crate::load::free_port()
 }
 
 /// Spawns from one thread that lives as long as the process: PR_SET_PDEATHSIG fires when the

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test file uses a different subset of these helpers
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,13 +31,12 @@ pub const APP_DB: &str = "appdb";
 /// Key under which the proxy's default DSN lives in the Secret.
 pub const URI_KEY: &str = "uri_dsn.txt";
 
-/// A port nobody listens on right now (bind to port 0 and release it).
+/// A port nobody listens on right now, and not one this process handed out recently
+/// ([`dbtests::load::free_port`]).
 pub fn free_port() -> u16 {
     for _ in 0..50 {
-        if let Ok(listener) = TcpListener::bind("127.0.0.1:0")
-            && let Ok(addr) = listener.local_addr()
-        {
-            return addr.port();
+        if let Ok(port) = dbtests::load::free_port() {
+            return port;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
