@@ -703,12 +703,6 @@ async fn serve_transaction(mut conn: Box<ClientConn>, st: Box<TxClient>) {
     .await;
     match served {
         Ok(TxExit::Done) => {}
-        // Silent for --client-park-after-ms before --transaction-lane-after transactions:
-        // the lane, if it takes clients, rather than the parker.
-        Ok(TxExit::Park(mut st)) if c.ctx.tx_lane.as_ref().is_some_and(|l| l.is_open()) => {
-            st.transactions = u32::MAX;
-            to_tx_lane(*conn, *st)
-        }
         Ok(TxExit::Park(st)) => park(*conn, ToPark::Transaction(st)),
         Ok(TxExit::Lane(st)) => to_tx_lane(*conn, *st),
         Err(e) => Box::pin(end_with_error(&mut c.socket, &mut c.out, c.peer, e)).await,
@@ -1666,6 +1660,16 @@ async fn transaction_login(
     }))
 }
 
+/// Whether the transaction lane takes idle client `st` now: the lane is open, the client's
+/// socket is plaintext and nothing pins it to a server.
+#[inline]
+fn tx_lane_takes(ctx: &ClientContext, socket: &ClientStream, st: &TxClient) -> bool {
+    ctx.tx_lane.as_ref().is_some_and(|lane| lane.is_open())
+        && matches!(socket, ClientStream::Plain(_))
+        && st.signal.is_none()
+        && !st.session.client.is_pinned()
+}
+
 /// The largest request buffer an idle transaction-mode client keeps (bytes).
 const KEEP_IDLE_REQUEST_BUFFER: usize = 512;
 
@@ -1697,13 +1701,7 @@ async fn transaction_session(
             if st.cbuf.capacity() > KEEP_IDLE_REQUEST_BUFFER {
                 st.cbuf = BytesMut::new();
             }
-            if let Some(lane) = &ctx.tx_lane
-                && st.transactions >= ctx.tx_lane_after
-                && lane.is_open()
-                && matches!(socket, ClientStream::Plain(_))
-                && st.signal.is_none()
-                && !st.session.client.is_pinned()
-            {
+            if st.transactions >= ctx.tx_lane_after && tx_lane_takes(ctx, socket, &st) {
                 return Ok(TxExit::Lane(st));
             }
             // Idle from now (a long transaction does not count as silence).
@@ -1718,6 +1716,12 @@ async fn transaction_session(
                 Idle::Read(Ok(0) | Err(_)) => return Ok(TxExit::Done),
                 Idle::Read(Ok(n)) => crate::proxy::count_client_bytes(n),
                 Idle::Stop => return Err(ProxyError::ShuttingDown),
+                // Silent for --client-park-after-ms before --transaction-lane-after
+                // transactions: the lane, if it takes the client, rather than the parker.
+                Idle::Park if tx_lane_takes(ctx, socket, &st) => {
+                    st.transactions = u32::MAX;
+                    return Ok(TxExit::Lane(st));
+                }
                 Idle::Park => return Ok(TxExit::Park(st)),
             }
             if let Some(wait) = idle_wait.as_mut() {

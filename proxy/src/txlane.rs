@@ -898,14 +898,15 @@ impl Lanes {
         if self.closed || !pool.would_keep(server.conn(), self.now) {
             return self.return_server(skey);
         }
+        let runtime_waits = pool.runtime_waiters() > 0;
         let params = server.conn().params.clone();
-        if !fresh && (pool.runtime_waiters() > 0 || self.older_elsewhere(&params)) {
+        if !fresh && (runtime_waits || self.older_elsewhere(&params)) {
             return self.return_server(skey);
         }
         if let Some(key) = self.first_waiting(&params) {
             return self.start(key, skey);
         }
-        if self.waiters > 0 || self.lane.pool.runtime_waiters() > 0 {
+        if self.waiters > 0 || runtime_waits {
             // Nobody here waits for its parameters: the slot serves the others in the pool.
             return self.return_server(skey);
         }
